@@ -1,0 +1,251 @@
+"""`l2o-dynamics`: a thin command-line shell over the Python API.
+
+Bad input gets one line on stderr (what is wrong, what is valid) and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .utils import L2OError
+
+PROG = "l2o-dynamics"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + error)
+        raise L2OError(f"{self.prog.split(' ', 1)[-1] if ' ' in self.prog else PROG}: {message}")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _lr(s: str) -> float | str:
+    if s == "auto":
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive or 'auto', got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .meta import META_LOSSES, REGS, SCHEDULES
+    from .optimizees import ZOO
+    from .optimizers import OPTIMIZERS
+
+    p = _Parser(prog=PROG, description="Meta-train coordinate-wise LSTM learned optimizers and "
+                "measure their training dynamics (symmetry breaking, heavy-tailed noise, update covariance).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="fetch MNIST or show what is cached")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser, metavar="ACTION")
+    f = dsub.add_parser("fetch", help="load MNIST from the first source that works and cache it")
+    f.add_argument("--idx-dir", help="directory holding the standard IDX files (optionally .gz)")
+    f.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
+    dsub.add_parser("info", help="show the cache path, its source and checksums (never downloads)")
+
+    t = sub.add_parser("meta-test", help="run an optimizer on an optimizee over several seeds")
+    t.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
+    t.add_argument("--optimizee", required=True, choices=list(ZOO))
+    t.add_argument("--steps", type=_positive_int, default=200)
+    t.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..S-1)")
+    t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
+    t.add_argument("--checkpoint", help="l2o.pt written by meta-train (for --optimizer l2o)")
+    t.add_argument("--eval-every", type=_positive_int, default=10, help="test-set evaluation interval")
+    t.add_argument("--record-symmetry", type=_positive_int, default=None, metavar="K",
+                   help="record symmetry deviations of updates and gradients every K steps")
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    t.add_argument("--out", required=True, help="results directory")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    m = sub.add_parser("meta-train", help="meta-train the L2O (truncated BPTT)")
+    m.add_argument("--optimizee", default="leaky_relu", help="zoo name, or a comma-separated mixture")
+    m.add_argument("--epochs", type=_positive_int, default=50)
+    m.add_argument("--runs", type=_positive_int, default=20, help="optimizee runs per epoch")
+    m.add_argument("--horizon", type=_positive_int, default=200, help="optimizee steps per run")
+    m.add_argument("--unroll", type=_positive_int, default=20, help="truncation length")
+    m.add_argument("--tasks", type=_positive_int, default=1, help="optimizee runs meta-trained together")
+    m.add_argument("--batch-size", type=_positive_int, default=128)
+    m.add_argument("--meta-lr", type=float, default=1e-3)
+    m.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
+    m.add_argument("--meta-loss", choices=META_LOSSES, default="logsum")
+    m.add_argument("--clip-grad", type=float, default=None, help="max global norm of the meta-gradient")
+    m.add_argument("--reg", choices=REGS, default=None, help="symmetry-breaking penalty")
+    m.add_argument("--beta", type=_nonneg_float, default=0.0, help="penalty weight")
+    m.add_argument("--reg-measure", choices=("total", "rel"), default="total")
+    m.add_argument("--val-runs", type=_positive_int, default=3)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--hidden", type=_positive_int, default=20)
+    m.add_argument("--layers", type=_positive_int, default=2)
+    m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    m.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto",
+                   help="fuse the LSTM cell's element-wise ops with torch.compile")
+    m.add_argument("--out", required=True)
+    m.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    pl = sub.add_parser("plot", help="draw loss curves (mean and 95%% band over seeds) of a results dir")
+    pl.add_argument("dir")
+    pl.add_argument("--out", help="PNG path (default DIR/loss.png)")
+
+    _add_experiment_parsers(sub)
+    return p
+
+
+def _add_experiment_parsers(sub) -> None:
+    try:
+        from . import experiments, pipeline
+    except ImportError:  # pragma: no cover - during development
+        return
+    experiments.add_parser(sub)
+    pipeline.add_parser(sub)
+
+
+# ---- commands ----------------------------------------------------------------------------
+def cmd_data(args) -> int:
+    from . import data
+
+    if args.data_command == "fetch":
+        ds = data.fetch(args.idx_dir, force=args.force)
+        print(f"MNIST ready: {len(ds.train_x)} training + {len(ds.test_x)} test images; source: {ds.source}")
+    else:
+        print(json.dumps(data.info(), indent=2))
+    return 0
+
+
+def make_optimizer(name: str, optimizee: str, steps: int, lr, checkpoint: str | None, data, device,
+                   progress: bool = False):
+    """The optimizer of a meta-test, with its learning rate searched when lr == 'auto'."""
+    from .learned import l2o_from_checkpoint
+    from .optimizers import make_baseline
+    from .runner import search_lr
+
+    info: dict = {}
+    if name == "l2o":
+        if not checkpoint:
+            raise L2OError("--optimizer l2o needs --checkpoint PATH (the l2o.pt written by meta-train)")
+        return l2o_from_checkpoint(checkpoint, device), {"checkpoint": str(checkpoint)}
+    if checkpoint:
+        raise L2OError(f"--checkpoint applies to --optimizer l2o only, not {name}")
+    if lr == "auto":
+        found = search_lr(name, optimizee, data, steps, device=device, progress=progress)
+        lr = found.lr
+        info["lr_search"] = found.to_dict()
+    return make_baseline(name, lr=lr), info
+
+
+def cmd_meta_test(args) -> int:
+    from . import data as data_mod
+    from . import symmetry
+    from .optimizees import get_optimizee
+    from .results import MetricLog, prepare_out_dir, write_run
+    from .runner import Probe, meta_test
+    from .utils import resolve_device
+
+    started = time.time()
+    device = resolve_device(args.device)
+    out = prepare_out_dir(args.out, args.overwrite)
+    ds = data_mod.load_mnist()
+    model = get_optimizee(args.optimizee)
+    opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
+                               args.progress)
+    seeds = list(range(args.seeds))
+    probes = []
+    if args.record_symmetry:
+        def sym(ctx):
+            return {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
+                    **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
+        probes.append(Probe(sym, args.record_symmetry))
+    log = MetricLog("meta-test", model.name, opt.name, seeds)
+    meta_test(opt, model, ds.split("train"), seeds, args.steps, batch_size=args.batch_size,
+              eval_set=ds.split("test"), eval_every=args.eval_every, probes=probes, log=log,
+              device=device, progress=args.progress)
+    config = {"kind": "meta-test", "optimizer": opt.config(), "optimizee": model.name,
+              "steps": args.steps, "seeds": seeds, "batch_size": args.batch_size,
+              "eval_every": args.eval_every, "record_symmetry": args.record_symmetry,
+              "data_source": ds.source, **info}
+    write_run(out, config, log.rows(), device=device, started=started)
+    final = [r[7] for r in log.rows() if r[6] == "test_loss" and r[5] == args.steps]
+    print(f"{opt.name} on {model.name}: final test loss {sum(final) / len(final):.4f} "
+          f"(mean of {len(final)} seeds); results in {out}")
+    return 0
+
+
+def cmd_meta_train(args) -> int:
+    import shutil
+
+    from . import learned
+    from .meta import MetaTrainConfig, meta_train
+
+    learned.set_fusion(args.fusion)
+    cfg = MetaTrainConfig(
+        optimizee=args.optimizee, epochs=args.epochs, runs=args.runs, horizon=args.horizon,
+        unroll=args.unroll, batch_size=args.batch_size, tasks=args.tasks, meta_lr=args.meta_lr,
+        lr_schedule=args.lr_schedule, meta_loss=args.meta_loss, clip_grad=args.clip_grad,
+        reg=args.reg, beta=args.beta, reg_measure=args.reg_measure, val_runs=args.val_runs,
+        seed=args.seed, hidden=args.hidden, layers=args.layers, device=args.device).validate()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out)
+        elif not args.resume:
+            raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
+                           "--overwrite to start over, or choose a new directory")
+    from .results import prepare_out_dir
+    prepare_out_dir(out, overwrite=True)
+    res = meta_train(cfg, out, resume=args.resume, progress=args.progress)
+    print(f"meta-trained L2O on {cfg.optimizee}: best validation score {res.best_score:.4f} "
+          f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
+          f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plotting import plot_dir
+
+    path = plot_dir(args.dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler = COMMANDS.get(args.command) or args.handler
+        return handler(args)
+    except L2OError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished results are kept, nothing half-written", file=sys.stderr)
+        return 130

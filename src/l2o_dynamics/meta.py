@@ -1,0 +1,374 @@
+"""Meta-training the L2O by truncated backpropagation through time.
+
+One optimizee run: `horizon` steps from a fresh init and a fresh data order,
+cut into unrolls of K steps. For one unroll starting at theta_s (detached):
+
+    dtheta_t = M_phi(g_t; h_t)       theta_{t+1} = theta_t + dtheta_t
+    L_{t+1}  = loss(theta_{t+1}; batch_{t+1})           t = s .. s+K-1
+    meta-loss = log(sum_t L_t)   (or sum, or mean of log)
+              + beta * sum_t |deviation(dtheta_t; theta_t.detach())|
+
+The optimizee gradients g_t are detached inputs (first order). Each L_t enters the
+graph through the surrogate  L_t + <g_t, theta_t - stopgrad(theta_t)>, whose value
+is L_t and whose gradient in theta_t is g_t: the optimizee network is evaluated once
+per step, without a graph, and the meta-backward walks only the LSTM and the theta
+chain, so an unroll costs O(K). At a truncation theta and the LSTM states are
+detached and the run continues.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import symmetry
+from .learned import L2O, init_phi
+from .optimizees import Optimizee, get_optimizee
+from .results import MetricLog, write_csv, write_run
+from .runner import final_losses, init_params, meta_test
+from .utils import L2OError, atomic_torch_save, derive_seed, generator, resolve_device
+
+META_LOSSES = ("logsum", "sum", "meanlog")
+SCHEDULES = ("constant", "cosine", "step")
+REGS = ("rescale", "scale", "translation", "all")
+VAL_SEEDS = 1_000_000  # validation runs use seeds VAL_SEEDS + i, never a training seed
+
+
+@dataclass
+class MetaTrainConfig:
+    optimizee: str = "leaky_relu"  # a zoo name, or a comma-separated mixture
+    epochs: int = 50
+    runs: int = 20  # optimizee runs per epoch
+    horizon: int = 200
+    unroll: int = 20
+    batch_size: int = 128
+    tasks: int = 1  # optimizee runs meta-trained together (meta-loss averaged)
+    meta_lr: float = 1e-3
+    lr_schedule: str = "constant"
+    meta_loss: str = "logsum"
+    clip_grad: float | None = None  # max global norm of the meta-gradient
+    reg: str | None = None  # symmetry penalty: rescale | scale | translation | all
+    beta: float = 0.0
+    reg_measure: str = "total"  # total | rel
+    val_runs: int = 3
+    seed: int = 0
+    hidden: int = 20
+    layers: int = 2
+    p: float = 10.0
+    eta: float = 0.1
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> "MetaTrainConfig":
+        models = self.models()
+        for name in ("epochs", "runs", "horizon", "unroll", "batch_size", "tasks", "val_runs",
+                     "hidden", "layers"):
+            if getattr(self, name) <= 0:
+                raise L2OError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.horizon % self.unroll:
+            raise L2OError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if not self.meta_lr > 0:
+            raise L2OError(f"meta_lr must be positive, got {self.meta_lr}")
+        if self.meta_loss not in META_LOSSES:
+            raise L2OError(f"unknown meta-loss {self.meta_loss!r}; valid: {', '.join(META_LOSSES)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise L2OError(f"unknown meta-lr schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise L2OError(f"clip_grad must be positive, got {self.clip_grad}")
+        if self.dtype not in ("float32", "float64"):
+            raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
+        if self.reg is not None:
+            if self.reg not in REGS:
+                raise L2OError(f"unknown --reg {self.reg!r}; valid: {', '.join(REGS)}")
+            if self.reg_measure not in ("total", "rel"):
+                raise L2OError(f"unknown --reg-measure {self.reg_measure!r}; valid: total, rel")
+            if self.beta < 0:
+                raise L2OError(f"beta must be >= 0, got {self.beta}")
+            for m in models:
+                if self.reg != "all" and self.reg not in symmetry.applicable(m.structure):
+                    raise L2OError(f"optimizee {m.name} has no {self.reg} symmetry; valid --reg for it: "
+                                   f"{', '.join(symmetry.applicable(m.structure))}, all")
+        elif self.beta:
+            raise L2OError("--beta needs --reg (rescale, scale, translation or all)")
+        resolve_device(self.device)
+        return self
+
+    def models(self) -> list[Optimizee]:
+        return [get_optimizee(n.strip()) for n in self.optimizee.split(",") if n.strip()]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MetaTrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- one unroll ------------------------------------------------------------------------
+@dataclass
+class Unroll:
+    meta_loss: torch.Tensor  # (B,) per task, with graph to phi (penalty included)
+    reg: torch.Tensor  # (B,) sum over steps of the deviation (before beta), with graph
+    losses: torch.Tensor  # (K, B) minibatch losses after each update (values)
+    params: dict
+    state: dict
+    grads: dict  # gradient at the last params, input of the next unroll
+
+
+def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
+           next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int, *,
+           meta_loss: str = "logsum", reg: str | None = None, beta: float = 0.0,
+           reg_measure: str = "total") -> Unroll:
+    """Run K = `steps` L2O updates from (params, state) whose current gradient is `grads`
+    (all detached), building the graph from phi to the meta-loss."""
+    first = next(iter(params))
+    batch_ndim = params[first].ndim - len(model.shapes()[first])
+    surrogate, values = [], []
+    penalty = 0.0
+    for _ in range(steps):
+        updates, state = l2o.update(grads, state, params)
+        if reg is not None and beta:
+            theta = {k: v.detach() for k, v in params.items()}
+            penalty = penalty + symmetry.deviation(reg, updates, theta, model.structure, reg_measure)
+        params = {k: params[k] + updates[k] for k in params}
+        x, y = next_batch()
+        loss, grads, _ = model.loss_and_grad(params, x.to(loss_dtype(params)), y)
+        link = sum((grads[k] * (params[k] - params[k].detach())).flatten(batch_ndim).sum(-1)
+                   for k in params)
+        surrogate.append(loss + link)
+        values.append(loss)
+    stacked = torch.stack(surrogate)
+    if meta_loss == "logsum":
+        total = stacked.sum(0).log()
+    elif meta_loss == "sum":
+        total = stacked.sum(0)
+    else:
+        total = stacked.log().mean(0)
+    reg_term = penalty if isinstance(penalty, torch.Tensor) else torch.zeros_like(total)
+    return Unroll(total + beta * reg_term, reg_term, torch.stack(values), params, state, grads)
+
+
+def loss_dtype(params: dict) -> torch.dtype:
+    return next(iter(params.values())).dtype
+
+
+# ---- schedules ----------------------------------------------------------------------------
+def meta_lr(cfg: MetaTrainConfig, step: int, total: int) -> float:
+    frac = min(step / max(total, 1), 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.lr_schedule == "step":
+        return cfg.meta_lr * (0.1 ** (int(frac >= 0.5) + int(frac >= 0.75)))
+    return cfg.meta_lr
+
+
+# ---- validation --------------------------------------------------------------------------
+def validation_score(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> float:
+    """Mean minibatch training loss over the full horizon of `val_runs` runs (held-out
+    seeds) trained on the validation split, averaged over the optimizees. Lower is better."""
+    seeds = [VAL_SEEDS + i for i in range(cfg.val_runs)]
+    device = resolve_device(cfg.device)
+    scores = []
+    for model in cfg.models():
+        log = meta_test(l2o, model, data.split("val"), seeds, cfg.horizon, batch_size=cfg.batch_size,
+                        dtype=cfg.torch_dtype, device=device)
+        per_run = final_losses(log) / cfg.horizon
+        scores.append(float(np.mean(per_run)) if np.all(np.isfinite(per_run)) else math.inf)
+    return float(np.mean(scores))
+
+
+# ---- the outer loop --------------------------------------------------------------------------
+@dataclass
+class MetaTrainResult:
+    l2o: L2O  # with the selected (best validation) phi
+    best_score: float
+    best_epoch: int
+    skipped: int
+    out_dir: Path | None
+    wall_time_s: float
+    log: MetricLog = field(repr=False)
+
+
+def _net(cfg: MetaTrainConfig) -> dict:
+    return {"hidden": cfg.hidden, "layers": cfg.layers, "p": cfg.p, "eta": cfg.eta}
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *,
+               data: data_mod.MNIST | None = None, resume: bool = False, progress: bool = True,
+               stop_after_epochs: int | None = None) -> MetaTrainResult:
+    """Meta-train an L2O; keep the phi with the best validation score.
+
+    With `out_dir`, a checkpoint (phi, meta-optimizer state, RNG states, epoch, best
+    score, metric rows) is written atomically after every epoch; `resume=True`
+    continues from it and ends bit-identical to an uninterrupted run. The selected
+    optimizer is exported as `l2o.pt`, the meta-training curve as `metrics.csv`
+    (`meta_loss`, `reg_loss`, `val_score`, `skipped`). `stop_after_epochs` ends the
+    call early (as a kill would), for tests."""
+    cfg.validate()
+    started = time.time()
+    device = resolve_device(cfg.device)
+    dtype = cfg.torch_dtype
+    data = data or data_mod.load_mnist()
+    train = data.split("train")
+    models = cfg.models()
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+
+    phi = {k: v.requires_grad_(True) for k, v in
+           init_phi(generator("phi", cfg.seed), cfg.hidden, cfg.layers, dtype, device).items()}
+    opt = torch.optim.Adam(phi.values(), lr=cfg.meta_lr)
+    name = "+".join(m.name for m in models)
+    log = MetricLog("meta-train", name, "l2o", [cfg.seed], beta=cfg.beta if cfg.reg else None)
+    per_run = cfg.horizon // cfg.unroll
+    total_steps = cfg.epochs * cfg.runs * per_run
+    st = {"epoch": 0, "meta_step": 0, "best_score": math.inf, "best_epoch": -1, "skipped": 0,
+          "best_phi": {k: v.detach().clone() for k, v in phi.items()}}
+
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if _resumable(ck["config"]) != _resumable(cfg.to_dict()):
+            raise L2OError(f"{ckpt_path} was written with a different config; use a new --out "
+                           "or the same options to resume")
+        with torch.no_grad():
+            for k in phi:
+                phi[k].copy_(ck["phi"][k])
+        opt.load_state_dict(ck["opt"])
+        st.update({k: ck[k] for k in ("epoch", "meta_step", "best_score", "best_epoch", "skipped")})
+        st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
+        log._entries = [(m, s, v) for m, s, v in ck["log"]]
+        torch.set_rng_state(ck["rng"]["torch"])
+    elif ckpt_path is not None and ckpt_path.exists() and not resume:
+        raise L2OError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start over")
+
+    l2o = L2O(phi, cfg.hidden, cfg.layers, cfg.p, cfg.eta)
+    bar = tqdm(total=total_steps, initial=st["meta_step"], disable=not progress,
+               desc=f"meta-train {name}", unit="unroll", dynamic_ncols=True)
+    epochs_done_here = 0
+    try:
+        for epoch in range(st["epoch"], cfg.epochs):
+            for run in range(cfg.runs):
+                model = models[(epoch * cfg.runs + run) % len(models)]
+                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
+                                    f"val {st['best_score']:.4f}", refresh=False)
+                _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype,
+                         total_steps)
+            score = validation_score(L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden,
+                                         cfg.layers, cfg.p, cfg.eta), cfg, data)
+            log.add("val_score", st["meta_step"], score)
+            if score < st["best_score"]:
+                st["best_score"], st["best_epoch"] = score, epoch
+                st["best_phi"] = {k: v.detach().clone() for k, v in phi.items()}
+            st["epoch"] = epoch + 1
+            bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} val {score:.4f} "
+                                f"best {st['best_score']:.4f}")
+            if ckpt_path is not None:
+                _save_checkpoint(ckpt_path, cfg, phi, opt, st, log)
+            epochs_done_here += 1
+            if stop_after_epochs is not None and epochs_done_here >= stop_after_epochs:
+                break
+    finally:
+        bar.close()
+
+    best = L2O({k: v.detach().clone() for k, v in st["best_phi"].items()}, cfg.hidden, cfg.layers,
+               cfg.p, cfg.eta, meta={"best_epoch": st["best_epoch"]})
+    result = MetaTrainResult(best, st["best_score"], st["best_epoch"], st["skipped"], out,
+                             time.time() - started, log)
+    if out is not None and st["epoch"] == cfg.epochs:
+        export(best, cfg, st, out / "l2o.pt")
+        write_run(out, {"kind": "meta-train", "config": cfg.to_dict(), "best_score": st["best_score"],
+                        "best_epoch": st["best_epoch"], "skipped": st["skipped"]},
+                  log.rows(), device=device, started=started)
+    return result
+
+
+def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype, total_steps):
+    """One optimizee run (B tasks) of `horizon` steps = horizon/unroll meta-steps."""
+    seeds = [derive_seed("train", cfg.seed, epoch, run, task) for task in range(cfg.tasks)]
+    params = init_params(model, seeds, dtype, device)
+    batchers = [data_mod.Batcher(*train, batch_size=cfg.batch_size, seed=s, device=device)
+                for s in seeds]
+
+    def next_batch():
+        return data_mod.stack_batches(batchers)
+
+    state = l2o.init(params)
+    x, y = next_batch()
+    _, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
+    for _ in range(cfg.horizon // cfg.unroll):
+        for group in opt.param_groups:
+            group["lr"] = meta_lr(cfg, st["meta_step"], total_steps)
+        out = unroll(l2o, model, params, state, grads, next_batch, cfg.unroll,
+                     meta_loss=cfg.meta_loss, reg=cfg.reg, beta=cfg.beta, reg_measure=cfg.reg_measure)
+        loss = out.meta_loss.mean()
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads_phi = [p.grad for p in opt.param_groups[0]["params"]]
+            ok = _finite(grads_phi)
+        if not ok:  # skip this meta-step and restart: the rest of this run is abandoned
+            opt.zero_grad(set_to_none=True)
+            st["skipped"] += 1
+            log.add("skipped", st["meta_step"], st["skipped"])
+            st["meta_step"] += cfg.horizon // cfg.unroll - (st["meta_step"] % (cfg.horizon // cfg.unroll))
+            bar.n = st["meta_step"]
+            bar.refresh()
+            return
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.clip_grad)
+        opt.step()
+        log.add("meta_loss", st["meta_step"], float(loss))
+        if cfg.reg is not None and cfg.beta:
+            log.add("reg_loss", st["meta_step"], float(cfg.beta * out.reg.detach().mean()))
+        st["meta_step"] += 1
+        bar.update(1)
+        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
+                            f"meta-loss {float(loss):.4f} best val {st['best_score']:.4f}",
+                            refresh=False)
+        params = {k: v.detach() for k, v in out.params.items()}
+        state = l2o.detach_state(out.state)
+        grads = out.grads
+
+
+def _resumable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "device"}
+
+
+def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
+    tensors = [*phi.values(), *st["best_phi"].values()]
+    if not _finite(tensors):
+        raise RuntimeError("refusing to checkpoint non-finite meta-parameters")
+    atomic_torch_save({
+        "config": cfg.to_dict(),
+        "net": _net(cfg),
+        "phi": {k: v.detach().cpu() for k, v in phi.items()},
+        "best_phi": {k: v.cpu() for k, v in st["best_phi"].items()},
+        "opt": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "log": list(log._entries),
+        **{k: st[k] for k in ("epoch", "meta_step", "best_score", "best_epoch", "skipped")},
+    }, path)
+
+
+def export(l2o: L2O, cfg: MetaTrainConfig, st: dict, path: Path) -> None:
+    """The selected optimizer, loadable by `learned.l2o_from_checkpoint` / `L2OOptimizer`."""
+    atomic_torch_save({"phi": {k: v.detach().cpu() for k, v in l2o.phi.items()}, "net": _net(cfg),
+                       "config": cfg.to_dict(), "best_score": st["best_score"],
+                       "best_epoch": st["best_epoch"]}, path)

@@ -1,0 +1,167 @@
+"""Meta-testing: run any optimizer on any optimizee for T steps over S seeds.
+
+The S runs are one batched computation (a leading seed dimension on every
+parameter and state tensor). Each seed has its own init and its own data order.
+Probes record analyses (symmetry deviations, noise) at chosen steps; they see
+the run's tensors but cannot change its trajectory: optimizers are pure and the
+data order is owned by each run's own generator.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .optimizees import Optimizee, Params, accuracy, cross_entropy, get_optimizee, stack_params
+from .optimizers import Optimizer, make_baseline
+from .results import MetricLog
+from .utils import L2OError, atomic_write_json, cache_dir, generator, stable_hash
+
+LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
+SEARCH_SEEDS = (10_000, 10_001)  # held out from every meta-test seed (0, 1, 2, ...)
+
+
+def init_params(model: Optimizee, seeds: Sequence[int], dtype=torch.float32, device=None) -> Params:
+    """A stack of S parameter sets (S, ...), one per seed, each from its own generator."""
+    return stack_params([model.init(generator("init", s), dtype=dtype, device=device) for s in seeds])
+
+
+@dataclass
+class StepContext:
+    """What a probe sees at step t (before the update is applied)."""
+
+    step: int
+    params: Params
+    grads: Params
+    updates: Params
+    state: Any  # optimizer state the update was computed from
+    optimizer: Optimizer
+    model: Optimizee
+
+
+@dataclass
+class Probe:
+    """Calls `fn(ctx) -> {metric: (S,) tensor}` every `every` steps (and at the last)."""
+
+    fn: Callable[[StepContext], Mapping[str, torch.Tensor]]
+    every: int = 1
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 or step == steps - 1
+
+
+def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.Tensor, torch.Tensor],
+              seeds: Sequence[int], steps: int, *, batch_size: int = 128,
+              eval_set: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 10,
+              probes: Sequence[Probe] = (), log: MetricLog | None = None,
+              dtype=torch.float32, device=None, progress: bool = False, desc: str = "") -> MetricLog:
+    """Train S optimizees (one per seed) with `optimizer` for `steps` steps.
+
+    Logs, per seed: `train_loss`, `train_acc` of the minibatch at every step
+    (before the update), and `test_loss`, `test_acc` on `eval_set` at steps
+    0, k, 2k, ... and after the last update (step = steps)."""
+    model = get_optimizee(model)
+    if steps <= 0:
+        raise L2OError(f"steps must be positive, got {steps}")
+    device = torch.device(device or "cpu")
+    log = log or MetricLog("meta-test", model.name, optimizer.name, seeds)
+    params = init_params(model, seeds, dtype, device)
+    batchers = [data_mod.Batcher(*train, batch_size=batch_size, seed=s, device=device) for s in seeds]
+    if eval_set is not None:
+        ex = data_mod.to_float(eval_set[0].to(device)).to(dtype)
+        ey = eval_set[1].to(device)
+    with torch.no_grad():
+        state = optimizer.init(params)
+        for t in tqdm(range(steps), desc=desc or f"{optimizer.name} on {model.name}",
+                      disable=not progress, leave=False):
+            x, y = data_mod.stack_batches(batchers)
+            loss, grads, acc = model.loss_and_grad(params, x.to(dtype), y)
+            log.add("train_loss", t, loss)
+            log.add("train_acc", t, acc)
+            if eval_set is not None and t % eval_every == 0:
+                _evaluate(model, params, ex, ey, t, log)
+            updates, new_state = optimizer.update(grads, state, params)
+            if probes:
+                ctx = StepContext(t, params, grads, updates, state, optimizer, model)
+                for probe in probes:
+                    if probe.due(t, steps):
+                        for metric, values in probe.fn(ctx).items():
+                            log.add(metric, t, values)
+            params = {k: params[k] + updates[k] for k in params}
+            state = new_state
+        if eval_set is not None:
+            _evaluate(model, params, ex, ey, steps, log)
+    return log
+
+
+def _evaluate(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor, step: int,
+              log: MetricLog, chunk: int = 5000) -> None:
+    losses, accs, n = 0.0, 0.0, x.shape[0]
+    for i in range(0, n, chunk):
+        logits = model.logits(params, x[i:i + chunk])
+        m = min(chunk, n - i)
+        losses = losses + cross_entropy(logits, y[i:i + chunk]) * m
+        accs = accs + accuracy(logits, y[i:i + chunk]) * m
+    log.add("test_loss", step, losses / n)
+    log.add("test_acc", step, accs / n)
+
+
+def final_losses(log: MetricLog) -> np.ndarray:
+    """Summed train loss per seed (the learning-rate search score)."""
+    total = np.zeros(len(log.seeds))
+    for metric, _, values in log._entries:
+        if metric == "train_loss":
+            total += np.asarray(values, dtype=np.float64)
+    return total
+
+
+# ---- learning-rate search -----------------------------------------------------------------
+@dataclass
+class LRSearch:
+    optimizer: str
+    optimizee: str
+    horizon: int
+    lr: float
+    scores: dict[float, float]  # lr -> mean summed training loss (inf if it diverged)
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return {"optimizer": self.optimizer, "optimizee": self.optimizee, "horizon": self.horizon,
+                "lr": self.lr, "scores": {repr(k): v for k, v in self.scores.items()}}
+
+
+def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon: int, *,
+              grid: Sequence[float] = LR_GRID, seeds: Sequence[int] = SEARCH_SEEDS,
+              batch_size: int = 128, device=None, use_cache: bool = True,
+              progress: bool = False) -> LRSearch:
+    """Pick a baseline's learning rate from `grid` by the summed training loss of short
+    runs (`horizon` steps, one per seed) trained on the validation split. All rates and
+    seeds train at once as one batched computation. Cached per (optimizer, optimizee,
+    horizon, grid, seeds, batch size)."""
+    model = get_optimizee(model)
+    key = {"optimizer": name, "optimizee": model.name, "horizon": horizon, "grid": list(grid),
+           "seeds": list(seeds), "batch_size": batch_size, "version": 1}
+    path = cache_dir() / "lr_search" / f"{name}-{model.name}-{horizon}-{stable_hash(key)}.json"
+    if use_cache and path.exists():
+        blob = json.loads(path.read_text())
+        return LRSearch(name, model.name, horizon, blob["lr"],
+                        {float(k): v for k, v in blob["scores"].items()}, cached=True)
+    rates = torch.tensor([lr for lr in grid for _ in seeds], dtype=torch.float32)
+    run_seeds = [s for _ in grid for s in seeds]
+    opt = make_baseline(name, lr=rates.to(device or "cpu"))
+    log = meta_test(opt, model, data.split("val"), run_seeds, horizon, batch_size=batch_size,
+                    device=device, progress=progress, desc=f"lr search {name} on {model.name}")
+    totals = final_losses(log).reshape(len(grid), len(seeds))
+    scores = {float(lr): (float(row.mean()) if np.all(np.isfinite(row)) else math.inf)
+              for lr, row in zip(grid, totals)}
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    result = LRSearch(name, model.name, horizon, best, scores)
+    if use_cache:
+        atomic_write_json(path, {**key, **result.to_dict()})
+    return result
