@@ -23,4 +23,4 @@ def synthetic():
     y = torch.randint(0, 10, (3500,), generator=g)
     protos = torch.rand(10, 784, generator=g)
     x = ((protos[y] * 0.6 + torch.rand(3500, 784, generator=g) * 0.4) * 255).to(torch.uint8)
-    return data_mod.MNIST(x[:3000], y[:3000], x[3000:], y[3000:], "synthetic")
+    return data_mod.MNIST(x[:3000], y[:3000], x[3000:], y[3000:], "synthetic", val_size=500)

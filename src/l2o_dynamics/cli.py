@@ -120,11 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_experiment_parsers(sub) -> None:
-    try:
-        from . import experiments, pipeline
-    except ImportError:  # pragma: no cover - during development
-        return
-    experiments.add_parser(sub)
+    from . import pipeline
+
     pipeline.add_parser(sub)
 
 

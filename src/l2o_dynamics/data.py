@@ -84,8 +84,9 @@ class MNIST:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str
+    val_size: int = 5000  # training images held out as the validation split
 
-    def split(self, name: str, val_size: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, name: str, val_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """'train' = the first n_train - val_size training images, 'val' = the last
         val_size, 'test' = the test set. Returns (x uint8 (n, 784), y int64 (n,))."""
         if name not in ("train", "val", "test"):
@@ -93,6 +94,7 @@ class MNIST:
         if name == "test":
             return self.test_x, self.test_y
         n = len(self.train_x)
+        val_size = self.val_size if val_size is None else val_size
         if not 0 <= val_size < n:
             raise L2OError(f"val_size={val_size} is out of range; valid: 0 <= val_size < {n}")
         cut = n - val_size

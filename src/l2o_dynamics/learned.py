@@ -14,6 +14,7 @@ optionally fused by torch.compile (`set_fusion`); an eager path is always there.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -38,26 +39,35 @@ def preprocess(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 
 
 # ---- the LSTM cell: element-wise kernels --------------------------------------------
+# The g-gate rows of the weights arrive pre-scaled by 2 (`_gate_scale`), so that all
+# four gates take one sigmoid: tanh(z) = 2 sigmoid(2z) - 1 (one exp instead of tanh).
 def _cell_forward_pointwise(gates: torch.Tensor, c: torch.Tensor):
-    """gates (N, 4H) pre-activations in PyTorch order (i, f, g, o); c (N, H).
-    Returns activations (N, 4H), c' (N, H), tanh(c') (N, H), h' (N, H)."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    """gates (N, 4H) pre-activations (i, f, 2g, o); c (N, H).
+    Returns activations (i, f, g, o) (N, 4H), c' (N, H), tanh(c') (N, H), h' (N, H)."""
+    s = torch.sigmoid(gates)
+    i, f, sg, o = s.chunk(4, dim=1)
+    g = 2 * sg - 1
     c_new = f * c + i * g
-    tc = torch.tanh(c_new)
+    tc = 2 * torch.sigmoid(2 * c_new) - 1
     return torch.cat([i, f, g, o], dim=1), c_new, tc, o * tc
 
 
 def _cell_backward_pointwise(dh: torch.Tensor, dc: torch.Tensor, acts: torch.Tensor,
                              c: torch.Tensor, tc: torch.Tensor):
-    """Gradients of the cell's element-wise part: (dgates (N, 4H), dc_prev (N, H))."""
+    """Gradients of the element-wise part w.r.t. (i, f, 2g, o) pre-activations and c."""
     i, f, g, o = acts.chunk(4, dim=1)
     dc = dc + dh * o * (1 - tc * tc)
     d_i = dc * g * i * (1 - i)
     d_f = dc * c * f * (1 - f)
-    d_g = dc * i * (1 - g * g)
+    d_g = dc * i * (1 - g * g) * 0.5
     d_o = dh * tc * o * (1 - o)
     return torch.cat([d_i, d_f, d_g, d_o], dim=1), dc * f
+
+
+def _gate_scale(hidden: int, like: torch.Tensor) -> torch.Tensor:
+    scale = torch.ones(4 * hidden, dtype=like.dtype, device=like.device)
+    scale[2 * hidden:3 * hidden] = 2
+    return scale
 
 
 _EAGER = (_cell_forward_pointwise, _cell_backward_pointwise)
@@ -80,7 +90,7 @@ class _Kernels:
         if self.mode == "eager" or device in self._failed:
             return _EAGER[which](*args)
         if device not in self._compiled:
-            self._compiled[device] = tuple(torch.compile(f, dynamic=True) for f in _EAGER)
+            self._compiled[device] = tuple(torch.compile(f) for f in _EAGER)
         try:
             return self._compiled[device][which](*args)
         except Exception as e:
@@ -106,38 +116,41 @@ def set_fusion(mode: str) -> None:
 
 
 class LSTMCellFunction(torch.autograd.Function):
-    """h', c' = LSTMCell(x, (h, c)) with gates = x W_ih^T + h W_hh^T + b (PyTorch order).
+    """h', c' = LSTMCell(x, (h, c)): gates = [x, h] W^T + b with W = [W_ih, W_hh]
+    (PyTorch gate order i, f, g, o). One matmul forward, two backward.
 
-    Shapes: x (N, I), h and c (N, H), w_ih (4H, I), w_hh (4H, H), b (4H,)."""
+    Shapes: x (N, I), h and c (N, H), w (4H, I + H), b (4H,)."""
 
     @staticmethod
-    def forward(ctx, x, h, c, w_ih, w_hh, b):
-        gates = torch.addmm(b, x, w_ih.t()).addmm_(h, w_hh.t())
-        acts, c_new, tc, h_new = KERNELS.call(0, gates, c)
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, acts, tc)
+    def forward(ctx, x, h, c, w, b):
+        xh = torch.cat([x, h], dim=1)
+        acts, c_new, tc, h_new = KERNELS.call(0, torch.addmm(b, xh, w.t()), c)
+        ctx.save_for_backward(xh, c, w, acts, tc)
+        ctx.split = x.shape[1]
         return h_new, c_new
 
     @staticmethod
     def backward(ctx, dh, dc):
-        x, h, c, w_ih, w_hh, acts, tc = ctx.saved_tensors
-        dh = torch.zeros_like(h) if dh is None else dh
+        xh, c, w, acts, tc = ctx.saved_tensors
+        dh = torch.zeros_like(c) if dh is None else dh
         dc = torch.zeros_like(c) if dc is None else dc
         dgates, dc_prev = KERNELS.call(1, dh, dc, acts, c, tc)
         need = ctx.needs_input_grad
-        dx = dgates @ w_ih if need[0] else None
-        dh_prev = dgates @ w_hh if need[1] else None
-        dw_ih = dgates.t() @ x if need[3] else None
-        dw_hh = dgates.t() @ h if need[4] else None
-        db = dgates.sum(0) if need[5] else None
-        return dx, dh_prev, dc_prev if need[2] else None, dw_ih, dw_hh, db
+        dxh = dgates @ w if need[0] or need[1] else None
+        dw = dgates.t() @ xh if need[3] else None
+        db = dgates.sum(0) if need[4] else None
+        i = ctx.split
+        return (dxh[:, :i] if need[0] else None, dxh[:, i:] if need[1] else None,
+                dc_prev if need[2] else None, dw, db)
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One fused LSTM cell step; plain forward when no gradient is needed."""
-    b = b_ih + b_hh
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, w_ih, w_hh, b)):
-        return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b)
-    gates = torch.addmm(b, x, w_ih.t()).addmm_(h, w_hh.t())
+    scale = _gate_scale(w_hh.shape[1], w_hh)
+    w, b = torch.cat([w_ih, w_hh], dim=1) * scale[:, None], (b_ih + b_hh) * scale
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, w, b)):
+        return LSTMCellFunction.apply(x, h, c, w, b)
+    gates = torch.addmm(b, torch.cat([x, h], dim=1), w.t())
     _, c_new, _, h_new = KERNELS.call(0, gates, c)
     return h_new, c_new
 
@@ -168,10 +181,12 @@ def init_phi(generator: torch.Generator | None = None, hidden: int = 20, layers:
 class L2O:
     """Coordinate-wise LSTM optimizer with the functional optimizer interface.
 
-    state = {"h": {name: (L, *shape, H)}, "c": {...}}: per-coordinate hidden and
-    cell states of every layer, zero at the start of a run. `update` accepts
-    gradients with extra leading dims (a stack of gradients at one frozen state):
-    the state broadcasts over them.
+    state = {"h": (h_0, .., h_{L-1}), "c": (...), "shapes": {name: shape}} with
+    h_l, c_l of shape (*B, P, H): the per-coordinate states of layer l for every
+    run of a stack of B runs (P coordinates each, in `shapes` order), zero at the
+    start of a run. Leading dims index runs, as for every other optimizer state
+    (`optimizers.tree_index`). `update` accepts gradients with extra leading dims
+    (many gradients at one frozen state): the state broadcasts over them.
     """
 
     phi: Mapping[str, torch.Tensor]
@@ -182,53 +197,49 @@ class L2O:
     name: str = "l2o"
     meta: dict = field(default_factory=dict, compare=False)
 
-    def init(self, params):
-        zeros = {k: torch.zeros(self.layers, *v.shape, self.hidden, dtype=v.dtype, device=v.device)
-                 for k, v in params.items()}
-        return {"h": zeros, "c": {k: z.clone() for k, z in zeros.items()}}
+    def init(self, params, batch_ndim: int = 0):
+        """Zero states for params whose first `batch_ndim` dims index independent runs."""
+        first = next(iter(params.values()))
+        batch = first.shape[:batch_ndim]
+        shapes = {k: tuple(v.shape[batch_ndim:]) for k, v in params.items()}
+        P = sum(math.prod(s) for s in shapes.values())
+        zeros = lambda: tuple(torch.zeros(*batch, P, self.hidden, dtype=first.dtype, device=first.device)  # noqa: E731
+                              for _ in range(self.layers))
+        return {"h": zeros(), "c": zeros(), "shapes": shapes}
 
     def update(self, grads, state, params=None):
-        names = list(grads)
-        L, H = self.layers, self.hidden
-        g = torch.cat([grads[k].reshape(-1) for k in names])
+        shapes = state["shapes"]
+        names = list(shapes)
+        first = grads[names[0]]
+        batch = first.shape[:first.ndim - len(shapes[names[0]])]
+        g = torch.cat([grads[k].reshape(*batch, -1) for k in names], dim=-1)  # (*batch, P)
+        P = g.shape[-1]
 
-        def gather(states):
-            parts = []
-            for k in names:
-                s = states[k]
-                extra = grads[k].ndim + 2 - s.ndim
-                if extra:
-                    s = s.reshape(L, *([1] * extra), *s.shape[1:]).expand(L, *grads[k].shape, H)
-                parts.append(s.reshape(L, -1, H))
-            return torch.cat(parts, dim=1)
+        def rows(t):  # (*state batch, P, H) -> (N, H), broadcast over the gradients' batch
+            return t.expand(*batch, P, self.hidden).reshape(-1, self.hidden)
 
-        h_all, c_all = gather(state["h"]), gather(state["c"])
-        x = preprocess(g, self.p).to(g.dtype)
+        x = preprocess(g.reshape(-1), self.p).to(g.dtype)
         new_h, new_c = [], []
-        for layer in range(L):
+        for layer in range(self.layers):
             pre = f"lstm{layer}."
-            h, c = lstm_cell(x, h_all[layer], c_all[layer], self.phi[pre + "weight_ih"],
-                             self.phi[pre + "weight_hh"], self.phi[pre + "bias_ih"],
-                             self.phi[pre + "bias_hh"])
-            new_h.append(h)
-            new_c.append(c)
+            h, c = lstm_cell(x, rows(state["h"][layer]), rows(state["c"][layer]),
+                             self.phi[pre + "weight_ih"], self.phi[pre + "weight_hh"],
+                             self.phi[pre + "bias_ih"], self.phi[pre + "bias_hh"])
+            new_h.append(h.reshape(*batch, P, self.hidden))
+            new_c.append(c.reshape(*batch, P, self.hidden))
             x = h
-        out = torch.addmm(self.phi["out.bias"], x, self.phi["out.weight"].t()).squeeze(-1)
-        step = self.eta * out
-        h_stack, c_stack = torch.stack(new_h), torch.stack(new_c)
-        updates, hs, cs = {}, {}, {}
-        i = 0
+        out = torch.addmm(self.phi["out.bias"], x, self.phi["out.weight"].t())
+        step = (self.eta * out).reshape(*batch, P)
+        updates, i = {}, 0
         for k in names:
-            n = grads[k].numel()
-            updates[k] = step[i:i + n].reshape(grads[k].shape)
-            hs[k] = h_stack[:, i:i + n].reshape(L, *grads[k].shape, H)
-            cs[k] = c_stack[:, i:i + n].reshape(L, *grads[k].shape, H)
+            n = math.prod(shapes[k])
+            updates[k] = step[..., i:i + n].reshape(*batch, *shapes[k])
             i += n
-        return updates, {"h": hs, "c": cs}
+        return updates, {"h": tuple(new_h), "c": tuple(new_c), "shapes": shapes}
 
     def detach_state(self, state):
-        return {"h": {k: v.detach() for k, v in state["h"].items()},
-                "c": {k: v.detach() for k, v in state["c"].items()}}
+        return {"h": tuple(t.detach() for t in state["h"]), "c": tuple(t.detach() for t in state["c"]),
+                "shapes": state["shapes"]}
 
     def config(self) -> dict:
         return {"name": self.name, "hidden": self.hidden, "layers": self.layers, "p": self.p,
@@ -239,23 +250,27 @@ class L2O:
         return sum(v.numel() for v in self.phi.values())
 
 
-def l2o_from_checkpoint(path, device=None) -> L2O:
-    """Load the selected (best) phi of a meta-training checkpoint or exported `l2o.pt`."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise L2OError(f"checkpoint {path!r} does not exist; pass the l2o.pt written by meta-train")
+def l2o_from_checkpoint(source, device=None) -> L2O:
+    """Load the selected phi of an `l2o.pt` (or a meta-training `checkpoint.pt`) from a
+    path or from its bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        name, fobj = "<bytes>", io.BytesIO(source)
+    else:
+        name = fobj = os.fspath(source)
+        if not os.path.exists(name):
+            raise L2OError(f"checkpoint {name!r} does not exist; pass the l2o.pt written by meta-train")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(fobj, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise L2OError(f"cannot read checkpoint {path!r}: {type(e).__name__}; "
+        raise L2OError(f"cannot read checkpoint {name!r}: {type(e).__name__}; "
                        "expected an l2o.pt or checkpoint.pt written by meta-train") from None
     if not isinstance(blob, dict) or "phi" not in blob or "net" not in blob:
-        raise L2OError(f"{path!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
+        raise L2OError(f"{name!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
     phi = blob.get("best_phi") or blob["phi"]
     net = blob["net"]
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return L2O({k: v.to(dev) for k, v in phi.items()}, hidden=net["hidden"], layers=net["layers"],
-               p=net["p"], eta=net["eta"], meta={"checkpoint": path})
+               p=net["p"], eta=net["eta"], meta={"checkpoint": name})
 
 
 class L2OOptimizer(torch.optim.Optimizer):
@@ -285,16 +300,18 @@ class L2OOptimizer(torch.optim.Optimizer):
             l2o = L2O({k: v.to(ps[0].device, ps[0].dtype) for k, v in self.l2o.phi.items()},
                       self.l2o.hidden, self.l2o.layers, self.l2o.p, group["eta"])
             names = [str(i) for i in range(len(ps))]
-            grads = dict(zip(names, (p.grad for p in ps)))
-            state = {"h": {}, "c": {}}
-            for n, p in zip(names, ps):
-                st = self.state[p]
-                if "h" not in st:
-                    st["h"] = torch.zeros(l2o.layers, *p.shape, l2o.hidden, dtype=p.dtype, device=p.device)
-                    st["c"] = torch.zeros_like(st["h"])
-                state["h"][n], state["c"][n] = st["h"], st["c"]
-            updates, new = l2o.update(grads, state)
+            for p in ps:
+                if "h" not in self.state[p]:  # (L, numel, H), zero at the start
+                    zeros = torch.zeros(l2o.layers, p.numel(), l2o.hidden, dtype=p.dtype, device=p.device)
+                    self.state[p]["h"], self.state[p]["c"] = zeros, zeros.clone()
+            state = {key: tuple(torch.cat([self.state[p][key][layer] for p in ps])
+                                for layer in range(l2o.layers)) for key in ("h", "c")}
+            state["shapes"] = {n: tuple(p.shape) for n, p in zip(names, ps)}
+            updates, new = l2o.update(dict(zip(names, (p.grad for p in ps))), state)
+            i = 0
             for n, p in zip(names, ps):
                 p.add_(updates[n])
-                self.state[p]["h"], self.state[p]["c"] = new["h"][n], new["c"][n]
+                for key in ("h", "c"):
+                    self.state[p][key] = torch.stack([t[i:i + p.numel()] for t in new[key]])
+                i += p.numel()
         return loss

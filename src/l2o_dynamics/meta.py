@@ -308,7 +308,7 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
     def next_batch():
         return data_mod.stack_batches(batchers)
 
-    state = l2o.init(params)
+    state = l2o.init(params, batch_ndim=1)
     x, y = next_batch()
     _, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
     for _ in range(cfg.horizon // cfg.unroll):
@@ -334,13 +334,13 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.clip_grad)
         opt.step()
-        log.add("meta_loss", st["meta_step"], float(loss))
+        log.add("meta_loss", st["meta_step"], loss.detach().item())
         if cfg.reg is not None and cfg.beta:
             log.add("reg_loss", st["meta_step"], float(cfg.beta * out.reg.detach().mean()))
         st["meta_step"] += 1
         bar.update(1)
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
-                            f"meta-loss {float(loss):.4f} best val {st['best_score']:.4f}",
+                            f"meta-loss {loss.detach().item():.4f} best val {st['best_score']:.4f}",
                             refresh=False)
         params = {k: v.detach() for k, v in out.params.items()}
         state = l2o.detach_state(out.state)

@@ -1,7 +1,7 @@
 """Optimizers as pure functions over explicit tensors (optax-style).
 
 Every optimizer has
-    init(params) -> state
+    init(params, batch_ndim=0) -> state      # the first batch_ndim dims index runs
     update(grads, state, params) -> (updates, new_state)      # params += updates
 and `update` never mutates its inputs: the same state can be asked for the
 update of many different gradients (per-sample update analysis needs this).
@@ -30,7 +30,7 @@ Rate = float | torch.Tensor
 class Optimizer(Protocol):
     name: str
 
-    def init(self, params: Mapping[str, torch.Tensor]) -> State: ...
+    def init(self, params: Mapping[str, torch.Tensor], batch_ndim: int = 0) -> State: ...
 
     def update(self, grads: Mapping[str, torch.Tensor], state: State,
                params: Mapping[str, torch.Tensor]) -> tuple[Params, State]: ...
@@ -59,7 +59,7 @@ class SGD:
     weight_decay: float = 0.0
     name: str = "sgd"
 
-    def init(self, params):
+    def init(self, params, batch_ndim=0):
         return {"step": 0, "buf": {k: torch.zeros_like(v) for k, v in params.items()}}
 
     def update(self, grads, state, params):
@@ -92,7 +92,7 @@ class Adam:
     weight_decay: float = 0.0
     name: str = "adam"
 
-    def init(self, params):
+    def init(self, params, batch_ndim=0):
         zeros = {k: torch.zeros_like(v) for k, v in params.items()}
         return {"step": 0, "m": zeros, "v": dict(zeros)}
 
@@ -126,7 +126,7 @@ class Lion:
     weight_decay: float = 0.0
     name: str = "lion"
 
-    def init(self, params):
+    def init(self, params, batch_ndim=0):
         return {"step": 0, "m": {k: torch.zeros_like(v) for k, v in params.items()}}
 
     def update(self, grads, state, params):
@@ -164,3 +164,14 @@ def make_baseline(name: str, lr: Rate | None = None, **kwargs) -> Optimizer:
 def apply_updates(params: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> Params:
     """theta + dtheta, as a new dict."""
     return {k: params[k] + updates[k] for k in params}
+
+
+def tree_index(tree: Any, i: int | slice) -> Any:
+    """Index every tensor of a params/grads/state tree along its first (run) dim."""
+    if isinstance(tree, dict):
+        return {k: tree_index(v, i) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_index(v, i) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return tree[i]
+    return tree

@@ -137,3 +137,127 @@ def legend_outside(fig, axes: Iterable) -> None:
                 labels.append(lab)
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center",
                ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.02), frameon=False)
+
+
+# ---- the study's figures ------------------------------------------------------------------------------
+def _panel(ax, title: str, xlabel: str, ylabel: str, log: bool = False) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+
+
+def symmetry_figure(table: Table, path, suffix: str = "") -> Path:
+    """Figure 1: rescale deviation on leaky_relu (left), scale deviation on bn_relu (right)."""
+    t = table.where(experiment="symmetry-breaking")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    what = {"": "deviation |sum_k c_k|", "_rel": "relative deviation (scale-free)",
+            "_unit": "per-unit deviation sum_k |c_k|"}[suffix]
+    for ax, (optimizee, kind) in zip(axes, (("leaky_relu", "rescale"), ("bn_relu", "scale"))):
+        sub = t.where(optimizee=optimizee, metric=f"{kind}_deviation{suffix}")
+        for opt, beta in runs_in(sub):
+            curve(ax, sub.where(optimizer=opt), opt, beta, log=True)
+        _panel(ax, f"{kind.capitalize()} symmetry breaking ({optimizee})", "iteration", what, log=True)
+    legend_outside(fig, axes)
+    fig.suptitle("Deviation of each optimizer's updates from the symmetry constraints "
+                 "(mean, 95% band over seeds)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, path)
+
+
+def regularization_figure(table: Table, path) -> Path:
+    """Figure 2: training loss of L2Os meta-trained with penalty weight beta, and baselines."""
+    t = table.where(experiment="regularization", metric="train_loss")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (optimizee, kind) in zip(axes, (("leaky_relu", "rescale"), ("bn_relu", "scale"))):
+        sub = t.where(optimizee=optimizee)
+        for opt, beta in runs_in(sub):
+            curve(ax, sub.where(optimizer=opt, beta=beta), opt, beta, log=True, lw=1.3)
+        _panel(ax, f"{kind.capitalize()} symmetry breaking regularized ({optimizee})", "iteration",
+               "training loss (log)", log=True)
+    legend_outside(fig, axes)
+    fig.suptitle("L2O meta-trained with a penalty beta * |deviation| next to the baselines", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save(fig, path)
+
+
+def generalization_figure(table: Table, path) -> Path:
+    """Mean training loss of each regularised L2O on optimizees it was not trained on."""
+    t = table.where(experiment="generalization", metric="train_loss")
+    sources = t.unique("optimizer")
+    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(6 * max(len(sources), 1), 3.8), squeeze=False)
+    for ax, src in zip(axes[0], sources):
+        sub = t.where(optimizer=src)
+        optimizees = sub.unique("optimizee")
+        betas = [b for b in sub.unique("beta") if b is not None]
+        width = 0.8 / max(len(betas), 1)
+        for i, b in enumerate(betas):
+            means, halves = [], []
+            for o in optimizees:
+                _, _, vals = sub.where(optimizee=o, beta=b).matrix()
+                per = np.nanmean(vals, axis=0)
+                m, h = mean_ci(per[None, :])
+                means.append(m[0])
+                halves.append(h[0])
+            x = np.arange(len(optimizees)) + (i - (len(betas) - 1) / 2) * width
+            ax.bar(x, means, width, yerr=halves, color=color("l2o", b), label=label("l2o", b), capsize=2)
+        ax.set_xticks(np.arange(len(optimizees)), optimizees, rotation=20, fontsize=8)
+        _panel(ax, f"{src} on unseen optimizees", "", "mean training loss over the run")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def noise_figure(table: Table, path, suffix: str = "") -> Path:
+    """Figure 3: tail index of update (solid) and gradient (dashed) noise; largest
+    eigenvalue of the update covariance (log scale)."""
+    t = table.where(experiment="noise")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for opt, beta in runs_in(t):
+        sub = t.where(optimizer=opt)
+        curve(axes[0], sub.where(metric=f"alpha_update{suffix}"), opt, beta, label_text=f"{label(opt)} update")
+        curve(axes[0], sub.where(metric=f"alpha_grad{suffix}"), opt, beta, linestyle="--",
+              label_text=f"{label(opt)} gradient")
+        curve(axes[1], sub.where(metric="cov_max_eig"), opt, beta, log=True)
+    est = "pooled estimator (as in the study)" if not suffix else "per-coordinate standardised estimator"
+    _panel(axes[0], f"Gradient and update noise, leaky_relu\n{est}", "iteration", "tail index alpha")
+    axes[0].axhline(2.0, color="0.5", lw=0.8, ls=":")
+    _panel(axes[1], "Update covariance, leaky_relu", "iteration", "largest eigenvalue (log)", log=True)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def meta_training_figure(table: Table, path) -> Path:
+    """Meta-loss (running mean) and validation score of every meta-training."""
+    t = table.where(experiment="meta-train")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = sorted({(o, None if np.isnan(b) else float(b)) for o, b in zip(t.cols["optimizee"], t.cols["beta"])},
+                  key=lambda ob: (ob[0], ob[1] or 0))
+    styles = {"leaky_relu": "-", "bn_relu": "--"}
+    for optimizee, beta in runs:
+        sub = t.where(optimizee=optimizee, beta=beta)
+        lab = f"{optimizee} β={beta or 0:g}"
+        ml = sub.where(metric="meta_loss")
+        if len(ml):
+            steps, _, vals = ml.matrix()
+            v = vals[:, 0]
+            k = max(1, len(v) // 25)
+            smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+            axes[0].plot(steps[k - 1:], smooth, color=color("l2o", beta), ls=styles.get(optimizee, "-"),
+                         label=lab, lw=1.2)
+        vs = sub.where(metric="val_score")
+        if len(vs):
+            steps, _, vals = vs.matrix()
+            axes[1].plot(steps, vals[:, 0], marker="o", ms=3, color=color("l2o", beta),
+                         ls=styles.get(optimizee, "-"), label=lab)
+    _panel(axes[0], "Meta-training loss (running mean)", "meta-step (unroll)", "meta-loss log(sum of losses)")
+    _panel(axes[1], "Validation score (lower is better)", "meta-step", "mean training loss of validation runs",
+           log=True)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)

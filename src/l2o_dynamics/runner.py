@@ -77,7 +77,7 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
         ex = data_mod.to_float(eval_set[0].to(device)).to(dtype)
         ey = eval_set[1].to(device)
     with torch.no_grad():
-        state = optimizer.init(params)
+        state = optimizer.init(params, batch_ndim=1)
         for t in tqdm(range(steps), desc=desc or f"{optimizer.name} on {model.name}",
                       disable=not progress, leave=False):
             x, y = data_mod.stack_batches(batchers)

@@ -1,0 +1,285 @@
+"""The study's experiments as jobs: thin orchestration over the Python API.
+
+Three kinds of job, each a pure function of its config (and of the results of
+the jobs it depends on), returning its output files as bytes:
+
+    lr-search   a baseline's learning rate for (optimizee, horizon)
+    meta-train  an L2O (optionally with a symmetry-breaking penalty)
+    meta-test   an optimizer on an optimizee over S seeds, with probes that record
+                symmetry deviations or noise statistics
+
+`build_jobs(profile, experiments)` lays out the job graph of the experiments
+`symmetry-breaking`, `regularization` (with the generalisation table) and
+`noise`; `pipeline` runs it and `analysis` turns the merged metrics into
+findings and figures.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .utils import L2OError, stable_hash
+
+EXPERIMENTS = ("symmetry-breaking", "regularization", "noise")
+BASELINES = ("sgd", "adam", "lion")
+# the study's two meta-training optimizees and the symmetry each one's penalty targets
+TRAINED_ON = {"leaky_relu": "rescale", "bn_relu": "scale"}
+UNSEEN = {"leaky_relu": ("sigmoid", "relu", "sigmoid_2x20", "sigmoid_40", "bn_relu"),
+          "bn_relu": ("sigmoid", "relu", "sigmoid_2x20", "sigmoid_40", "leaky_relu")}
+
+
+# ---- profiles -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """Scale of a reproduction. `meta` holds MetaTrainConfig fields."""
+
+    name: str
+    seeds: int
+    meta: Mapping[str, Any]
+    symmetry_steps: int = 100
+    regularization_steps: int = 200
+    betas: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0)
+    unseen: int = 5  # how many of UNSEEN[...] the generalisation table covers
+    unseen_seeds: int | None = None  # default: seeds
+    noise_steps: int = 1000
+    noise_every: int = 10
+    noise_minibatches: int | None = None  # None: the whole training split
+    lr_seeds: int = 2
+    eval_every: int = 10
+    cov_unit: str = "minibatch"  # update-covariance samples: minibatches or single examples
+    cov_center: str = "mean"  # centre: mean update, or the full-batch update
+
+    def to_dict(self) -> dict:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
+
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke", seeds=2,
+        meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3),
+        symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
+        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5),
+    "quick": Profile(
+        "quick", seeds=3,
+        meta=dict(epochs=4, runs=3, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
+        noise_steps=1000, noise_every=200, unseen_seeds=2, lr_seeds=2),
+    "paper": Profile(
+        "paper", seeds=5,
+        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
+        noise_steps=1000, noise_every=10, lr_seeds=3),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise L2OError(f"unknown profile {name!r}; valid: {', '.join(PROFILES)}") from None
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    kind: str  # lr-search | meta-train | meta-test
+    config: Mapping[str, Any]  # everything that determines the result, dependency keys included
+    label: str
+    deps: tuple[str, ...] = ()
+    estimate_s: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{stable_hash({'kind': self.kind, 'config': self.config})}"
+
+
+# Seconds on a 2-core CPU, measured with benchmarks/ (rounded up); used for --dry-run and ETA.
+COST = {"unroll": 0.45, "val_step": 0.006, "l2o_step_seed": 0.004, "base_step_seed": 0.0012,
+        "noise_ckpt": 0.8, "noise_ckpt_l2o": 2.5, "sym_step_seed": 0.0015, "job": 2.0}
+
+
+def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str) -> Job:
+    reg = TRAINED_ON[optimizee] if beta else None
+    cfg = {**profile.meta, "optimizee": optimizee, "reg": reg, "beta": float(beta), "seed": 0,
+           "device": device}
+    m = profile.meta
+    unrolls = m["epochs"] * m["runs"] * m["horizon"] // m["unroll"]
+    est = unrolls * COST["unroll"] + m["epochs"] * m.get("val_runs", 3) * m["horizon"] * COST["val_step"]
+    return Job("meta-train", cfg, f"meta-train L2O on {optimizee} (beta={beta:g})",
+               estimate_s=est + COST["job"])
+
+
+def lr_search_job(profile: Profile, optimizer: str, optimizee: str, horizon: int, device: str) -> Job:
+    cfg = {"optimizer": optimizer, "optimizee": optimizee, "horizon": horizon,
+           "seeds": [10_000 + i for i in range(profile.lr_seeds)], "device": device}
+    est = horizon * 10 * profile.lr_seeds * COST["base_step_seed"] + COST["job"]
+    return Job("lr-search", cfg, f"lr search {optimizer} on {optimizee} ({horizon} steps)", estimate_s=est)
+
+
+def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee: str, steps: int,
+                  seeds: int, profile: Profile, device: str, beta: float | None = None,
+                  trained_on: str | None = None, symmetry_every: int | None = None,
+                  noise: Mapping[str, Any] | None = None) -> Job:
+    cfg = {"experiment": experiment, "optimizer": optimizer, "optimizee": optimizee, "steps": steps,
+           "seeds": list(range(seeds)), "eval_every": profile.eval_every, "beta": beta,
+           "trained_on": trained_on, "symmetry_every": symmetry_every,
+           "noise": dict(noise) if noise else None, "source": optimizer_job.key, "device": device}
+    per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
+    est = steps * seeds * (per + (COST["sym_step_seed"] if symmetry_every else 0))
+    if noise:
+        ck = steps // noise["every"] + 1
+        est += ck * seeds * (COST["noise_ckpt_l2o"] if optimizer == "l2o" else COST["noise_ckpt"])
+    name = optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})"
+    lbl = f"{experiment}: {name}{'' if beta is None else f' beta={beta:g}'} on {optimizee} ({steps} steps)"
+    return Job("meta-test", cfg, lbl, deps=(optimizer_job.key,), estimate_s=est + COST["job"])
+
+
+def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, device: str = "cpu"
+               ) -> list[Job]:
+    """The job graph, dependencies first. Jobs shared by several experiments (the
+    beta = 0 L2Os, learning-rate searches) appear once."""
+    for e in experiments:
+        if e not in EXPERIMENTS:
+            raise L2OError(f"unknown experiment {e!r}; valid: {', '.join(EXPERIMENTS)}")
+    jobs: dict[str, Job] = {}
+
+    def add(job: Job) -> Job:
+        jobs.setdefault(job.key, job)
+        return jobs[job.key]
+
+    def source(optimizer: str, optimizee: str, horizon: int, beta: float = 0.0) -> Job:
+        if optimizer == "l2o":
+            return add(meta_train_job(profile, optimizee, beta, device))
+        return add(lr_search_job(profile, optimizer, optimizee, horizon, device))
+
+    S = profile.seeds
+    if "symmetry-breaking" in experiments:
+        for optimizee in TRAINED_ON:
+            for opt in (*BASELINES, "l2o"):
+                src = source(opt, optimizee, profile.symmetry_steps)
+                add(meta_test_job("symmetry-breaking", src, opt, optimizee, profile.symmetry_steps, S,
+                                  profile, device, symmetry_every=1))
+    if "regularization" in experiments:
+        T = profile.regularization_steps
+        for optimizee in TRAINED_ON:
+            for opt in BASELINES:
+                add(meta_test_job("regularization", source(opt, optimizee, T), opt, optimizee, T, S,
+                                  profile, device))
+            for beta in profile.betas:
+                src = source("l2o", optimizee, T, beta)
+                add(meta_test_job("regularization", src, "l2o", optimizee, T, S, profile, device,
+                                  beta=beta))
+                for unseen in UNSEEN[optimizee][:profile.unseen]:
+                    add(meta_test_job("generalization", src, "l2o", unseen, T,
+                                      profile.unseen_seeds or S, profile, device, beta=beta,
+                                      trained_on=optimizee))
+    if "noise" in experiments:
+        noise = {"every": profile.noise_every, "minibatches": profile.noise_minibatches,
+                 "cov_unit": profile.cov_unit, "cov_center": profile.cov_center}
+        for opt in (*BASELINES, "l2o"):
+            src = source(opt, "leaky_relu", profile.noise_steps)
+            add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
+                              noise=noise))
+    order = {"lr-search": 0, "meta-train": 1, "meta-test": 2}
+    return sorted(jobs.values(), key=lambda j: order[j.kind])
+
+
+# ---- running one job (in any process or on any Ray node) ----------------------------------------
+Files = dict[str, bytes]
+
+
+def run_job(job: Job, deps: Mapping[str, Files], workdir: str | os.PathLike | None = None,
+            progress: bool = False) -> Files:
+    """Execute one job; returns its output files. `deps` maps dependency keys to their
+    files. `workdir` (local executors) keeps a meta-training's checkpoint for resume."""
+    started = time.time()
+    if job.kind == "lr-search":
+        files = _run_lr_search(job.config, progress)
+    elif job.kind == "meta-train":
+        files = _run_meta_train(job.config, workdir, progress)
+    elif job.kind == "meta-test":
+        files = _run_meta_test(job.config, deps[job.config["source"]], progress)
+    else:
+        raise L2OError(f"unknown job kind {job.kind!r}")
+    info = {"kind": job.kind, "label": job.label, "key": job.key, "config": dict(job.config),
+            "wall_time_s": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    files["job.json"] = json.dumps(info, indent=2, sort_keys=True).encode()
+    return files
+
+
+def _device(cfg) -> torch.device:
+    from .utils import resolve_device
+
+    return resolve_device(cfg.get("device", "cpu"))
+
+
+def _run_lr_search(cfg, progress) -> Files:
+    from .data import load_mnist
+    from .runner import search_lr
+
+    found = search_lr(cfg["optimizer"], cfg["optimizee"], load_mnist(verbose=False), cfg["horizon"],
+                      seeds=cfg["seeds"], device=_device(cfg), use_cache=False, progress=progress)
+    return {"result.json": json.dumps(found.to_dict(), indent=2).encode()}
+
+
+def _run_meta_train(cfg, workdir, progress) -> Files:
+    import tempfile
+
+    from .data import load_mnist
+    from .meta import MetaTrainConfig, meta_train
+    from .results import format_rows
+
+    mcfg = MetaTrainConfig.from_dict(cfg)
+    with tempfile.TemporaryDirectory(prefix="l2o-meta-") as tmp:
+        out = Path(workdir) if workdir is not None else Path(tmp)
+        res = meta_train(mcfg, out, data=load_mnist(verbose=False), resume=True, progress=progress)
+        files = {name: (out / name).read_bytes() for name in ("l2o.pt", "config.json")}
+    files["metrics.csv"] = format_rows(res.log.rows()).encode()
+    return files
+
+
+def _run_meta_test(cfg, source: Files, progress) -> Files:
+    from . import noise as noise_mod
+    from . import symmetry
+    from .data import load_mnist
+    from .learned import l2o_from_checkpoint
+    from .optimizers import make_baseline
+    from .results import MetricLog, format_rows
+    from .runner import Probe, meta_test
+
+    device = _device(cfg)
+    ds = load_mnist(verbose=False)
+    if cfg["optimizer"] == "l2o":
+        opt = l2o_from_checkpoint(source["l2o.pt"], device)
+        name = "l2o" if cfg["trained_on"] in (None, cfg["optimizee"]) else f"l2o({cfg['trained_on']})"
+        lr = None
+    else:
+        lr = json.loads(source["result.json"])["lr"]
+        opt = make_baseline(cfg["optimizer"], lr=lr)
+        name = cfg["optimizer"]
+    probes = []
+    if cfg.get("symmetry_every"):
+        def sym(ctx):
+            return {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
+                    **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
+        probes.append(Probe(sym, cfg["symmetry_every"]))
+    train = ds.split("train")
+    if cfg.get("noise"):
+        n = cfg["noise"]
+        x, y = train
+        if n.get("minibatches"):
+            x, y = x[:n["minibatches"] * 128], y[:n["minibatches"] * 128]
+        probes.append(noise_mod.noise_probe((x.to(device), y.to(device)), cfg["seeds"], every=n["every"],
+                                            cov_unit=n["cov_unit"], cov_center=n["cov_center"]))
+    log = MetricLog(cfg["experiment"], cfg["optimizee"], name, cfg["seeds"], beta=cfg["beta"])
+    meta_test(opt, cfg["optimizee"], train, cfg["seeds"], cfg["steps"], eval_set=ds.split("test"),
+              eval_every=cfg["eval_every"], probes=probes, log=log, device=device, progress=progress,
+              desc=f"{cfg['experiment']}: {name} on {cfg['optimizee']}")
+    config = {"kind": "meta-test", **cfg, "lr": lr, "optimizer_config": opt.config()}
+    return {"metrics.csv": format_rows(log.rows()).encode(),
+            "config.json": json.dumps(config, indent=2, sort_keys=True, default=str).encode()}

@@ -1,0 +1,195 @@
+"""Gradient and update noise at a frozen point of a run, and the update covariance.
+
+At a checkpoint (theta_t, s_t) of a meta-test run, frozen:
+
+    g_i = grad loss(theta_t; minibatch i)     i = 1..M, the whole training split
+    u_i = update(g_i; s_t)                    new optimizer states are thrown away
+    gradient noise g_i - mean(g),  update noise u_i - mean(u)  ->  tail index alpha
+
+and the update covariance K = (1/N) sum_i (u_i - c)(u_i - c)^T over N minibatches
+(or single examples), whose largest eigenvalue comes from the N x N Gram matrix.
+Everything is computed batched (many minibatches per call); the analysed run's
+tensors are only read, and no random generator of the run is touched.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import tail
+from .optimizees import Optimizee, Params, flatten
+from .optimizers import Optimizer
+from .utils import L2OError, generator
+
+COV_UNITS = ("minibatch", "sample")
+COV_CENTERS = ("mean", "fullbatch")
+DEFAULT_ESTIMATORS = ("mohammadi", "mohammadi_std")
+_SUFFIX = {"mohammadi": "", "mohammadi_std": "_std", "mohammadi_multi": "_multi", "hill": "_hill"}
+
+
+def minibatch_gradients(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 128, chunk: int = 64) -> torch.Tensor:
+    """Gradients of the M = n // batch_size consecutive minibatches of (x uint8 (n, 784), y):
+    (M, P) flattened in `model.shapes()` order. `chunk` minibatches per batched call."""
+    M = x.shape[0] // batch_size
+    if M < 1:
+        raise L2OError(f"need at least one minibatch of {batch_size}; got {x.shape[0]} examples")
+    out = []
+    dtype = next(iter(params.values())).dtype
+    for start in range(0, M, chunk):
+        c = min(chunk, M - start)
+        sl = slice(start * batch_size, (start + c) * batch_size)
+        xb = data_mod.to_float(x[sl]).to(dtype).reshape(c, batch_size, -1)
+        yb = y[sl].reshape(c, batch_size)
+        stacked = {k: v.detach().expand(c, *v.shape) for k, v in params.items()}
+        _, grads, _ = model.loss_and_grad(stacked, xb, yb)
+        out.append(flatten(grads, batch_ndim=1))
+    return torch.cat(out)
+
+
+def sample_gradients(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor,
+                     chunk: int = 512) -> torch.Tensor:
+    """Per-example gradients (n, P) via torch.func.vmap over examples, in chunks."""
+    if any(layer.batchnorm for layer in model.structure.hidden):
+        raise L2OError(f"per-example gradients are undefined for {model.name} (BatchNorm uses batch "
+                       "statistics); use --cov-unit minibatch")
+    dtype = next(iter(params.values())).dtype
+    detached = {k: v.detach() for k, v in params.items()}
+
+    def one(p, xi, yi):
+        return model.loss(p, xi.unsqueeze(0), yi.unsqueeze(0))
+
+    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        xb = data_mod.to_float(x[start:start + chunk]).to(dtype)
+        g = per_example(detached, xb, y[start:start + chunk])
+        out.append(flatten(g, batch_ndim=1))
+    return torch.cat(out)
+
+
+def updates_at(optimizer: Optimizer, state, params: Params, grads_flat: torch.Tensor,
+               chunk: int = 32) -> torch.Tensor:
+    """u_i = update(g_i; s) for every row g_i of grads_flat (M, P), state frozen: (M, P)."""
+    from .optimizees import unflatten
+
+    out = []
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        for start in range(0, grads_flat.shape[0], chunk):
+            g = unflatten(grads_flat[start:start + chunk], detached, batch_ndim=0)
+            u, _ = optimizer.update(g, state, detached)
+            out.append(flatten(u, batch_ndim=1))
+    return torch.cat(out)
+
+
+def tail_indices(noise: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+                 prefix: str = "alpha_grad") -> dict[str, float]:
+    """{prefix + suffix: alpha} of a centred noise matrix (N samples, P coordinates)."""
+    out = {}
+    for name in estimators:
+        if name not in tail.ESTIMATORS:
+            raise L2OError(f"unknown tail estimator {name!r}; valid: {', '.join(tail.ESTIMATORS)}")
+        out[prefix + _SUFFIX.get(name, "_" + name)] = float(tail.ESTIMATORS[name](noise))
+    return out
+
+
+def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, state,
+                     train: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 128,
+                     estimators: Sequence[str] = DEFAULT_ESTIMATORS, cov_unit: str = "minibatch",
+                     cov_center: str = "mean", cov_n: int | None = None, seed: int = 0,
+                     step: int = 0) -> dict[str, float]:
+    """Every noise metric of one run (unbatched params/state) at one frozen step:
+    alpha_grad*, alpha_update* over all training minibatches, and cov_max_eig,
+    cov_trace of the update covariance."""
+    if cov_unit not in COV_UNITS:
+        raise L2OError(f"unknown --cov-unit {cov_unit!r}; valid: {', '.join(COV_UNITS)}")
+    if cov_center not in COV_CENTERS:
+        raise L2OError(f"unknown --cov-center {cov_center!r}; valid: {', '.join(COV_CENTERS)}")
+    x, y = train
+    G = minibatch_gradients(model, params, x, y, batch_size)
+    U = updates_at(optimizer, state, params, G)
+    metrics = {**tail_indices(G - G.mean(0), estimators, "alpha_grad"),
+               **tail_indices(U - U.mean(0), estimators, "alpha_update")}
+    metrics.update(update_covariance(optimizer, model, params, state, train, unit=cov_unit,
+                                     center=cov_center, n=cov_n, batch_size=batch_size,
+                                     minibatch_updates=U, seed=seed, step=step))
+    return metrics
+
+
+def update_covariance(optimizer: Optimizer, model: Optimizee, params: Params, state,
+                      train: tuple[torch.Tensor, torch.Tensor], *, unit: str = "minibatch",
+                      center: str = "mean", n: int | None = None, batch_size: int = 128,
+                      minibatch_updates: torch.Tensor | None = None, seed: int = 0,
+                      step: int = 0) -> dict[str, float]:
+    """Largest eigenvalue and trace of K = (1/N) sum_i (u_i - c)(u_i - c)^T.
+
+    unit 'minibatch': N minibatches of `batch_size` (default a fifth of an epoch),
+    drawn without replacement from the training split's minibatches; 'sample': N
+    single examples (default 1000). center 'mean': c = mean update; 'fullbatch':
+    c = the update of the full-batch gradient (the paper's text)."""
+    x, y = train
+    g = generator("covariance", seed, step)  # the run's own generators are never touched
+    if unit == "minibatch":
+        M = x.shape[0] // batch_size
+        N = n or max(2, M // 5)
+        if not 2 <= N <= M:
+            raise L2OError(f"cov N={N} minibatches is out of range; valid: 2..{M}")
+        pick = torch.randperm(M, generator=g)[:N]
+        if minibatch_updates is not None:
+            U = minibatch_updates[pick.to(minibatch_updates.device)]
+        else:
+            idx = (pick[:, None] * batch_size + torch.arange(batch_size)).reshape(-1).to(x.device)
+            G = minibatch_gradients(model, params, x[idx], y[idx], batch_size)
+            U = updates_at(optimizer, state, params, G)
+    else:
+        N = n or 1000
+        if not 2 <= N <= x.shape[0]:
+            raise L2OError(f"cov N={N} examples is out of range; valid: 2..{x.shape[0]}")
+        idx = torch.randperm(x.shape[0], generator=g)[:N].to(x.device)
+        U = updates_at(optimizer, state, params, sample_gradients(model, params, x[idx], y[idx]))
+    c = None
+    if center == "fullbatch":
+        full = full_batch_gradient(model, params, x, y)
+        c = updates_at(optimizer, state, params, full.unsqueeze(0))[0]
+    res = tail.top_eigenvalue_gram(U, center=c)
+    return {"cov_max_eig": float(res["max_eig"]), "cov_trace": float(res["trace"]), "cov_n": float(N)}
+
+
+def full_batch_gradient(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor,
+                        chunk: int = 5000) -> torch.Tensor:
+    """Gradient of the mean loss over all of (x, y): (P,)."""
+    dtype = next(iter(params.values())).dtype
+    total = None
+    for start in range(0, x.shape[0], chunk):
+        xb = data_mod.to_float(x[start:start + chunk]).to(dtype)
+        loss, grads, _ = model.loss_and_grad(params, xb, y[start:start + chunk])
+        g = flatten(grads) * xb.shape[0]
+        total = g if total is None else total + g
+    return total / x.shape[0]
+
+
+def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], *, every: int,
+                batch_size: int = 128, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+                cov_unit: str = "minibatch", cov_center: str = "mean", cov_n: int | None = None):
+    """A runner.Probe computing `checkpoint_noise` for every run of a batched meta-test."""
+    from .optimizers import tree_index
+    from .runner import Probe
+
+    def fn(ctx) -> Mapping[str, torch.Tensor]:
+        per_run = []
+        for i, seed in enumerate(seeds):
+            per_run.append(checkpoint_noise(
+                ctx.optimizer, ctx.model, tree_index(ctx.params, i), tree_index(ctx.state, i), train,
+                batch_size=batch_size, estimators=estimators, cov_unit=cov_unit,
+                cov_center=cov_center, cov_n=cov_n, seed=seed, step=ctx.step))
+        return {k: torch.tensor([m[k] for m in per_run], dtype=torch.float64) for k in per_run[0]}
+
+    return Probe(fn, every)
+
+
+def summarize(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {k: float(np.nanmean(v)) for k, v in values.items()}

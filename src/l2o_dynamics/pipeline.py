@@ -1,0 +1,346 @@
+"""`l2o-dynamics reproduce`: the study's job graph, run by one of three executors.
+
+Jobs are content-addressed by their config (`Job.key`); a finished job's files
+live in `STORE/<key>/` (default `OUT/jobs/`), written atomically, so a re-run
+after a kill skips what is done and a larger profile reuses what it can.
+
+Executors share one interface, `run(pending, deps, on_done)`:
+    LocalExecutor(workers=0)   in this process, one job after another
+    LocalExecutor(workers=N)   a pool of N processes (concurrent.futures)
+    RayExecutor(address)       Ray tasks; each job's files are returned to the
+                               driver, which writes them into OUT
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from tqdm.auto import tqdm
+
+from .experiments import EXPERIMENTS, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
+from .utils import L2OError, resolve_device
+
+DONE_MARKER = "job.json"
+
+
+# ---- the store ----------------------------------------------------------------------------------
+class Store:
+    """Finished jobs' files, one directory per job key."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def done(self, key: str) -> bool:
+        return (self.path(key) / DONE_MARKER).is_file()
+
+    def read(self, key: str) -> Files:
+        p = self.path(key)
+        return {f.name: f.read_bytes() for f in p.iterdir() if f.is_file()}
+
+    def write(self, key: str, files: Files) -> Path:
+        """All files at once: into a temp dir, then renamed (the marker is inside)."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            for name, blob in files.items():
+                (tmp / name).write_bytes(blob)
+            final = self.path(key)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def info(self, key: str) -> dict:
+        return json.loads((self.path(key) / DONE_MARKER).read_text())
+
+    def workdir(self, key: str) -> Path:
+        """Scratch space that survives a kill (a meta-training's checkpoint)."""
+        p = self.root / ".work" / key
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+# ---- executors ------------------------------------------------------------------------------------
+def _worker_init(threads: int, fusion: str) -> None:
+    import torch
+
+    from . import learned
+
+    torch.set_num_threads(threads)
+    learned.set_fusion(fusion)
+
+
+def _execute(job: Job, deps: Mapping[str, Files], workdir: str | None) -> Files:
+    return run_job(job, deps, workdir)
+
+
+class LocalExecutor:
+    """workers = 0: in this process; N > 0: a pool of N spawned processes."""
+
+    def __init__(self, workers: int = 0, threads: int | None = None, fusion: str = "auto") -> None:
+        self.workers = workers
+        cores = os.cpu_count() or 1
+        self.threads = threads or max(1, cores // max(workers, 1))
+        self.fusion = fusion
+
+    def describe(self) -> str:
+        return "this process" if not self.workers else \
+            f"{self.workers} worker processes x {self.threads} threads"
+
+    def run(self, pending: list[Job], store: Store, on_start: Callable[[Job], None],
+            on_done: Callable[[Job, Files], None]) -> None:
+        if not self.workers:
+            for job in pending:
+                on_start(job)
+                deps = {k: store.read(k) for k in job.deps}
+                on_done(job, run_job(job, deps, str(store.workdir(job.key)), progress=False))
+            return
+        import multiprocessing as mp
+
+        pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(self.threads, self.fusion))
+        waiting = list(pending)
+        running: dict[cf.Future, Job] = {}
+        try:
+            while waiting or running:
+                for job in [j for j in waiting if all(store.done(d) for d in j.deps)]:
+                    if len(running) >= self.workers:
+                        break
+                    waiting.remove(job)
+                    on_start(job)
+                    deps = {k: store.read(k) for k in job.deps}
+                    running[pool.submit(_execute, job, deps, str(store.workdir(job.key)))] = job
+                if not running:
+                    raise RuntimeError("job graph has unmet dependencies: "
+                                       + ", ".join(j.label for j in waiting))
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    on_done(running.pop(fut), fut.result())
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+
+class RayExecutor:
+    """Ray's task API: every job is a remote task whose dependencies are passed as
+    ObjectRefs, so Ray itself orders and places them; the driver writes results."""
+
+    def __init__(self, address: str | None, num_cpus: int | None = None, threads: int = 1,
+                 fusion: str = "auto") -> None:
+        try:
+            import ray
+        except ImportError:
+            raise L2OError("--ray-address needs Ray: pip install 'l2o-dynamics[ray]'") from None
+        self.ray = ray
+        self.address, self.threads, self.fusion = address, threads, fusion
+        if not ray.is_initialized():
+            kw = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(**kw, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+
+    def describe(self) -> str:
+        return f"Ray ({self.address or 'local'}, {self.ray.cluster_resources().get('CPU', 0):g} CPUs)"
+
+    def run(self, pending: list[Job], store: Store, on_start, on_done) -> None:
+        ray = self.ray
+
+        @ray.remote(num_cpus=self.threads)
+        def remote_job(job: Job, dep_keys: list[str], threads: int, fusion: str, *dep_files) -> Files:
+            _worker_init(threads, fusion)
+            return run_job(job, dict(zip(dep_keys, dep_files)))
+
+        refs: dict[str, object] = {}
+        jobs: dict[object, Job] = {}
+        for job in pending:  # dependencies come first in `pending`
+            dep_args = [refs[d] if d in refs else ray.put(store.read(d)) for d in job.deps]
+            ref = remote_job.remote(job, list(job.deps), self.threads, self.fusion, *dep_args)
+            refs[job.key], jobs[ref] = ref, job
+            on_start(job)
+        waiting = list(jobs)
+        try:
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1)
+                for ref in ready:
+                    on_done(jobs[ref], ray.get(ref))
+        except BaseException:
+            for ref in waiting:
+                ray.cancel(ref, force=True)
+            raise
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+def run_jobs(jobs: list[Job], store: Store, executor, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Run every job not yet in the store; returns {key: wall seconds} of those run now."""
+    pending = [j for j in jobs if not store.done(j.key)]
+    done_est = sum(j.estimate_s for j in jobs if store.done(j.key))
+    total_est = sum(j.estimate_s for j in jobs)
+    bar = tqdm(total=round(total_est), initial=round(done_est), disable=not progress, unit="s(est)",
+               desc=f"jobs {len(jobs) - len(pending)}/{len(jobs)}", dynamic_ncols=True,
+               bar_format="{desc} |{bar}| {percentage:3.0f}% [{elapsed}<{remaining}] {postfix}")
+    active: dict[str, Job] = {}
+    times: dict[str, float] = {}
+    n_done = len(jobs) - len(pending)
+
+    def on_start(job):
+        active[job.key] = job
+        bar.set_postfix_str(_current(active), refresh=True)
+
+    def on_done(job, files):
+        nonlocal n_done
+        store.write(job.key, files)
+        active.pop(job.key, None)
+        times[job.key] = store.info(job.key)["wall_time_s"]
+        n_done += 1
+        bar.set_description_str(f"jobs {n_done}/{len(jobs)}")
+        bar.set_postfix_str(_current(active), refresh=False)
+        bar.update(round(job.estimate_s))
+        if log:
+            log(f"done {job.label} ({times[job.key]:.1f} s)")
+
+    try:
+        executor.run(pending, store, on_start, on_done)
+    finally:
+        bar.close()
+    return times
+
+
+def _current(active: Mapping[str, Job]) -> str:
+    labels = [j.label for j in active.values()]
+    return ("running: " + "; ".join(labels))[:110] if labels else ""
+
+
+def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", ray_cpus: int | None = None):
+    if ray_address:
+        return RayExecutor(None if ray_address == "local" else ray_address, num_cpus=ray_cpus, fusion=fusion)
+    if workers < 0:
+        raise L2OError(f"--workers must be >= 0, got {workers}")
+    return LocalExecutor(workers, fusion=fusion)
+
+
+def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiments: Iterable[str] = EXPERIMENTS,
+              workers: int = 0, ray_address: str | None = None, device: str = "cpu",
+              store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
+              docs: str | os.PathLike | None = None, fusion: str = "auto", echo=print) -> dict:
+    """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html."""
+    from . import data as data_mod
+    from .report import write_outputs
+
+    profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
+    dev = resolve_device(device)
+    experiments = tuple(experiments)
+    jobs = build_jobs(profile, experiments, device=str(dev))
+    out = Path(out)
+    store_obj = None if dry_run else Store(store or out / "jobs")
+    if dry_run:
+        root = Path(store or out / "jobs")
+        done = {j.key for j in jobs if (root / j.key / DONE_MARKER).is_file()}
+        echo(format_plan(jobs, done, profile))
+        return {"jobs": jobs, "done": done}
+    total = sum(j.estimate_s for j in jobs)
+    echo(f"l2o-dynamics reproduce: profile {profile.name}, {len(jobs)} jobs, "
+         f"estimated {_hms(total)} of compute on a 2-core CPU; results in {out}")
+    data_mod.load_mnist(verbose=progress)  # fetch once, before any worker needs it
+    executor = make_executor(workers, ray_address, fusion)
+    echo(f"running on {executor.describe()} ({dev})")
+    started = time.time()
+    run_jobs(jobs, store_obj, executor, progress=progress)
+    summary = write_outputs(out, profile, jobs, store_obj, experiments, device=dev,
+                            wall_time_s=time.time() - started, executor=executor.describe(), docs=docs)
+    echo(summary["text"])
+    return summary
+
+
+def format_plan(jobs: list[Job], done: set[str], profile) -> str:
+    lines = [f"profile {profile.name}: {len(jobs)} jobs ({len(done)} already done)", ""]
+    width = max(len(j.label) for j in jobs)
+    for j in jobs:
+        state = "done" if j.key in done else _hms(j.estimate_s)
+        deps = f" <- {', '.join(d.split('-')[-1] for d in j.deps)}" if j.deps else ""
+        lines.append(f"  {j.label:<{width}}  {state:>9}  [{j.key.split('-')[-1]}]{deps}")
+    left = sum(j.estimate_s for j in jobs if j.key not in done)
+    lines += ["", f"estimated time left: {_hms(left)} on a 2-core CPU (one process); "
+              f"about half that with --workers 2 on 4+ cores"]
+    return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="results directory (re-running it continues)")
+    p.add_argument("--workers", type=int, default=0, help="local worker processes (0: this process)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
+    p.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="list the job graph and estimated time")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
+    r.add_argument("--profile", choices=list(PROFILES), default="quick")
+    r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
+    _common(r)
+    r.set_defaults(handler=_cmd_reproduce)
+    e = sub.add_parser("experiment", help="run one experiment of the study")
+    e.add_argument("name", choices=EXPERIMENTS)
+    e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
+    e.add_argument("--seeds", type=int, default=None, help="override the profile's number of seeds")
+    e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
+    e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
+    _common(e)
+    e.set_defaults(handler=_cmd_experiment)
+
+
+def _cmd_reproduce(args) -> int:
+    from . import learned
+
+    learned.set_fusion(args.fusion)
+    reproduce(args.profile, args.out, workers=args.workers, ray_address=args.ray_address,
+              device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
+              docs=args.docs, fusion=args.fusion)
+    return 0
+
+
+def _cmd_experiment(args) -> int:
+    from dataclasses import replace
+
+    from . import learned
+
+    learned.set_fusion(args.fusion)
+    base = get_profile(args.scale)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise L2OError(f"--seeds must be positive, got {args.seeds}")
+        base = replace(base, seeds=args.seeds)
+    if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
+        raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
+    profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)
+    reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
+              ray_address=args.ray_address, device=args.device, store=args.store,
+              dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)
+    return 0

@@ -1,0 +1,252 @@
+"""Outputs of a reproduction: merged metrics.csv, figures/, report.md and report.html.
+
+The report is built as a list of blocks (heading, paragraph, table, image) that
+render to both Markdown and HTML, so the two always say the same thing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import analysis, plotting
+from .experiments import Job, Profile
+from .results import COLUMNS, Table
+from .utils import atomic_write_json, atomic_write_text, environment
+
+VERDICT = {"held": "yes", "weak": "weak (CI includes 0)", "no": "no", "n/a": "n/a"}
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+
+
+def merge_metrics(store, jobs: Iterable[Job], path: Path) -> None:
+    """Concatenate every job's metrics.csv (one header) into `path`, atomically."""
+    parts = [",".join(COLUMNS) + "\n"]
+    for job in jobs:
+        f = store.path(job.key) / "metrics.csv"
+        if f.is_file():
+            body = f.read_text().split("\n", 1)
+            if len(body) > 1:
+                parts.append(body[1])
+    atomic_write_text(path, "".join(parts))
+
+
+def make_figures(table: Table, fig_dir: Path, experiments: Iterable[str]) -> dict[str, Path]:
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    experiments = set(experiments)
+    if "symmetry-breaking" in experiments and len(table.where(experiment="symmetry-breaking")):
+        out["symmetry_breaking.png"] = plotting.symmetry_figure(table, fig_dir / "symmetry_breaking.png")
+        out["symmetry_breaking_rel.png"] = plotting.symmetry_figure(
+            table, fig_dir / "symmetry_breaking_rel.png", "_rel")
+        out["symmetry_breaking_unit.png"] = plotting.symmetry_figure(
+            table, fig_dir / "symmetry_breaking_unit.png", "_unit")
+    if "regularization" in experiments and len(table.where(experiment="regularization")):
+        out["regularization.png"] = plotting.regularization_figure(table, fig_dir / "regularization.png")
+        if len(table.where(experiment="generalization")):
+            out["generalization.png"] = plotting.generalization_figure(table, fig_dir / "generalization.png")
+    if "noise" in experiments and len(table.where(experiment="noise")):
+        out["noise.png"] = plotting.noise_figure(table, fig_dir / "noise.png")
+        out["noise_std.png"] = plotting.noise_figure(table, fig_dir / "noise_std.png", "_std")
+    if len(table.where(experiment="meta-train")):
+        out["meta_training.png"] = plotting.meta_training_figure(table, fig_dir / "meta_training.png")
+    return out
+
+
+def findings_table(findings: list[analysis.Finding]) -> tuple[list[str], list[list[str]]]:
+    header = ["finding of the study", "held here?", "figure"]
+    rows = [[f.claim, VERDICT[f.verdict], f.figure or ""] for f in findings]
+    return header, rows
+
+
+def _speed_block(table: Table) -> list[Block]:
+    rows = analysis.speed_table(table)
+    if not rows:
+        return []
+    steps = [k for k in rows[0] if isinstance(k, int)]
+    header = ["optimizee", "optimizer"] + [f"loss @ {s}" for s in steps]
+    body = [[r["optimizee"], plotting.label(r["optimizer"])] + [analysis.fmt(r[s]) for s in steps]
+            for r in rows]
+    return [("h", 3, "Training loss at iterations 25, 50, 100, 200 (L2O with beta = 0)"),
+            ("p", "Minibatch training loss averaged over a 3-iteration window ending at the step; "
+                  "mean [95% CI] over seeds."),
+            ("table", header, body)]
+
+
+def _generalization_block(table: Table) -> list[Block]:
+    gen = table.where(experiment="generalization", metric="train_loss")
+    if not len(gen):
+        return []
+    header = ["L2O trained on", "tested on", "beta", "final loss (last 10 it.)", "mean loss (AUC / T)"]
+    body = []
+    for opt in gen.unique("optimizer"):
+        for optimizee in gen.where(optimizer=opt).unique("optimizee"):
+            sub = gen.where(optimizer=opt, optimizee=optimizee)
+            for beta in [b for b in sub.unique("beta") if b is not None]:
+                s = sub.where(beta=beta)
+                T = int(s.cols["step"].max())
+                final = analysis.per_seed(s, steps=(T - 9, T))
+                body.append([opt[4:-1] if opt.startswith("l2o(") else opt, optimizee, f"{beta:g}",
+                             analysis.fmt(list(final.values())), analysis.fmt(list(analysis.auc(s).values()))])
+    return [("h", 3, "Regularised L2Os on optimizees they were not meta-trained on"),
+            ("table", header, body)]
+
+
+def _deviation_block(table: Table) -> list[Block]:
+    t = table.where(experiment="symmetry-breaking")
+    if not len(t):
+        return []
+    header = ["optimizee / symmetry", "optimizer", "measure", "iteration 10", "iteration 50", "iteration 100"]
+    body = []
+    T = int(t.cols["step"].max())
+    its = [min(i, T) for i in (10, 50, 100)]
+    for optimizee, kind in analysis.SYM_PANELS:
+        for opt in ("sgd", "adam", "lion", "l2o"):
+            for suffix in ("", "_rel"):
+                sub = t.where(optimizee=optimizee, optimizer=opt, metric=f"{kind}_deviation{suffix}")
+                if not len(sub):
+                    continue
+                cells = [analysis.fmt(list(analysis.per_seed(sub, steps=(i - 1, i - 1)).values())) for i in its]
+                body.append([f"{optimizee} / {kind}", plotting.label(opt), "total" if not suffix else "rel", *cells])
+    return [("h", 3, "Deviations at iterations 10, 50 and 100"), ("table", header, body)]
+
+
+def _noise_block(table: Table) -> list[Block]:
+    t = table.where(experiment="noise")
+    if not len(t):
+        return []
+    metrics = ["alpha_grad", "alpha_update", "alpha_grad_std", "alpha_update_std", "cov_max_eig", "cov_trace"]
+    header = ["optimizer"] + metrics
+    body = []
+    for opt in ("sgd", "adam", "lion", "l2o"):
+        sub = t.where(optimizer=opt)
+        if len(sub):
+            body.append([plotting.label(opt)] + [analysis.fmt(list(analysis.per_seed(sub.where(metric=m)).values()))
+                                                  for m in metrics])
+    return [("h", 3, "Noise statistics, mean over checkpoints"), ("table", header, body)]
+
+
+def build_report(table: Table, findings, figures: dict[str, Path], profile: Profile, jobs: list[Job],
+                 store, env: dict, wall_time_s: float, executor: str) -> list[Block]:
+    blocks: list[Block] = [
+        ("h", 1, "l2o-dynamics: reproduction of \"Investigation into Training Dynamics of Learned Optimizers\""),
+        ("p", f"Profile **{profile.name}**: {profile.seeds} seeds; meta-training "
+              f"{profile.meta['epochs']} epochs x {profile.meta['runs']} runs of {profile.meta['horizon']} "
+              f"steps (unroll {profile.meta['unroll']}); noise runs of {profile.noise_steps} steps with "
+              f"checkpoints every {profile.noise_every}. Wall time {wall_time_s / 60:.1f} min on {executor}. "
+              "Numbers are mean [95% t-interval] over seeds; comparisons are paired by seed (same init and "
+              "data order)."),
+        ("h", 2, "Findings"),
+        ("table", *findings_table(findings)),
+        ("p", "'yes': the claimed direction with a 95% interval that excludes no effect; 'weak': the claimed "
+              "direction but the interval includes no effect; 'no': the opposite direction."),
+    ]
+    for f in findings:
+        blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
+                   ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
+    blocks += [("h", 2, "How the L2O compares with Adam")] + _speed_block(table)
+    blocks += [("h", 2, "Figures")]
+    captions = {
+        "symmetry_breaking.png": "Figure 1: deviation from the rescale (left) and scale (right) constraints.",
+        "symmetry_breaking_rel.png": "Figure 1 with the scale-free measure (normalised by update and parameter size).",
+        "symmetry_breaking_unit.png": "Figure 1 with the per-unit measure (no cancellation between units).",
+        "regularization.png": "Figure 2: training loss of L2Os meta-trained with a symmetry-breaking penalty.",
+        "generalization.png": "Regularised L2Os on unseen optimizees.",
+        "noise.png": "Figure 3: tail index of gradient and update noise; largest eigenvalue of the update covariance.",
+        "noise_std.png": "Figure 3 with the per-coordinate standardised tail-index estimator.",
+        "meta_training.png": "Meta-training curves of every L2O.",
+    }
+    for name in figures:
+        blocks.append(("img", f"figures/{name}", captions.get(name, name)))
+    blocks += _deviation_block(table) + _generalization_block(table) + _noise_block(table)
+    blocks += [("h", 2, "Jobs"),
+               ("table", ["job", "key", "wall time (s)"],
+                [[j.label, j.key, f"{store.info(j.key)['wall_time_s']:.1f}"] for j in jobs if store.done(j.key)]),
+               ("h", 2, "Environment"),
+               ("table", ["", ""], [[k, str(v)] for k, v in env.items()] +
+                [["profile", json.dumps(profile.to_dict(), sort_keys=True)]])]
+    return blocks
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h":
+            out.append("#" * b[1] + " " + b[2])
+        elif b[0] == "p":
+            out.append(b[1])
+        elif b[0] == "table":
+            header, rows = b[1], b[2]
+            cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            out.append("| " + " | ".join(map(cell, header)) + " |\n|" + "---|" * len(header) + "\n"
+                       + "\n".join("| " + " | ".join(map(cell, r)) + " |" for r in rows))
+        elif b[0] == "img":
+            out.append(f"![{b[2]}]({b[1]})\n\n*{b[2]}*")
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: list[Block]) -> str:
+    import re
+
+    def inline(s: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(s)))
+
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>l2o-dynamics report</title><style>"
+           "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}"
+           "</style></head><body>"]
+    for b in blocks:
+        if b[0] == "h":
+            out.append(f"<h{b[1]}>{inline(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            out.append(f"<p>{inline(b[1])}</p>")
+        elif b[0] == "table":
+            rows = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
+            out.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in b[1]) + f"</tr>{rows}</table>")
+        elif b[0] == "img":
+            out.append(f"<figure><img src='{html.escape(b[1])}' alt='{html.escape(b[2])}'>"
+                       f"<figcaption>{inline(b[2])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def summary_text(findings, out: Path, figures: dict[str, Path]) -> str:
+    width = 92
+    lines = ["", "=" * width, "Findings of the study, tested in this run", "=" * width]
+    for f in findings:
+        claim = f.claim if len(f.claim) <= width - 26 else f.claim[:width - 29] + "..."
+        lines.append(f"{VERDICT[f.verdict]:<22}  {claim}")
+    lines += ["-" * width, f"report:  {out / 'report.md'}  (and report.html)",
+              f"metrics: {out / 'metrics.csv'}", f"figures: {out / 'figures'}/ ({len(figures)} files)", "=" * width]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experiments, *, device,
+                  wall_time_s: float, executor: str, docs=None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    merge_metrics(store, jobs, out / "metrics.csv")
+    table = Table.read(out / "metrics.csv")
+    figures = make_figures(table, out / "figures", experiments)
+    findings = analysis.all_findings(table)
+    env = environment(device)
+    blocks = build_report(table, findings, figures, profile, jobs, store, env, wall_time_s, executor)
+    atomic_write_text(out / "report.md", to_markdown(blocks))
+    atomic_write_text(out / "report.html", to_html(blocks))
+    atomic_write_json(out / "config.json", {
+        "kind": "reproduce", "profile": profile.to_dict(), "experiments": list(experiments),
+        "jobs": [{"key": j.key, "kind": j.kind, "label": j.label, "config": dict(j.config)} for j in jobs],
+        "environment": env, "wall_time_s": round(wall_time_s, 1), "executor": executor,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if docs is not None:
+        docs = Path(docs)
+        (docs / "figures").mkdir(parents=True, exist_ok=True)
+        for name, path in figures.items():
+            shutil.copyfile(path, docs / "figures" / name)
+        header, rows = findings_table(findings)
+        atomic_write_text(docs / "findings.md", to_markdown([
+            ("p", f"Profile `{profile.name}`, {profile.seeds} seeds, {wall_time_s / 60:.1f} min on {executor} "
+                  f"({env.get('device')}, torch {env['torch']})."), ("table", header, rows)]))
+    return {"findings": findings, "figures": figures, "text": summary_text(findings, out, figures)}

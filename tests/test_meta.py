@@ -1,0 +1,223 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2o_dynamics import meta as meta_mod
+from l2o_dynamics import optimizees
+from l2o_dynamics.learned import L2O, init_phi
+from l2o_dynamics.meta import MetaTrainConfig, meta_train, unroll, validation_score
+from l2o_dynamics.optimizees import ZOO, Optimizee
+from l2o_dynamics.utils import L2OError, generator
+
+
+# ---- a slow, obviously-correct reference ----------------------------------------------------
+def ref_preprocess(g, p=10.0):
+    out = []
+    for v in g.tolist():
+        out.append((math.log(abs(v)) / p, math.copysign(1.0, v)) if abs(v) >= math.exp(-p)
+                   else (-1.0, math.exp(p) * v))
+    return torch.tensor(out, dtype=g.dtype)
+
+
+def reference_unroll(phi, model, params, batches, steps, layers=2, hidden=20, eta=0.1, beta=0.0):
+    """Eager, one network call per tensor, plain autograd through the optimizee graph.
+    The optimizee gradient is computed by autograd on the unrolled parameters and
+    then detached (first order)."""
+    theta = {k: v.detach().clone() for k, v in params.items()}
+    states = {k: [(torch.zeros(v.numel(), hidden, dtype=v.dtype),) * 2 for _ in range(layers)]
+              for k, v in theta.items()}
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    loss = model.loss(leaves, *batches[0])
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    losses, penalty = [], 0.0
+    for t in range(steps):
+        updates = {}
+        for k in theta:
+            x = ref_preprocess(grads[k].detach().reshape(-1))
+            for layer in range(layers):
+                h, c = torch.lstm_cell(x, states[k][layer], phi[f"lstm{layer}.weight_ih"],
+                                       phi[f"lstm{layer}.weight_hh"], phi[f"lstm{layer}.bias_ih"],
+                                       phi[f"lstm{layer}.bias_hh"])
+                states[k][layer] = (h, c)
+                x = h
+            updates[k] = eta * (x @ phi["out.weight"].t() + phi["out.bias"]).reshape(theta[k].shape)
+        if beta:
+            # rescale deviation written out for the single hidden layer of leaky_relu
+            th = {k: v.detach() for k, v in theta.items()}
+            c = ((updates["fc1.weight"] * th["fc1.weight"]).sum(1) + updates["fc1.bias"] * th["fc1.bias"]
+                 - (updates["fc2.weight"] * th["fc2.weight"]).sum(0))
+            penalty = penalty + c.sum().abs()
+        theta = {k: theta[k] + updates[k] for k in theta}
+        loss = model.loss(theta, *batches[t + 1])
+        grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), retain_graph=True)))
+        losses.append(loss)
+    return torch.log(torch.stack(losses).sum()) + beta * penalty
+
+
+def _batches(n, size, dim=784, classes=10, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(size, dim, generator=g, dtype=dtype), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]
+
+
+def _fast_unroll(phi, model, params, batches, steps, batch_ndim=0, **kw):
+    l2o = L2O(phi)
+    it = iter(batches[1:])
+    _, grads, _ = model.loss_and_grad(params, *batches[0])
+    return unroll(l2o, model, params, l2o.init(params, batch_ndim), grads, lambda: next(it), steps, **kw)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_meta_gradient_equals_slow_reference(beta):
+    model = ZOO["leaky_relu"]
+    phi = {k: v.requires_grad_() for k, v in init_phi(generator("phi"), dtype=torch.float64).items()}
+    params = model.init(generator("theta"), dtype=torch.float64)
+    batches = _batches(9, 32)
+    kw = {"reg": "rescale", "beta": beta} if beta else {}
+    fast = _fast_unroll(phi, model, params, batches, 8, **kw).meta_loss.sum()
+    g_fast = torch.autograd.grad(fast, list(phi.values()))
+    ref = reference_unroll(phi, model, params, batches, 8, beta=beta)
+    g_ref = torch.autograd.grad(ref, list(phi.values()))
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=0)
+    for k, a, b in zip(phi, g_fast, g_ref):
+        assert b.abs().max() > 0, k
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=k)
+
+
+def test_meta_gradient_matches_finite_differences():
+    """First order means the optimizee gradients fed to the LSTM are inputs, not functions
+    of phi. So the exact derivative of the frozen-input meta-loss F(phi) (the run replayed
+    with the recorded gradients as LSTM inputs) is what the fast path must return."""
+    tiny = Optimizee("tiny", (3,), "leaky_relu", in_features=6, classes=3)
+    phi0 = init_phi(generator("tiny-phi"), hidden=4, layers=2, dtype=torch.float64)
+    params = tiny.init(generator("tiny-theta"), dtype=torch.float64)
+    batches = _batches(7, 16, dim=6, classes=3)
+    steps = 6
+    phi = {k: v.clone().requires_grad_() for k, v in phi0.items()}
+    l2o = L2O(phi, hidden=4)
+    it = iter(batches[1:])
+    _, grads0, _ = tiny.loss_and_grad(params, *batches[0])
+    # record the gradients the LSTM sees
+    recorded = [grads0]
+    out = unroll(l2o, tiny, params, l2o.init(params), grads0, lambda: next(it), steps)
+    fast = torch.autograd.grad(out.meta_loss.sum(), list(phi.values()))
+    theta = params
+    st = L2O(phi0, hidden=4).init(params)
+    with torch.no_grad():
+        for t in range(steps - 1):
+            upd, st = L2O(phi0, hidden=4).update(recorded[-1], st, theta)
+            theta = {k: theta[k] + upd[k] for k in theta}
+            recorded.append(tiny.loss_and_grad(theta, *batches[t + 1])[1])
+
+    def frozen(ph):
+        net = L2O(ph, hidden=4)
+        th, s, losses = params, net.init(params), []
+        for t in range(steps):
+            upd, s = net.update(recorded[t], s, th)
+            th = {k: th[k] + upd[k] for k in th}
+            losses.append(tiny.loss(th, *batches[t + 1]))
+        return torch.log(torch.stack(losses).sum())
+
+    eps = 1e-6
+    for (k, v), g in zip(phi0.items(), fast):
+        fd = torch.zeros_like(v)
+        for i in range(v.numel()):
+            plus = {kk: vv.clone() for kk, vv in phi0.items()}
+            minus = {kk: vv.clone() for kk, vv in phi0.items()}
+            plus[k].view(-1)[i] += eps
+            minus[k].view(-1)[i] -= eps
+            fd.view(-1)[i] = (frozen(plus) - frozen(minus)) / (2 * eps)
+        torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-8, msg=k)
+
+
+def test_batched_tasks_equal_one_by_one():
+    model = ZOO["leaky_relu"]
+    phi = {k: v.requires_grad_() for k, v in init_phi(generator("phi")).items()}
+    sets = [model.init(generator("task", i)) for i in range(3)]
+    per_task = [_batches(6, 32, dtype=torch.float32, seed=10 + i) for i in range(3)]
+    stacked = {k: torch.stack([s[k] for s in sets]) for k in sets[0]}
+    batches = [(torch.stack([per_task[i][t][0] for i in range(3)]),
+                torch.stack([per_task[i][t][1] for i in range(3)])) for t in range(6)]
+    batched = _fast_unroll(phi, model, stacked, batches, 5, batch_ndim=1)
+    g_batched = torch.autograd.grad(batched.meta_loss.mean(), list(phi.values()))
+    singles = [_fast_unroll(phi, model, sets[i], per_task[i], 5) for i in range(3)]
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(batched.meta_loss[i], s.meta_loss, rtol=1e-5, atol=1e-6)
+    g_single = [torch.autograd.grad(s.meta_loss / 3, list(phi.values())) for s in singles]
+    for j, k in enumerate(phi):
+        torch.testing.assert_close(g_batched[j], sum(g[j] for g in g_single), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _tiny_cfg(**kw):
+    base = dict(optimizee="leaky_relu", epochs=3, runs=2, horizon=20, unroll=5, val_runs=2,
+                meta_lr=1e-2, seed=7)
+    base.update(kw)
+    return MetaTrainConfig(**base)
+
+
+def test_short_meta_training_lowers_the_validation_score(synthetic):
+    cfg = _tiny_cfg()
+    init = L2O(init_phi(generator("phi", cfg.seed)))
+    before = validation_score(init, cfg, synthetic)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    assert res.best_score < 0.9 * before, (before, res.best_score)
+    rows = res.log.rows()
+    assert {r[6] for r in rows} >= {"meta_loss", "val_score"}
+    assert sum(r[6] == "meta_loss" for r in rows) == cfg.epochs * cfg.runs * cfg.horizon // cfg.unroll
+
+
+def test_resumed_run_is_bit_identical(tmp_path, synthetic):
+    cfg = _tiny_cfg(epochs=3, runs=1, reg="rescale", beta=0.1)
+    full = meta_train(cfg, tmp_path / "full", data=synthetic, progress=False)
+    meta_train(cfg, tmp_path / "cut", data=synthetic, progress=False, stop_after_epochs=1)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert not (tmp_path / "cut" / "l2o.pt").exists()  # an interrupted run does not look complete
+    resumed = meta_train(cfg, tmp_path / "cut", data=synthetic, progress=False, resume=True)
+    for k in full.l2o.phi:
+        assert torch.equal(full.l2o.phi[k], resumed.l2o.phi[k]), k
+    a = (tmp_path / "full" / "metrics.csv").read_bytes()
+    b = (tmp_path / "cut" / "metrics.csv").read_bytes()
+    assert a == b and b"reg_loss" in a
+    with pytest.raises(L2OError, match="--resume"):
+        meta_train(cfg, tmp_path / "full", data=synthetic, progress=False)
+
+
+class _Poisoned(Optimizee):
+    """leaky_relu whose 4th gradient evaluation returns a NaN loss."""
+
+    calls = 0
+
+    def loss_and_grad(self, params, x, y):
+        loss, grads, acc = super().loss_and_grad(params, x, y)
+        if torch.is_grad_enabled():  # meta-training; validation runs under no_grad
+            type(self).calls += 1
+            if type(self).calls == 4:
+                loss = loss * float("nan")
+        return loss, grads, acc
+
+
+def test_non_finite_meta_loss_is_skipped_and_never_checkpointed(tmp_path, synthetic, monkeypatch):
+    _Poisoned.calls = 0
+    monkeypatch.setitem(optimizees.ZOO, "poisoned", _Poisoned("poisoned", (20,), "leaky_relu"))
+    cfg = _tiny_cfg(optimizee="poisoned", epochs=1, runs=2)
+    res = meta_train(cfg, tmp_path, data=synthetic, progress=False)
+    assert res.skipped == 1
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["phi"].values())
+    rows = res.log.rows()
+    assert [r[7] for r in rows if r[6] == "skipped"] == [1.0]
+    # the poisoned run was abandoned at its first meta-step; the second run is complete
+    assert sum(r[6] == "meta_loss" for r in rows) == 4
+
+
+def test_config_validation_messages():
+    with pytest.raises(L2OError, match="multiple of unroll"):
+        MetaTrainConfig(horizon=30, unroll=20).validate()
+    with pytest.raises(L2OError, match="no scale symmetry"):
+        MetaTrainConfig(optimizee="leaky_relu", reg="scale", beta=1).validate()
+    with pytest.raises(L2OError, match="valid: logsum, sum, meanlog"):
+        MetaTrainConfig(meta_loss="max").validate()
+    with pytest.raises(L2OError, match="needs --reg"):
+        MetaTrainConfig(beta=0.5).validate()

@@ -1,0 +1,130 @@
+import dataclasses
+
+import pytest
+import torch
+
+from l2o_dynamics import symmetry
+from l2o_dynamics.learned import L2O, init_phi
+from l2o_dynamics.optimizees import ZOO
+from l2o_dynamics.optimizers import SGD, Adam, Lion
+from l2o_dynamics.runner import Probe, meta_test
+from l2o_dynamics.utils import L2OError, generator
+
+# BatchNorm's eps breaks the scale symmetry by O(eps/var); the exact statement is for eps = 0.
+EXACT = {name: dataclasses.replace(m, bn_eps=0.0) for name, m in ZOO.items()}
+
+
+def _grad(model, dtype, batch=(3,)):
+    params = model.init(generator("sym", model.name), batch_shape=batch, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(*batch, 64, 784, generator=g, dtype=dtype)
+    y = torch.randint(0, 10, (*batch, 64), generator=g)
+    _, grads, _ = model.loss_and_grad(params, x, y)
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_gradients_satisfy_every_symmetry_the_model_has(name, dtype, tol):
+    model = EXACT[name]
+    params, grads = _grad(model, dtype)
+    kinds = symmetry.applicable(model.structure)
+    assert "translation" in kinds
+    for kind in kinds:
+        m = symmetry.measures(kind, grads, params, model.structure)
+        assert m["rel"].shape == (3,)
+        assert (m["rel"] < tol).all(), (kind, m["rel"])
+        c, vn, xn = symmetry.unit_terms(kind, grads, params, model.structure)
+        assert ((vn * xn).sum(-1) > 0).all()  # the bound is not trivially zero
+
+
+def test_which_symmetries_are_claimed():
+    assert symmetry.applicable(ZOO["sigmoid"].structure) == ("translation",)
+    assert symmetry.applicable(ZOO["leaky_relu"].structure) == ("rescale", "translation")
+    assert symmetry.applicable(ZOO["bn_relu"].structure) == ("rescale", "scale", "translation")
+    with pytest.raises(L2OError, match="no rescale symmetry"):
+        symmetry.measures("rescale", *_grad(ZOO["sigmoid"], torch.float64)[::-1], ZOO["sigmoid"].structure)
+
+
+def test_sigmoid_gradient_violates_the_rescale_constraint():
+    """Evaluate the rescale functional on the sigmoid MLP anyway: it is far from zero, so
+    claiming the symmetry would be wrong."""
+    model = ZOO["sigmoid"]
+    params, grads = _grad(model, torch.float64)
+    homogeneous = dataclasses.replace(model.structure, hidden=tuple(
+        dataclasses.replace(h, homogeneous=True) for h in model.structure.hidden))
+    m = symmetry.measures("rescale", grads, params, homogeneous)
+    assert (m["rel"] > 1e-3).all()
+    relu_params, relu_grads = _grad(EXACT["relu"], torch.float64)
+    assert (symmetry.measures("rescale", relu_grads, relu_params, ZOO["relu"].structure)["rel"] < 1e-12).all()
+
+
+def test_batchnorm_eps_breaks_scale_symmetry_only_slightly():
+    params, grads = _grad(ZOO["bn_relu"], torch.float64)
+    rel = symmetry.measures("scale", grads, params, ZOO["bn_relu"].structure)["rel"]
+    assert (rel > 1e-12).all() and (rel < 1e-3).all()
+
+
+@pytest.mark.parametrize("name", ["leaky_relu", "bn_relu", "relu_100x100", "sigmoid_2x20"])
+def test_sgd_updates_have_zero_deviation_random_updates_do_not(name):
+    model = EXACT[name]
+    params, grads = _grad(model, torch.float64)
+    sgd = SGD(lr=0.1, momentum=0.0)
+    updates, _ = sgd.update(grads, sgd.init(params), params)
+    g = torch.Generator().manual_seed(9)
+    rand = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    for kind in symmetry.applicable(model.structure):
+        upd = symmetry.measures(kind, updates, params, model.structure)
+        assert (upd["total"] < 1e-12).all() and (upd["rel"] < 1e-12).all()
+        r = symmetry.measures(kind, rand, params, model.structure)
+        assert (r["rel"] > 1e-3).all() and (r["total"] > 1e-6).all()
+        assert (r["rel"] <= 1 + 1e-12).all()  # Cauchy-Schwarz bound
+        assert (r["unit"] >= r["total"] - 1e-12).all()
+
+
+def test_measures_by_hand_on_a_tiny_layer():
+    from l2o_dynamics.optimizees import Optimizee
+
+    tiny = Optimizee("tiny", (2,), "relu", in_features=3, classes=2)
+    theta = {"fc1.weight": torch.tensor([[1., 2., 0.], [0., 1., 1.]]), "fc1.bias": torch.tensor([1., -1.]),
+             "fc2.weight": torch.tensor([[1., 0.], [2., 1.]]), "fc2.bias": torch.tensor([0., 0.])}
+    v = {"fc1.weight": torch.tensor([[1., 0., 0.], [0., 0., 1.]]), "fc1.bias": torch.tensor([1., 4.]),
+         "fc2.weight": torch.tensor([[0., 3.], [1., 0.]]), "fc2.bias": torch.tensor([1., 2.])}
+    # unit 0: <(1,0,0),(1,2,0)> + 1*1 - <(0,1),(1,2)> = 1 + 1 - 2 = 0
+    # unit 1: <(0,0,1),(0,1,1)> + 4*(-1) - <(3,0),(0,1)> = 1 - 4 - 0 = -3
+    m = symmetry.measures("rescale", v, theta, tiny.structure)
+    assert m["total"].item() == pytest.approx(3.0)
+    assert m["unit"].item() == pytest.approx(3.0)
+    # |v_0| = sqrt(3), |xi_0| = sqrt(11); |v_1| = sqrt(26), |xi_1| = 2
+    assert m["rel"].item() == pytest.approx(3 / (33 ** 0.5 + 2 * 26 ** 0.5), rel=1e-6)
+    t = symmetry.measures("translation", v, theta, tiny.structure)
+    # output-weight columns sum to 1 and 3, the bias to 3
+    assert t["total"].item() == pytest.approx(7.0) and t["unit"].item() == pytest.approx(7.0)
+
+
+def test_deviation_penalty_is_differentiable_in_the_update_only():
+    model = ZOO["leaky_relu"]
+    params, grads = _grad(model, torch.float64, batch=())
+    upd = {k: (0.01 * g).requires_grad_() for k, g in grads.items()}
+    upd = {k: v + 0.001 * torch.ones_like(v) for k, v in upd.items()}
+    theta = {k: v.detach() for k, v in params.items()}
+    d = symmetry.deviation("all", upd, theta, model.structure, "rel")
+    d.backward()
+    with pytest.raises(L2OError, match="valid: total, unit, rel"):
+        symmetry.deviation("rescale", upd, theta, model.structure, "abs")
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(lr=0.1), lambda: Adam(lr=1e-2), lambda: Lion(lr=1e-3),
+                                  lambda: L2O(init_phi(generator("phi")))], ids=["sgd", "adam", "lion", "l2o"])
+def test_recording_does_not_change_the_trajectory(make, synthetic):
+    model = ZOO["leaky_relu"]
+    probe = Probe(lambda ctx: {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
+                               **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, "grad_")}, 1)
+    plain = meta_test(make(), model, synthetic.split("train"), [0, 1], 12)
+    recorded = meta_test(make(), model, synthetic.split("train"), [0, 1], 12, probes=[probe])
+    loss = lambda log: [v for m, _, v in log._entries if m == "train_loss"]  # noqa: E731
+    for a, b in zip(loss(plain), loss(recorded)):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    metrics = {m for m, _, _ in recorded._entries}
+    assert {"rescale_deviation", "rescale_deviation_rel", "grad_translation_deviation_unit"} <= metrics
+    assert "scale_deviation" not in metrics
