@@ -137,25 +137,32 @@ def cmd_data(args) -> int:
     return 0
 
 
-def make_optimizer(name: str, optimizee: str, steps: int, lr, checkpoint: str | None, data, device,
+def make_optimizer(name: str, optimizee, steps: int, lr, checkpoint: str | None, data, device,
                    progress: bool = False):
     """The optimizer of a meta-test, with its learning rate searched when lr == 'auto'."""
     from .learned import l2o_from_checkpoint
     from .optimizers import make_baseline
     from .runner import search_lr
 
-    info: dict = {}
+    check_optimizer_args(name, checkpoint)
     if name == "l2o":
-        if not checkpoint:
-            raise L2OError("--optimizer l2o needs --checkpoint PATH (the l2o.pt written by meta-train)")
         return l2o_from_checkpoint(checkpoint, device), {"checkpoint": str(checkpoint)}
-    if checkpoint:
-        raise L2OError(f"--checkpoint applies to --optimizer l2o only, not {name}")
+    info: dict = {}
     if lr == "auto":
         found = search_lr(name, optimizee, data, steps, device=device, progress=progress)
         lr = found.lr
         info["lr_search"] = found.to_dict()
     return make_baseline(name, lr=lr), info
+
+
+def check_optimizer_args(name: str, checkpoint: str | None) -> None:
+    if name == "l2o":
+        if not checkpoint:
+            raise L2OError("--optimizer l2o needs --checkpoint PATH (the l2o.pt written by meta-train)")
+        if not Path(checkpoint).is_file():
+            raise L2OError(f"--checkpoint {checkpoint} does not exist; pass the l2o.pt written by meta-train")
+    elif checkpoint:
+        raise L2OError(f"--checkpoint applies to --optimizer l2o only, not {name}")
 
 
 def cmd_meta_test(args) -> int:
@@ -168,6 +175,7 @@ def cmd_meta_test(args) -> int:
 
     started = time.time()
     device = resolve_device(args.device)
+    check_optimizer_args(args.optimizer, args.checkpoint)
     out = prepare_out_dir(args.out, args.overwrite)
     ds = data_mod.load_mnist()
     model = get_optimizee(args.optimizee)

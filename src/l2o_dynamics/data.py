@@ -471,7 +471,6 @@ def load_mnist(idx_dir: str | os.PathLike | None = None, *, cache: str | os.Path
             if _is_full(arrays):
                 _warn_if_not_reference(digest, f"cache {path}")
             ds = _to_mnist(arrays, _cache_source(path, recorded))
-            _log(verbose, f"loaded MNIST from cache {path} (from {recorded})")
             _MEMO[path] = (key, ds)
             return ds
     return _build(path, idx_dir, download, verbose, tried)

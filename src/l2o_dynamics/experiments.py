@@ -63,16 +63,17 @@ class Profile:
 PROFILES = {
     "smoke": Profile(
         "smoke", seeds=2,
-        meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3),
+        meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0),
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
         noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5),
     "quick": Profile(
         "quick", seeds=3,
-        meta=dict(epochs=4, runs=3, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
+        meta=dict(epochs=4, runs=4, horizon=200, unroll=20, val_runs=2, meta_lr=3e-3,
+                  lr_schedule="cosine", clip_grad=1.0),
         noise_steps=1000, noise_every=200, unseen_seeds=2, lr_seeds=2),
     "paper": Profile(
         "paper", seeds=5,
-        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
+        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3, clip_grad=1.0),
         noise_steps=1000, noise_every=10, lr_seeds=3),
 }
 

@@ -228,18 +228,22 @@ def _current(active: Mapping[str, Job]) -> str:
     return ("running: " + "; ".join(labels))[:110] if labels else ""
 
 
-def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", ray_cpus: int | None = None):
+def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", threads: int | None = None):
+    """threads: torch threads per job (default: all cores in-process, cores // workers in a
+    pool, 1 per Ray task)."""
     if ray_address:
-        return RayExecutor(None if ray_address == "local" else ray_address, num_cpus=ray_cpus, fusion=fusion)
+        return RayExecutor(None if ray_address == "local" else ray_address, threads=threads or 1,
+                           fusion=fusion)
     if workers < 0:
         raise L2OError(f"--workers must be >= 0, got {workers}")
-    return LocalExecutor(workers, fusion=fusion)
+    return LocalExecutor(workers, threads=threads, fusion=fusion)
 
 
 def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiments: Iterable[str] = EXPERIMENTS,
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
-              docs: str | os.PathLike | None = None, fusion: str = "auto", echo=print) -> dict:
+              docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
+              echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html."""
     from . import data as data_mod
     from .report import write_outputs
@@ -259,7 +263,7 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     echo(f"l2o-dynamics reproduce: profile {profile.name}, {len(jobs)} jobs, "
          f"estimated {_hms(total)} of compute on a 2-core CPU; results in {out}")
     data_mod.load_mnist(verbose=progress)  # fetch once, before any worker needs it
-    executor = make_executor(workers, ray_address, fusion)
+    executor = make_executor(workers, ray_address, fusion, threads)
     echo(f"running on {executor.describe()} ({dev})")
     started = time.time()
     run_jobs(jobs, store_obj, executor, progress=progress)

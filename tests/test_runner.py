@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from l2o_dynamics import runner
+from l2o_dynamics.data import Batcher
+from l2o_dynamics.learned import L2O, init_phi
+from l2o_dynamics.optimizees import ZOO
+from l2o_dynamics.optimizers import SGD, Adam
+from l2o_dynamics.runner import init_params, meta_test, search_lr
+from l2o_dynamics.utils import L2OError, generator
+
+
+def _losses(log):
+    return np.array([v for m, _, v in log._entries if m == "train_loss"])
+
+
+def test_same_seed_same_run_different_seeds_differ_in_init_and_data(synthetic):
+    train = synthetic.split("train")
+    a = meta_test(Adam(lr=1e-2), "leaky_relu", train, [0, 1], 10)
+    b = meta_test(Adam(lr=1e-2), "leaky_relu", train, [0, 1], 10)
+    np.testing.assert_array_equal(_losses(a), _losses(b))
+    assert not np.allclose(_losses(a)[:, 0], _losses(a)[:, 1])
+    p = init_params(ZOO["leaky_relu"], [0, 1])
+    assert not torch.equal(p["fc1.weight"][0], p["fc1.weight"][1])
+    i0 = Batcher(*train, seed=0).next_indices()
+    i1 = Batcher(*train, seed=1).next_indices()
+    assert not torch.equal(i0, i1)
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(lr=0.1), lambda: L2O(init_phi(generator("phi")))],
+                         ids=["sgd", "l2o"])
+def test_batched_seeds_equal_separate_runs(make, synthetic):
+    train = synthetic.split("train")
+    together = _losses(meta_test(make(), "bn_relu", train, [4, 7], 8))
+    for j, seed in enumerate([4, 7]):
+        alone = _losses(meta_test(make(), "bn_relu", train, [seed], 8))[:, 0]
+        np.testing.assert_allclose(together[:, j], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_logs_train_every_step_and_test_every_k(synthetic):
+    log = meta_test(Adam(lr=1e-2), "relu", synthetic.split("train"), [0, 1], 12,
+                    eval_set=synthetic.split("test"), eval_every=5)
+    steps = lambda m: sorted({s for mm, s, _ in log._entries if mm == m})  # noqa: E731
+    assert steps("train_loss") == list(range(12)) and steps("train_acc") == list(range(12))
+    assert steps("test_loss") == [0, 5, 10, 12] and steps("test_acc") == [0, 5, 10, 12]
+    first, last = [v for m, s, v in log._entries if m == "test_loss" and s in (0, 12)]
+    assert (np.asarray(last) < np.asarray(first)).all()
+    with pytest.raises(L2OError, match="positive"):
+        meta_test(Adam(), "relu", synthetic.split("train"), [0], 0)
+
+
+def test_lr_search_picks_the_best_rate_on_the_validation_split_and_caches(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv("L2O_DYNAMICS_CACHE", str(tmp_path))
+    seen = []
+    real = runner.meta_test
+
+    def spy(opt, model, train, *a, **k):
+        seen.append(train[0].data_ptr())
+        return real(opt, model, train, *a, **k)
+
+    monkeypatch.setattr(runner, "meta_test", spy)
+    grid = (1e-4, 1e-2, 0.1, 30.0)
+    found = search_lr("adam", "leaky_relu", synthetic, 15, grid=grid, seeds=(1, 2))
+    assert seen == [synthetic.split("val")[0].data_ptr()]
+    assert found.scores[30.0] > found.scores[found.lr] and found.scores[1e-4] > found.scores[found.lr]
+    assert found.lr == min(found.scores, key=found.scores.get)
+    # each rate's score equals a separate run of that rate
+    alone = real(Adam(lr=found.lr), "leaky_relu", synthetic.split("val"), [1, 2], 15)
+    assert found.scores[found.lr] == pytest.approx(runner.final_losses(alone).mean(), rel=1e-5)
+    files = list((tmp_path / "lr_search").glob("adam-leaky_relu-15-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["lr"] == found.lr
+    again = search_lr("adam", "leaky_relu", synthetic, 15, grid=grid, seeds=(1, 2))
+    assert again.cached and again.lr == found.lr and len(seen) == 1
