@@ -100,7 +100,8 @@ def test_compiled_kernels_equal_eager():
     kernels.mode = "compile"
     comp_f = kernels.call(0, gates, c)
     comp_b = kernels.call(1, dh, dc, comp_f[0], c, comp_f[2])
-    for a, b in zip((*eager_f, *eager_b), (*comp_f, *comp_b)):
+    comp_i = kernels.call(2, gates, c)
+    for a, b in zip((*eager_f, *eager_b, eager_f[1], eager_f[3]), (*comp_f, *comp_b, *comp_i)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

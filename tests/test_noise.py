@@ -105,3 +105,13 @@ def test_analysis_does_not_disturb_the_run(make, synthetic):
     assert steps == [0, 3, 6]
     alphas = [v for m, _, v in analysed._entries if m.startswith("alpha")]
     assert all(np.isfinite(v).all() and (np.asarray(v) > 0).all() for v in alphas)
+
+
+def test_columns_that_do_not_vary_are_exact_zeros_in_the_noise():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=g)
+    X[:, 1] = 3.0  # a dead coordinate
+    X[:, 2] = 0.25 + 1e-9 * torch.randn(50, generator=g)  # constant up to rounding
+    C = noise.centred(X)
+    assert (C[:, 1] == 0).all() and (C[:, 2] == 0).all()
+    torch.testing.assert_close(C[:, [0, 3, 4, 5]], (X - X.mean(0))[:, [0, 3, 4, 5]])

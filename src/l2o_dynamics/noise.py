@@ -72,8 +72,12 @@ def sample_gradients(model: Optimizee, params: Params, x: torch.Tensor, y: torch
 
 
 def updates_at(optimizer: Optimizer, state, params: Params, grads_flat: torch.Tensor,
-               chunk: int = 32) -> torch.Tensor:
-    """u_i = update(g_i; s) for every row g_i of grads_flat (M, P), state frozen: (M, P)."""
+               chunk: int | None = None) -> torch.Tensor:
+    """u_i = update(g_i; s) for every row g_i of grads_flat (M, P), state frozen: (M, P).
+    `chunk` gradients per call; by default ~64k coordinates for the L2O (its LSTM
+    activations then stay in cache) and 32 gradients for element-wise optimizers."""
+    if chunk is None:
+        chunk = max(1, 65536 // grads_flat.shape[1]) if getattr(optimizer, "name", "") == "l2o" else 32
     from .optimizees import unflatten
 
     out = []
@@ -84,6 +88,16 @@ def updates_at(optimizer: Optimizer, state, params: Params, grads_flat: torch.Te
             u, _ = optimizer.update(g, state, detached)
             out.append(flatten(u, batch_ndim=1))
     return torch.cat(out)
+
+
+def centred(X: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:
+    """X - mean(X) over samples (N, P), with columns that do not vary (spread <= rel of
+    their magnitude: dead inputs, or identical updates that differ only by float
+    rounding) set to exactly zero, so the estimators drop them consistently instead
+    of reading rounding noise as tiny samples (log|x| of 1e-12 dominates a mean of logs)."""
+    hi, lo = X.max(0).values, X.min(0).values
+    flat = (hi - lo) <= rel * torch.maximum(hi.abs(), lo.abs())
+    return (X - X.mean(0)).masked_fill(flat, 0.0)
 
 
 def tail_indices(noise: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
@@ -112,8 +126,8 @@ def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, sta
     x, y = train
     G = minibatch_gradients(model, params, x, y, batch_size)
     U = updates_at(optimizer, state, params, G)
-    metrics = {**tail_indices(G - G.mean(0), estimators, "alpha_grad"),
-               **tail_indices(U - U.mean(0), estimators, "alpha_update")}
+    metrics = {**tail_indices(centred(G), estimators, "alpha_grad"),
+               **tail_indices(centred(U), estimators, "alpha_update")}
     metrics.update(update_covariance(optimizer, model, params, state, train, unit=cov_unit,
                                      center=cov_center, n=cov_n, batch_size=batch_size,
                                      minibatch_updates=U, seed=seed, step=step))
