@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -127,3 +126,25 @@ def test_torch_optimizer_adapter_follows_the_functional_trajectory():
         params = {k: params[k] + updates[k] for k in params}
     for p, v in zip(net.parameters(), params.values()):
         torch.testing.assert_close(p.detach(), v, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_l2o_trains_a_fresh_pytorch_mlp_on_mnist(mnist):
+    """The shipped L2O, as a torch.optim.Optimizer, on an nn.Module it has never seen
+    (a ReLU MLP with a different width): the loss goes down."""
+    from l2o_dynamics.data import Batcher
+    from l2o_dynamics.learned import pretrained
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = L2OOptimizer(net.parameters(), pretrained("leaky_relu"))
+    batches = Batcher(*mnist.split("train"), seed=3)
+    losses = []
+    for _ in range(150):
+        x, y = next(batches)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first > 2.0 and last < 0.8, (first, last)

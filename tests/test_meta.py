@@ -1,10 +1,8 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from l2o_dynamics import meta as meta_mod
 from l2o_dynamics import optimizees
 from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.meta import MetaTrainConfig, meta_train, unroll, validation_score
@@ -221,3 +219,36 @@ def test_config_validation_messages():
         MetaTrainConfig(meta_loss="max").validate()
     with pytest.raises(L2OError, match="needs --reg"):
         MetaTrainConfig(beta=0.5).validate()
+
+
+def test_rollback_restores_the_best_phi_and_halves_the_meta_lr(synthetic, monkeypatch):
+    scores = iter([1.0, 5.0, 0.9])
+    seen = []
+
+    def fake_score(l2o, cfg, data):
+        seen.append({k: v.clone() for k, v in l2o.phi.items()})
+        return next(scores)
+
+    monkeypatch.setitem(meta_train.__globals__, "validation_score", fake_score)
+    lrs = []
+    real_meta_lr = meta_train.__globals__["meta_lr"]
+    monkeypatch.setitem(meta_train.__globals__, "meta_lr",
+                        lambda cfg, step, total, scale=1.0: lrs.append(scale) or real_meta_lr(cfg, step, total, scale))
+    starts = []
+    real_run = meta_train.__globals__["_one_run"]
+
+    def spy_run(cfg, l2o, *a, **k):
+        starts.append({n: v.detach().clone() for n, v in l2o.phi.items()})
+        return real_run(cfg, l2o, *a, **k)
+
+    monkeypatch.setitem(meta_train.__globals__, "_one_run", spy_run)
+    cfg = _tiny_cfg(epochs=3, runs=1, rollback=2.0)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    rows = res.log.rows()
+    assert [r[7] for r in rows if r[6] == "rollback"] == [1.0]
+    assert res.best_epoch == 2 and res.best_score == 0.9
+    per_run = cfg.horizon // cfg.unroll
+    assert lrs[:2 * per_run] == [1.0] * 2 * per_run and lrs[2 * per_run:] == [0.5] * per_run
+    # epoch 3 started from the phi validated after epoch 1 (the best), not from epoch 2's
+    assert all(torch.equal(starts[2][k], seen[0][k]) for k in seen[0])
+    assert not all(torch.equal(seen[1][k], seen[0][k]) for k in seen[0])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from l2o_dynamics import experiments, pipeline
+from l2o_dynamics import pipeline
 from l2o_dynamics.experiments import build_jobs, get_profile
 from l2o_dynamics.results import COLUMNS, Table
 
@@ -41,9 +41,10 @@ def test_smoke_profile_produces_every_output(smoke):
     for f in summary["findings"]:
         assert f.claim in report
     assert {f.key for f in summary["findings"]} >= {
-        "deviation_total", "deviation_rel", "deviation_timing", "regularization_slowdown",
-        "regularization_unseen", "alpha_update_vs_baselines", "alpha_update_vs_grad", "noise_filtering",
-        "alpha_update_vs_baselines_std", "cov_max_eig", "l2o_fast_start"}
+        "deviation_rescale_total", "deviation_scale_rel", "deviation_rescale_timing", "deviation_scale_timing",
+        "regularization_slowdown", "regularization_unseen", "alpha_update_vs_baselines",
+        "alpha_update_vs_grad", "noise_filtering", "alpha_update_vs_baselines_std", "cov_max_eig",
+        "l2o_fast_start"}
     html = (out / "report.html").read_text()
     assert "<img src='figures/noise.png'" in html and "<table>" in html
     cfg = json.loads((out / "config.json").read_text())
@@ -88,25 +89,43 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_killed_reproduce_resumes_without_redoing_finished_jobs(tmp_path, mnist):
+def _wait_for_jobs(out: Path, n: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(out.glob("jobs/*/job.json"))) < n:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.2)
+
+
+def _finished(out: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in out.glob("jobs/*/job.json")}
+
+
+def test_interrupted_and_killed_reproduce_resumes_without_redoing_finished_jobs(tmp_path, mnist):
     out = tmp_path / "out"
     args = ("experiment", "symmetry-breaking", "--scale", "smoke", "--out", str(out), "--no-progress")
     total = len(build_jobs(get_profile("smoke"), ("symmetry-breaking",)))
+    # Ctrl-C: a clean stop, exit 130, nothing half-written
     proc = _cli(*args, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("jobs/*/job.json"))) < 7:
-        time.sleep(0.2)
+    _wait_for_jobs(out, 4, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    first = _finished(out)
+    # SIGKILL mid-graph: no chance to clean up
+    proc = _cli(*args, start_new_session=True)
+    _wait_for_jobs(out, len(first) + 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = {p.parent.name: p.read_text() for p in out.glob("jobs/*/job.json")}
-    assert 7 <= len(done) < total, "the kill should land mid-graph"
+    second = _finished(out)
+    assert len(first) < len(second) < total, "the kill should land mid-graph"
     assert not (out / "report.md").exists()
     again = _cli(*args)
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr
-    after = {p.parent.name: p.read_text() for p in out.glob("jobs/*/job.json")}
+    after = _finished(out)
     assert len(after) == total
-    for key, text in done.items():
+    for key, text in second.items():
         assert after[key] == text, f"{key} was redone"
     assert not [p for p in (out / "jobs").iterdir() if p.name.startswith(".") and p.name != ".work"]
     assert (out / "report.md").exists() and "Findings of the study" in stdout

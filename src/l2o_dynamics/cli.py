@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=200)
     t.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..S-1)")
     t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
-    t.add_argument("--checkpoint", help="l2o.pt written by meta-train (for --optimizer l2o)")
+    t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:leaky_relu "
+                   "(for --optimizer l2o)")
     t.add_argument("--eval-every", type=_positive_int, default=10, help="test-set evaluation interval")
     t.add_argument("--record-symmetry", type=_positive_int, default=None, metavar="K",
                    help="record symmetry deviations of updates and gradients every K steps")
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--beta", type=_nonneg_float, default=0.0, help="penalty weight")
     m.add_argument("--reg-measure", choices=("total", "rel"), default="total")
     m.add_argument("--val-runs", type=_positive_int, default=3)
+    m.add_argument("--rollback", type=float, default=None, metavar="F",
+                   help="restore the best phi (and halve the meta-lr) when an epoch's validation "
+                        "score is worse than F x the best")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--hidden", type=_positive_int, default=20)
     m.add_argument("--layers", type=_positive_int, default=2)
@@ -159,7 +163,7 @@ def check_optimizer_args(name: str, checkpoint: str | None) -> None:
     if name == "l2o":
         if not checkpoint:
             raise L2OError("--optimizer l2o needs --checkpoint PATH (the l2o.pt written by meta-train)")
-        if not Path(checkpoint).is_file():
+        if not checkpoint.startswith("pretrained:") and not Path(checkpoint).is_file():
             raise L2OError(f"--checkpoint {checkpoint} does not exist; pass the l2o.pt written by meta-train")
     elif checkpoint:
         raise L2OError(f"--checkpoint applies to --optimizer l2o only, not {name}")
@@ -215,6 +219,7 @@ def cmd_meta_train(args) -> int:
         unroll=args.unroll, batch_size=args.batch_size, tasks=args.tasks, meta_lr=args.meta_lr,
         lr_schedule=args.lr_schedule, meta_loss=args.meta_loss, clip_grad=args.clip_grad,
         reg=args.reg, beta=args.beta, reg_measure=args.reg_measure, val_runs=args.val_runs,
+        rollback=args.rollback,
         seed=args.seed, hidden=args.hidden, layers=args.layers, device=args.device).validate()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -254,3 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished results are kept, nothing half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `l2o-dynamics data info | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

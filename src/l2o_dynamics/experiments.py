@@ -15,11 +15,10 @@ findings and figures.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -63,17 +62,19 @@ class Profile:
 PROFILES = {
     "smoke": Profile(
         "smoke", seeds=2,
-        meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0),
+        meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0,
+                  rollback=1.5),
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
         noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5),
     "quick": Profile(
         "quick", seeds=3,
-        meta=dict(epochs=4, runs=4, horizon=200, unroll=20, val_runs=2, meta_lr=3e-3,
-                  lr_schedule="cosine", clip_grad=1.0),
-        noise_steps=1000, noise_every=200, unseen_seeds=2, lr_seeds=2),
+        meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3, clip_grad=1.0,
+                  rollback=1.5),
+        noise_steps=1000, noise_every=250, unseen_seeds=2, lr_seeds=2),
     "paper": Profile(
         "paper", seeds=5,
-        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3, clip_grad=1.0),
+        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3, clip_grad=1.0,
+                  rollback=1.5),
         noise_steps=1000, noise_every=10, lr_seeds=3),
 }
 
@@ -125,9 +126,9 @@ def lr_search_job(profile: Profile, optimizer: str, optimizee: str, horizon: int
 def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee: str, steps: int,
                   seeds: int, profile: Profile, device: str, beta: float | None = None,
                   trained_on: str | None = None, symmetry_every: int | None = None,
-                  noise: Mapping[str, Any] | None = None) -> Job:
+                  noise: Mapping[str, Any] | None = None, eval_every: int | None = None) -> Job:
     cfg = {"experiment": experiment, "optimizer": optimizer, "optimizee": optimizee, "steps": steps,
-           "seeds": list(range(seeds)), "eval_every": profile.eval_every, "beta": beta,
+           "seeds": list(range(seeds)), "eval_every": eval_every or profile.eval_every, "beta": beta,
            "trained_on": trained_on, "symmetry_every": symmetry_every,
            "noise": dict(noise) if noise else None, "source": optimizer_job.key, "device": device}
     per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
@@ -178,7 +179,7 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
                 for unseen in UNSEEN[optimizee][:profile.unseen]:
                     add(meta_test_job("generalization", src, "l2o", unseen, T,
                                       profile.unseen_seeds or S, profile, device, beta=beta,
-                                      trained_on=optimizee))
+                                      trained_on=optimizee, eval_every=max(profile.eval_every, T // 4)))
     if "noise" in experiments:
         noise = {"every": profile.noise_every, "minibatches": profile.noise_minibatches,
                  "cov_unit": profile.cov_unit, "cov_center": profile.cov_center}
@@ -186,8 +187,9 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
             src = source(opt, "leaky_relu", profile.noise_steps)
             add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
                               noise=noise))
+    # dependencies first; within a kind the longest first, so a pool's workers finish together
     order = {"lr-search": 0, "meta-train": 1, "meta-test": 2}
-    return sorted(jobs.values(), key=lambda j: order[j.kind])
+    return sorted(jobs.values(), key=lambda j: (order[j.kind], -j.estimate_s))
 
 
 # ---- running one job (in any process or on any Ray node) ----------------------------------------

@@ -19,7 +19,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -258,9 +258,25 @@ class L2O:
         return sum(v.numel() for v in self.phi.values())
 
 
+PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
+
+
+def pretrained(name: str = "leaky_relu") -> str:
+    """Path of an L2O shipped with the package (meta-trained on `name`; see
+    pretrained/README.md for how it was made)."""
+    path = os.path.join(PRETRAINED_DIR, f"l2o_{name}.pt")
+    if not os.path.exists(path):
+        have = sorted(f[4:-3] for f in os.listdir(PRETRAINED_DIR) if f.startswith("l2o_")) \
+            if os.path.isdir(PRETRAINED_DIR) else []
+        raise L2OError(f"no pretrained L2O for {name!r}; available: {', '.join(have) or 'none'}")
+    return path
+
+
 def l2o_from_checkpoint(source, device=None) -> L2O:
     """Load the selected phi of an `l2o.pt` (or a meta-training `checkpoint.pt`) from a
-    path or from its bytes."""
+    path or from its bytes; 'pretrained:NAME' loads a shipped one (`pretrained`)."""
+    if isinstance(source, str) and source.startswith("pretrained:"):
+        source = pretrained(source.split(":", 1)[1])
     if isinstance(source, (bytes, bytearray)):
         name, fobj = "<bytes>", io.BytesIO(source)
     else:

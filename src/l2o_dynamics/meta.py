@@ -17,12 +17,13 @@ detached and the run continues.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from . import data as data_mod
 from . import symmetry
 from .learned import L2O, init_phi
 from .optimizees import Optimizee, get_optimizee
-from .results import MetricLog, write_csv, write_run
+from .results import MetricLog, write_run
 from .runner import final_losses, init_params, meta_test
 from .utils import L2OError, atomic_torch_save, derive_seed, generator, resolve_device
 
@@ -59,6 +60,7 @@ class MetaTrainConfig:
     beta: float = 0.0
     reg_measure: str = "total"  # total | rel
     val_runs: int = 3
+    rollback: float | None = None  # restore the best phi when val > rollback x best; halve meta-lr
     seed: int = 0
     hidden: int = 20
     layers: int = 2
@@ -83,6 +85,8 @@ class MetaTrainConfig:
             raise L2OError(f"unknown meta-lr schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise L2OError(f"clip_grad must be positive, got {self.clip_grad}")
+        if self.rollback is not None and not self.rollback > 1:
+            raise L2OError(f"rollback must be > 1 (a factor of the best validation score), got {self.rollback}")
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
@@ -166,13 +170,15 @@ def loss_dtype(params: dict) -> torch.dtype:
 
 
 # ---- schedules ----------------------------------------------------------------------------
-def meta_lr(cfg: MetaTrainConfig, step: int, total: int) -> float:
+def meta_lr(cfg: MetaTrainConfig, step: int, total: int, scale: float = 1.0) -> float:
+    """The schedule's meta-learning rate at meta-step `step` of `total`, times `scale`
+    (halved at every rollback)."""
     frac = min(step / max(total, 1), 1.0)
     if cfg.lr_schedule == "cosine":
-        return cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return scale * cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * frac))
     if cfg.lr_schedule == "step":
-        return cfg.meta_lr * (0.1 ** (int(frac >= 0.5) + int(frac >= 0.75)))
-    return cfg.meta_lr
+        return scale * cfg.meta_lr * (0.1 ** (int(frac >= 0.5) + int(frac >= 0.75)))
+    return scale * cfg.meta_lr
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -219,14 +225,16 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     score, metric rows) is written atomically after every epoch; `resume=True`
     continues from it and ends bit-identical to an uninterrupted run. The selected
     optimizer is exported as `l2o.pt`, the meta-training curve as `metrics.csv`
-    (`meta_loss`, `reg_loss`, `val_score`, `skipped`). `stop_after_epochs` ends the
+    (`meta_loss`, `reg_loss`, `val_score`, `skipped`, `rollback`). With `cfg.rollback`,
+    an epoch whose validation score is worse than rollback x the best restores the
+    best phi and meta-optimizer state and halves the meta-lr. `stop_after_epochs` ends the
     call early (as a kill would), for tests."""
     cfg.validate()
     started = time.time()
     device = resolve_device(cfg.device)
     dtype = cfg.torch_dtype
     data = data or data_mod.load_mnist()
-    train = data.split("train")
+    train = tuple(t.to(device) for t in data.split("train"))
     models = cfg.models()
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
@@ -239,7 +247,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     per_run = cfg.horizon // cfg.unroll
     total_steps = cfg.epochs * cfg.runs * per_run
     st = {"epoch": 0, "meta_step": 0, "best_score": math.inf, "best_epoch": -1, "skipped": 0,
-          "best_phi": {k: v.detach().clone() for k, v in phi.items()}}
+          "rollbacks": 0, "lr_scale": 1.0,
+          "best_phi": {k: v.detach().clone() for k, v in phi.items()}, "best_opt": None}
 
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -250,8 +259,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             for k in phi:
                 phi[k].copy_(ck["phi"][k])
         opt.load_state_dict(ck["opt"])
-        st.update({k: ck[k] for k in ("epoch", "meta_step", "best_score", "best_epoch", "skipped")})
+        st.update({k: ck[k] for k in _STATE_KEYS})
         st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
+        st["best_opt"] = ck["best_opt"]
         log._entries = [(m, s, v) for m, s, v in ck["log"]]
         torch.set_rng_state(ck["rng"]["torch"])
     elif ckpt_path is not None and ckpt_path.exists() and not resume:
@@ -275,6 +285,17 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             if score < st["best_score"]:
                 st["best_score"], st["best_epoch"] = score, epoch
                 st["best_phi"] = {k: v.detach().clone() for k, v in phi.items()}
+                st["best_opt"] = copy.deepcopy(opt.state_dict())
+            elif (cfg.rollback is not None and st["best_opt"] is not None
+                  and not score <= cfg.rollback * st["best_score"]):
+                # collapsed (e.g. into killing every optimizee): back to the best, half the step
+                with torch.no_grad():
+                    for k in phi:
+                        phi[k].copy_(st["best_phi"][k])
+                opt.load_state_dict(copy.deepcopy(st["best_opt"]))
+                st["rollbacks"] += 1
+                st["lr_scale"] *= 0.5
+                log.add("rollback", st["meta_step"], st["rollbacks"])
             st["epoch"] = epoch + 1
             bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} val {score:.4f} "
                                 f"best {st['best_score']:.4f}")
@@ -313,7 +334,7 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
     _, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
     for _ in range(cfg.horizon // cfg.unroll):
         for group in opt.param_groups:
-            group["lr"] = meta_lr(cfg, st["meta_step"], total_steps)
+            group["lr"] = meta_lr(cfg, st["meta_step"], total_steps, st["lr_scale"])
         out = unroll(l2o, model, params, state, grads, next_batch, cfg.unroll,
                      meta_loss=cfg.meta_loss, reg=cfg.reg, beta=cfg.beta, reg_measure=cfg.reg_measure)
         loss = out.meta_loss.mean()
@@ -347,6 +368,9 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         grads = out.grads
 
 
+_STATE_KEYS = ("epoch", "meta_step", "best_score", "best_epoch", "skipped", "rollbacks", "lr_scale")
+
+
 def _resumable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "device"}
 
@@ -361,9 +385,10 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
         "phi": {k: v.detach().cpu() for k, v in phi.items()},
         "best_phi": {k: v.cpu() for k, v in st["best_phi"].items()},
         "opt": opt.state_dict(),
+        "best_opt": st["best_opt"],
         "rng": {"torch": torch.get_rng_state()},
         "log": list(log._entries),
-        **{k: st[k] for k in ("epoch", "meta_step", "best_score", "best_epoch", "skipped")},
+        **{k: st[k] for k in _STATE_KEYS},
     }, path)
 
 

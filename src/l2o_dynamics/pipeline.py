@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,11 +74,15 @@ class Store:
 
 
 # ---- executors ------------------------------------------------------------------------------------
-def _worker_init(threads: int, fusion: str) -> None:
+def _worker_init(threads: int, fusion: str, ignore_sigint: bool = False) -> None:
+    import signal
+
     import torch
 
     from . import learned
 
+    if ignore_sigint:  # Ctrl-C reaches the whole process group; the driver stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     learned.set_fusion(fusion)
 
@@ -112,7 +115,7 @@ class LocalExecutor:
         import multiprocessing as mp
 
         pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                      initializer=_worker_init, initargs=(self.threads, self.fusion))
+                                      initializer=_worker_init, initargs=(self.threads, self.fusion, True))
         waiting = list(pending)
         running: dict[cf.Future, Job] = {}
         try:
@@ -313,7 +316,7 @@ def add_parser(sub) -> None:
     e = sub.add_parser("experiment", help="run one experiment of the study")
     e.add_argument("name", choices=EXPERIMENTS)
     e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=int, default=None, help="override the profile's number of seeds")
+    e.add_argument("--seeds", type=int, default=None, help="meta-test seeds (default 5; smoke: 2)")
     e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
     e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
     _common(e)
@@ -337,10 +340,10 @@ def _cmd_experiment(args) -> int:
 
     learned.set_fusion(args.fusion)
     base = get_profile(args.scale)
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise L2OError(f"--seeds must be positive, got {args.seeds}")
-        base = replace(base, seeds=args.seeds)
+    seeds = args.seeds if args.seeds is not None else (base.seeds if base.name == "smoke" else 5)
+    if seeds < 1:
+        raise L2OError(f"--seeds must be positive, got {seeds}")
+    base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
     if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
     profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)

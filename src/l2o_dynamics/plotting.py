@@ -25,15 +25,26 @@ ORDER = ("sgd", "adam", "lion", "l2o")
 LABELS = {"sgd": "SGD", "adam": "Adam", "lion": "Lion", "l2o": "L2O"}
 
 
+BETA_STYLES = {0.1: ("#f4a582", "--"), 0.5: ("#a50f15", "-."), 1.0: ("#3f0008", ":")}
+
+
 def color(optimizer: str, beta: float | None = None) -> str | tuple:
-    if optimizer == "l2o" and beta:
-        return matplotlib.colormaps["Reds"](min(0.55 + 0.4 * beta, 1.0)) if beta < 1 else "#67000d"
-    return COLORS.get(optimizer, "#7f7f7f")
+    """The optimizer's colour; penalised L2Os (beta > 0) get lighter/darker reds."""
+    base = "l2o" if optimizer.startswith("l2o") else optimizer
+    if base == "l2o" and beta:
+        return BETA_STYLES.get(round(beta, 3), (matplotlib.colormaps["Reds"](min(0.5 + 0.5 * beta, 1.0)),))[0]
+    return COLORS.get(base, "#7f7f7f")
+
+
+def _linestyle(optimizer: str, beta: float | None = None) -> str:
+    if optimizer.startswith("l2o") and beta:
+        return BETA_STYLES.get(round(beta, 3), (None, "--"))[1]
+    return "-"
 
 
 def label(optimizer: str, beta: float | None = None) -> str:
-    base = LABELS.get(optimizer, optimizer)
-    return f"{base} (β={beta:g})" if beta is not None and optimizer == "l2o" else base
+    base = LABELS.get(optimizer, optimizer.replace("l2o", "L2O"))
+    return f"{base} (β={beta:g})" if beta is not None and optimizer.startswith("l2o") else base
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +60,7 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.nda
 
 
 def curve(ax, table: Table, optimizer: str, beta: float | None = None, *, log: bool = False,
-          lw: float = 1.6, linestyle: str = "-", label_text: str | None = None) -> None:
+          lw: float = 1.6, linestyle: str | None = None, label_text: str | None = None) -> None:
     """Mean and 95% band over seeds of the one metric left in `table`."""
     if not len(table):
         return
@@ -58,8 +69,8 @@ def curve(ax, table: Table, optimizer: str, beta: float | None = None, *, log: b
     c = color(optimizer, beta)
     lo, hi = mean - half, mean + half
     if log:
-        lo = np.where(lo > 0, lo, mean / 10)
-    ax.plot(steps, mean, color=c, lw=lw, ls=linestyle,
+        lo = np.maximum(lo, mean / 3)  # a readable band on a log axis
+    ax.plot(steps, mean, color=c, lw=lw, ls=linestyle or _linestyle(optimizer, beta),
             label=label(optimizer, beta) if label_text is None else label_text)
     ax.fill_between(steps, lo, hi, color=c, alpha=0.18, lw=0)
     if log:
@@ -237,7 +248,7 @@ def meta_training_figure(table: Table, path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     runs = sorted({(o, None if np.isnan(b) else float(b)) for o, b in zip(t.cols["optimizee"], t.cols["beta"])},
                   key=lambda ob: (ob[0], ob[1] or 0))
-    styles = {"leaky_relu": "-", "bn_relu": "--"}
+    markers = {"leaky_relu": "o", "bn_relu": "s"}
     for optimizee, beta in runs:
         sub = t.where(optimizee=optimizee, beta=beta)
         lab = f"{optimizee} β={beta or 0:g}"
@@ -247,16 +258,18 @@ def meta_training_figure(table: Table, path) -> Path:
             v = vals[:, 0]
             k = max(1, len(v) // 25)
             smooth = np.convolve(v, np.ones(k) / k, mode="valid")
-            axes[0].plot(steps[k - 1:], smooth, color=color("l2o", beta), ls=styles.get(optimizee, "-"),
+            axes[0].plot(steps[k - 1:], smooth, color=color("l2o", beta), ls=_linestyle("l2o", beta),
+                         marker=markers.get(optimizee, "o"), markevery=max(1, len(smooth) // 8), ms=4,
                          label=lab, lw=1.2)
         vs = sub.where(metric="val_score")
         if len(vs):
             steps, _, vals = vs.matrix()
-            axes[1].plot(steps, vals[:, 0], marker="o", ms=3, color=color("l2o", beta),
-                         ls=styles.get(optimizee, "-"), label=lab)
-    _panel(axes[0], "Meta-training loss (running mean)", "meta-step (unroll)", "meta-loss log(sum of losses)")
-    _panel(axes[1], "Validation score (lower is better)", "meta-step", "mean training loss of validation runs",
-           log=True)
+            axes[1].plot(steps, vals[:, 0], marker=markers.get(optimizee, "o"), ms=4, color=color("l2o", beta),
+                         ls=_linestyle("l2o", beta), label=lab)
+    _panel(axes[0], "Meta-training loss (running mean; o leaky_relu, □ bn_relu)", "meta-step (unroll)",
+           "meta-loss log(sum of losses)")
+    _panel(axes[1], "Validation score (lower is better; the best is kept)", "meta-step",
+           "mean training loss of validation runs", log=True)
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -134,7 +134,10 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
         ("h", 1, "l2o-dynamics: reproduction of \"Investigation into Training Dynamics of Learned Optimizers\""),
         ("p", f"Profile **{profile.name}**: {profile.seeds} seeds; meta-training "
               f"{profile.meta['epochs']} epochs x {profile.meta['runs']} runs of {profile.meta['horizon']} "
-              f"steps (unroll {profile.meta['unroll']}); noise runs of {profile.noise_steps} steps with "
+              f"steps (unroll {profile.meta['unroll']}, meta-lr {profile.meta.get('meta_lr', 1e-3):g}"
+              f"{', meta-gradient clipped at norm %g' % profile.meta['clip_grad'] if profile.meta.get('clip_grad') else ''}"
+              f"{', rollback to the best phi at %gx its validation score' % profile.meta['rollback'] if profile.meta.get('rollback') else ''}"
+              f"); noise runs of {profile.noise_steps} steps with "
               f"checkpoints every {profile.noise_every}. Wall time {wall_time_s / 60:.1f} min on {executor}. "
               "Numbers are mean [95% t-interval] over seeds; comparisons are paired by seed (same init and "
               "data order)."),

@@ -72,6 +72,7 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
     device = torch.device(device or "cpu")
     log = log or MetricLog("meta-test", model.name, optimizer.name, seeds)
     params = init_params(model, seeds, dtype, device)
+    train = tuple(t.to(device) for t in train)  # once, not once per run
     batchers = [data_mod.Batcher(*train, batch_size=batch_size, seed=s, device=device) for s in seeds]
     if eval_set is not None:
         ex = data_mod.to_float(eval_set[0].to(device)).to(dtype)
