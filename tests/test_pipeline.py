@@ -73,14 +73,20 @@ def test_dry_run_lists_the_graph(smoke, capsys):
 
 
 def _same_metrics(a: Path, b: Path, label: str, rtol: float = 1e-4) -> None:
-    """Equal up to float reduction order: workers run with 1 thread, the fixture with 2."""
+    """Equal up to float rounding, which differs between processes (thread count, MKL's
+    alignment-dependent kernels). Tail indices get 5%: an L2O's update noise has
+    near-constant coordinates whose centred values are set by float32 rounding, and the
+    pooled estimator's mean of log|x| feels them at the ~1% level."""
     import numpy as np
 
     ta, tb = Table.read(a), Table.read(b)
     assert len(ta) == len(tb), label
     for col in ("experiment", "optimizee", "optimizer", "metric", "seed", "step"):
         assert (ta.cols[col] == tb.cols[col]).all(), (label, col)
-    np.testing.assert_allclose(ta.cols["value"], tb.cols["value"], rtol=rtol, atol=1e-6, err_msg=label)
+    alpha = np.char.startswith(ta.cols["metric"].astype(str), "alpha_")
+    np.testing.assert_allclose(ta.cols["value"][~alpha], tb.cols["value"][~alpha], rtol=rtol, atol=1e-6,
+                               err_msg=label)
+    np.testing.assert_allclose(ta.cols["value"][alpha], tb.cols["value"][alpha], rtol=0.05, err_msg=label)
 
 
 def _cli(*args, **kw):

@@ -102,7 +102,7 @@ class LocalExecutor:
 
     def describe(self) -> str:
         return "this process" if not self.workers else \
-            f"{self.workers} worker processes x {self.threads} threads"
+            f"{self.workers} worker processes x {self.threads} thread{'s' if self.threads > 1 else ''}"
 
     def run(self, pending: list[Job], store: Store, on_start: Callable[[Job], None],
             on_done: Callable[[Job, Files], None]) -> None:
