@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--hidden", type=_positive_int, default=20)
     m.add_argument("--layers", type=_positive_int, default=2)
+    m.add_argument("--p", type=float, default=10.0, help="gradient preprocessing constant")
+    m.add_argument("--eta", type=float, default=0.1, help="output scale of the L2O's update")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto",
                    help="fuse the LSTM cell's element-wise ops with torch.compile")
@@ -220,7 +222,8 @@ def cmd_meta_train(args) -> int:
         lr_schedule=args.lr_schedule, meta_loss=args.meta_loss, clip_grad=args.clip_grad,
         reg=args.reg, beta=args.beta, reg_measure=args.reg_measure, val_runs=args.val_runs,
         rollback=args.rollback,
-        seed=args.seed, hidden=args.hidden, layers=args.layers, device=args.device).validate()
+        seed=args.seed, hidden=args.hidden, layers=args.layers, p=args.p, eta=args.eta,
+        device=args.device).validate()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if args.overwrite and not args.resume:

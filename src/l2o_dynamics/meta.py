@@ -79,6 +79,8 @@ class MetaTrainConfig:
             raise L2OError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if not self.meta_lr > 0:
             raise L2OError(f"meta_lr must be positive, got {self.meta_lr}")
+        if not (self.p > 0 and self.eta > 0):
+            raise L2OError(f"p and eta must be positive, got p={self.p}, eta={self.eta}")
         if self.meta_loss not in META_LOSSES:
             raise L2OError(f"unknown meta-loss {self.meta_loss!r}; valid: {', '.join(META_LOSSES)}")
         if self.lr_schedule not in SCHEDULES:
