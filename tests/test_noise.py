@@ -95,15 +95,15 @@ def test_analysis_does_not_disturb_the_run(make, synthetic):
     probe = noise.noise_probe(small, [0, 1], every=3)
     plain = meta_test(make(), MODEL, train, [0, 1], 7)
     analysed = meta_test(make(), MODEL, train, [0, 1], 7, probes=[probe])
-    a = [v for m, _, v in plain._entries if m == "train_loss"]
-    b = [v for m, _, v in analysed._entries if m == "train_loss"]
+    a = [v for m, _, v in plain.entries if m == "train_loss"]
+    b = [v for m, _, v in analysed.entries if m == "train_loss"]
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
-    got = {m for m, _, _ in analysed._entries}
+    got = {m for m, _, _ in analysed.entries}
     assert {"alpha_grad", "alpha_update", "alpha_grad_std", "alpha_update_std", "cov_max_eig",
             "cov_trace"} <= got
-    steps = sorted({s for m, s, _ in analysed._entries if m == "alpha_update"})
+    steps = sorted({s for m, s, _ in analysed.entries if m == "alpha_update"})
     assert steps == [0, 3, 6]
-    alphas = [v for m, _, v in analysed._entries if m.startswith("alpha")]
+    alphas = [v for m, _, v in analysed.entries if m.startswith("alpha")]
     assert all(np.isfinite(v).all() and (np.asarray(v) > 0).all() for v in alphas)
 
 

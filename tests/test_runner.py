@@ -14,7 +14,7 @@ from l2o_dynamics.utils import L2OError, generator
 
 
 def _losses(log):
-    return np.array([v for m, _, v in log._entries if m == "train_loss"])
+    return np.array([v for m, _, v in log.entries if m == "train_loss"])
 
 
 def test_same_seed_same_run_different_seeds_differ_in_init_and_data(synthetic):
@@ -43,10 +43,10 @@ def test_batched_seeds_equal_separate_runs(make, synthetic):
 def test_logs_train_every_step_and_test_every_k(synthetic):
     log = meta_test(Adam(lr=1e-2), "relu", synthetic.split("train"), [0, 1], 12,
                     eval_set=synthetic.split("test"), eval_every=5)
-    steps = lambda m: sorted({s for mm, s, _ in log._entries if mm == m})  # noqa: E731
+    steps = lambda m: sorted({s for mm, s, _ in log.entries if mm == m})  # noqa: E731
     assert steps("train_loss") == list(range(12)) and steps("train_acc") == list(range(12))
     assert steps("test_loss") == [0, 5, 10, 12] and steps("test_acc") == [0, 5, 10, 12]
-    first, last = [v for m, s, v in log._entries if m == "test_loss" and s in (0, 12)]
+    first, last = [v for m, s, v in log.entries if m == "test_loss" and s in (0, 12)]
     assert (np.asarray(last) < np.asarray(first)).all()
     with pytest.raises(L2OError, match="positive"):
         meta_test(Adam(), "relu", synthetic.split("train"), [0], 0)
@@ -69,7 +69,7 @@ def test_lr_search_picks_the_best_rate_on_the_validation_split_and_caches(synthe
     assert found.lr == min(found.scores, key=found.scores.get)
     # each rate's score equals a separate run of that rate
     alone = real(Adam(lr=found.lr), "leaky_relu", synthetic.split("val"), [1, 2], 15)
-    assert found.scores[found.lr] == pytest.approx(runner.final_losses(alone).mean(), rel=1e-5)
+    assert found.scores[found.lr] == pytest.approx(alone.total("train_loss").mean(), rel=1e-5)
     files = list((tmp_path / "lr_search").glob("adam-leaky_relu-15-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["lr"] == found.lr
     again = search_lr("adam", "leaky_relu", synthetic, 15, grid=grid, seeds=(1, 2))

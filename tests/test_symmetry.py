@@ -7,7 +7,7 @@ from l2o_dynamics import symmetry
 from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam, Lion
-from l2o_dynamics.runner import Probe, meta_test
+from l2o_dynamics.runner import meta_test
 from l2o_dynamics.utils import L2OError, generator
 
 # BatchNorm's eps breaks the scale symmetry by O(eps/var); the exact statement is for eps = 0.
@@ -118,13 +118,12 @@ def test_deviation_penalty_is_differentiable_in_the_update_only():
                                   lambda: L2O(init_phi(generator("phi")))], ids=["sgd", "adam", "lion", "l2o"])
 def test_recording_does_not_change_the_trajectory(make, synthetic):
     model = ZOO["leaky_relu"]
-    probe = Probe(lambda ctx: {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
-                               **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, "grad_")}, 1)
+    probe = symmetry.probe(1)
     plain = meta_test(make(), model, synthetic.split("train"), [0, 1], 12)
     recorded = meta_test(make(), model, synthetic.split("train"), [0, 1], 12, probes=[probe])
-    loss = lambda log: [v for m, _, v in log._entries if m == "train_loss"]  # noqa: E731
+    loss = lambda log: [v for m, _, v in log.entries if m == "train_loss"]  # noqa: E731
     for a, b in zip(loss(plain), loss(recorded)):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-    metrics = {m for m, _, _ in recorded._entries}
+    metrics = {m for m, _, _ in recorded.entries}
     assert {"rescale_deviation", "rescale_deviation_rel", "grad_translation_deviation_unit"} <= metrics
     assert "scale_deviation" not in metrics

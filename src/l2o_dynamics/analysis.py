@@ -11,7 +11,7 @@ use paired differences over seeds with a 95% t-interval:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -51,8 +51,6 @@ class Finding:
     values: dict[str, str]  # label -> "mean [low, high]"
     verdict: str  # held | weak | no | n/a
     figure: str | None = None
-    note: str = ""
-    numbers: dict[str, float] = field(default_factory=dict)
 
 
 def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | None = None,
@@ -119,8 +117,7 @@ def symmetry_findings(t: Table) -> list[Finding]:
                 f"deviation_{kind}_{name}", claim,
                 f"mean over iterations of `{kind}_deviation{suffix}` per seed; paired log10 ratio L2O / baseline",
                 vals, _combine([verdict(d) for d in diffs.values()]),
-                "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png",
-                numbers={o: interval(list(m.values()))[0] for o, m in means.items()}))
+                "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png"))
         sub = panel.where(metric=f"{kind}_deviation")
         T = int(sub.cols["step"].max())
         half = {o: per_seed(sub.where(optimizer=o), reduce=_rise_time) for o in ("l2o", "lion")}
@@ -164,7 +161,7 @@ def regularization_findings(t: Table) -> list[Finding]:
     out = []
     reg = t.where(experiment="regularization", optimizer="l2o")
     if len(reg):
-        vals, diffs, rhos = {}, [], []
+        vals, diffs = {}, []
         for optimizee in reg.unique("optimizee"):
             sub = reg.where(optimizee=optimizee)
             betas = [b for b in sub.unique("beta") if b is not None]
@@ -178,15 +175,13 @@ def regularization_findings(t: Table) -> list[Finding]:
                 vals[f"{optimizee}: beta={hi_b:g} minus beta={lo_b:g}"] = fmt(d)
                 means = [np.nanmean(list(by_beta[b].values())) for b in betas]
                 rho = stats.spearmanr(betas, means).statistic if len(betas) > 2 else float(np.sign(means[-1] - means[0]))
-                rhos.append(rho)
                 vals[f"{optimizee}: Spearman(beta, mean loss)"] = f"{rho:.2f}"
         out.append(Finding(
             "regularization_slowdown",
             "As the symmetry-breaking regularization increases, the L2O's speed of optimization drops.",
             "mean training loss over the meta-test run (area under the curve) per seed, by beta; "
             "paired difference largest beta minus beta = 0",
-            vals, _combine([verdict(d) for d in diffs]), "regularization.png",
-            numbers={"spearman_min": float(min(rhos)) if rhos else math.nan}))
+            vals, _combine([verdict(d) for d in diffs]), "regularization.png"))
     gen = t.where(experiment="generalization")
     if len(gen):
         vals, verdicts = {}, []
@@ -210,7 +205,7 @@ def regularization_findings(t: Table) -> list[Finding]:
             "not meta-trained on.",
             "paired difference of the mean training loss, largest beta minus beta = 0, per unseen "
             f"optimizee; slower in {n_slow} of {len(verdicts)} (significant in {n_sig})",
-            vals, v, "generalization.png", numbers={"fraction_slower": frac}))
+            vals, v, "generalization.png"))
     return out
 
 
@@ -294,7 +289,6 @@ def speed_table(t: Table, steps: Sequence[int] = (25, 50, 100, 200)) -> list[dic
 
 
 def l2o_vs_adam(t: Table) -> Finding | None:
-    rows = speed_table(t)
     vals, diffs = {}, []
     reg = t.where(experiment="regularization", metric="train_loss")
     for optimizee in reg.unique("optimizee"):
@@ -316,7 +310,7 @@ def l2o_vs_adam(t: Table) -> Finding | None:
         "The L2O's strength is its fast early descent (it beats Adam early in the run).",
         "paired difference of the mean minibatch training loss, Adam minus L2O, over the first "
         "eighth and the last 10 iterations", vals, _combine([verdict(d) for d in diffs]),
-        "regularization.png", numbers={"rows": len(rows)})
+        "regularization.png")
 
 
 def all_findings(t: Table) -> list[Finding]:

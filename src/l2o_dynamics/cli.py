@@ -176,7 +176,7 @@ def cmd_meta_test(args) -> int:
     from . import symmetry
     from .optimizees import get_optimizee
     from .results import MetricLog, prepare_out_dir, write_run
-    from .runner import Probe, meta_test
+    from .runner import meta_test
     from .utils import resolve_device
 
     started = time.time()
@@ -188,12 +188,7 @@ def cmd_meta_test(args) -> int:
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
     seeds = list(range(args.seeds))
-    probes = []
-    if args.record_symmetry:
-        def sym(ctx):
-            return {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
-                    **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
-        probes.append(Probe(sym, args.record_symmetry))
+    probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
     meta_test(opt, model, ds.split("train"), seeds, args.steps, batch_size=args.batch_size,
               eval_set=ds.split("test"), eval_every=args.eval_every, probes=probes, log=log,

@@ -253,7 +253,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     from .learned import l2o_from_checkpoint
     from .optimizers import make_baseline
     from .results import MetricLog, format_rows
-    from .runner import Probe, meta_test
+    from .runner import meta_test
 
     device = _device(cfg)
     ds = load_mnist(verbose=False)
@@ -265,12 +265,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
         lr = json.loads(source["result.json"])["lr"]
         opt = make_baseline(cfg["optimizer"], lr=lr)
         name = cfg["optimizer"]
-    probes = []
-    if cfg.get("symmetry_every"):
-        def sym(ctx):
-            return {**symmetry.record(ctx.updates, ctx.params, ctx.model.structure),
-                    **symmetry.record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
-        probes.append(Probe(sym, cfg["symmetry_every"]))
+    probes = [symmetry.probe(cfg["symmetry_every"])] if cfg.get("symmetry_every") else []
     train = ds.split("train")
     if cfg.get("noise"):
         n = cfg["noise"]

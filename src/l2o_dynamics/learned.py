@@ -109,9 +109,6 @@ class _Kernels:
             self._failed.add(device)
             return _EAGER[which](*args)
 
-    def active(self, device: str = "cpu") -> str:
-        return "eager" if self.mode == "eager" or device in self._failed else "compile"
-
 
 KERNELS = _Kernels()
 

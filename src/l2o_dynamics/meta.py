@@ -34,7 +34,7 @@ from . import symmetry
 from .learned import L2O, init_phi
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
-from .runner import final_losses, init_params, meta_test
+from .runner import init_params, meta_test
 from .utils import L2OError, atomic_torch_save, derive_seed, generator, resolve_device
 
 META_LOSSES = ("logsum", "sum", "meanlog")
@@ -142,6 +142,7 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
     (all detached), building the graph from phi to the meta-loss."""
     first = next(iter(params))
     batch_ndim = params[first].ndim - len(model.shapes()[first])
+    dtype = params[first].dtype
     surrogate, values = [], []
     penalty = 0.0
     for _ in range(steps):
@@ -151,7 +152,7 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
             penalty = penalty + symmetry.deviation(reg, updates, theta, model.structure, reg_measure)
         params = {k: params[k] + updates[k] for k in params}
         x, y = next_batch()
-        loss, grads, _ = model.loss_and_grad(params, x.to(loss_dtype(params)), y)
+        loss, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
         link = sum((grads[k] * (params[k] - params[k].detach())).flatten(batch_ndim).sum(-1)
                    for k in params)
         surrogate.append(loss + link)
@@ -165,10 +166,6 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
         total = stacked.log().mean(0)
     reg_term = penalty if isinstance(penalty, torch.Tensor) else torch.zeros_like(total)
     return Unroll(total + beta * reg_term, reg_term, torch.stack(values), params, state, grads)
-
-
-def loss_dtype(params: dict) -> torch.dtype:
-    return next(iter(params.values())).dtype
 
 
 # ---- schedules ----------------------------------------------------------------------------
@@ -193,7 +190,7 @@ def validation_score(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> fl
     for model in cfg.models():
         log = meta_test(l2o, model, data.split("val"), seeds, cfg.horizon, batch_size=cfg.batch_size,
                         dtype=cfg.torch_dtype, device=device)
-        per_run = final_losses(log) / cfg.horizon
+        per_run = log.total("train_loss") / cfg.horizon
         scores.append(float(np.mean(per_run)) if np.all(np.isfinite(per_run)) else math.inf)
     return float(np.mean(scores))
 
@@ -264,7 +261,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         st.update({k: ck[k] for k in _STATE_KEYS})
         st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
         st["best_opt"] = ck["best_opt"]
-        log._entries = [(m, s, v) for m, s, v in ck["log"]]
+        log.entries = [(m, s, v) for m, s, v in ck["log"]]
         torch.set_rng_state(ck["rng"]["torch"])
     elif ckpt_path is not None and ckpt_path.exists() and not resume:
         raise L2OError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start over")
@@ -357,13 +354,14 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.clip_grad)
         opt.step()
-        log.add("meta_loss", st["meta_step"], loss.detach().item())
+        value = loss.item()
+        log.add("meta_loss", st["meta_step"], value)
         if cfg.reg is not None and cfg.beta:
             log.add("reg_loss", st["meta_step"], float(cfg.beta * out.reg.detach().mean()))
         st["meta_step"] += 1
         bar.update(1)
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
-                            f"meta-loss {loss.detach().item():.4f} best val {st['best_score']:.4f}",
+                            f"meta-loss {value:.4f} best val {st['best_score']:.4f}",
                             refresh=False)
         params = {k: v.detach() for k, v in out.params.items()}
         state = l2o.detach_state(out.state)
@@ -389,7 +387,7 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
         "opt": opt.state_dict(),
         "best_opt": st["best_opt"],
         "rng": {"torch": torch.get_rng_state()},
-        "log": list(log._entries),
+        "log": list(log.entries),
         **{k: st[k] for k in _STATE_KEYS},
     }, path)
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from . import data as data_mod
 from . import tail
-from .optimizees import Optimizee, Params, flatten
-from .optimizers import Optimizer
+from .optimizees import Optimizee, Params, flatten, unflatten
+from .optimizers import Optimizer, tree_index
+from .runner import Probe
 from .utils import L2OError, generator
 
 COV_UNITS = ("minibatch", "sample")
@@ -83,8 +83,6 @@ def updates_at(optimizer: Optimizer, state, params: Params, grads_flat: torch.Te
     activations then stay in cache) and 32 gradients for element-wise optimizers."""
     if chunk is None:
         chunk = max(1, 65536 // grads_flat.shape[1]) if getattr(optimizer, "name", "") == "l2o" else 32
-    from .optimizees import unflatten
-
     out = []
     detached = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
@@ -195,9 +193,6 @@ def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], 
                 batch_size: int = 128, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                 cov_unit: str = "minibatch", cov_center: str = "mean", cov_n: int | None = None):
     """A runner.Probe computing `checkpoint_noise` for every run of a batched meta-test."""
-    from .optimizers import tree_index
-    from .runner import Probe
-
     def fn(ctx) -> Mapping[str, torch.Tensor]:
         per_run = []
         for i, seed in enumerate(seeds):
@@ -209,6 +204,3 @@ def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], 
 
     return Probe(fn, every)
 
-
-def summarize(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    return {k: float(np.nanmean(v)) for k, v in values.items()}

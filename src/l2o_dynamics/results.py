@@ -33,18 +33,26 @@ class MetricLog:
         self.experiment, self.optimizee, self.optimizer = experiment, optimizee, optimizer
         self.beta = "" if beta is None else beta
         self.seeds = list(seeds)
-        self._entries: list[tuple[str, int, Any]] = []
+        self.entries: list[tuple[str, int, Any]] = []  # (metric, step, values): checkpointable
 
     def add(self, metric: str, step: int, values: Any) -> None:
         """values: a scalar (same for all seeds) or a sequence / (S,) tensor per seed."""
         if isinstance(values, torch.Tensor):
             values = values.detach().to("cpu", torch.float64).reshape(-1).numpy()
-        self._entries.append((metric, int(step), values))
+        self.entries.append((metric, int(step), values))
+
+    def total(self, metric: str) -> np.ndarray:
+        """Per seed, the sum over steps of `metric` (S,)."""
+        out = np.zeros(len(self.seeds))
+        for m, _, values in self.entries:
+            if m == metric:
+                out += np.asarray(values, dtype=np.float64)
+        return out
 
     def rows(self) -> list[Row]:
         out = []
         head = (self.experiment, self.optimizee, self.optimizer, self.beta)
-        for metric, step, values in self._entries:
+        for metric, step, values in self.entries:
             if np.ndim(values) == 0:
                 values = [float(values)] * len(self.seeds)
             for seed, v in zip(self.seeds, values, strict=True):
@@ -169,9 +177,3 @@ class Table:
         out[np.searchsorted(steps, self.cols["step"]), np.searchsorted(seeds, self.cols["seed"])] = \
             self.cols["value"]
         return steps, seeds, out
-
-    def rows(self) -> list[Row]:
-        c = self.cols
-        return [(c["experiment"][i], c["optimizee"][i], c["optimizer"][i],
-                 "" if math.isnan(c["beta"][i]) else c["beta"][i], int(c["seed"][i]),
-                 int(c["step"][i]), c["metric"][i], float(c["value"][i])) for i in range(len(self))]

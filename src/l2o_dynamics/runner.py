@@ -113,15 +113,6 @@ def _evaluate(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor
     log.add("test_acc", step, accs / n)
 
 
-def final_losses(log: MetricLog) -> np.ndarray:
-    """Summed train loss per seed (the learning-rate search score)."""
-    total = np.zeros(len(log.seeds))
-    for metric, _, values in log._entries:
-        if metric == "train_loss":
-            total += np.asarray(values, dtype=np.float64)
-    return total
-
-
 # ---- learning-rate search -----------------------------------------------------------------
 @dataclass
 class LRSearch:
@@ -158,7 +149,7 @@ def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon
     opt = make_baseline(name, lr=rates.to(device or "cpu"))
     log = meta_test(opt, model, data.split("val"), run_seeds, horizon, batch_size=batch_size,
                     device=device, progress=progress, desc=f"lr search {name} on {model.name}")
-    totals = final_losses(log).reshape(len(grid), len(seeds))
+    totals = log.total("train_loss").reshape(len(grid), len(seeds))
     scores = {float(lr): (float(row.mean()) if np.all(np.isfinite(row)) else math.inf)
               for lr, row in zip(grid, totals)}
     best = min(scores, key=lambda lr: (scores[lr], lr))

@@ -33,6 +33,7 @@ from typing import Mapping
 import torch
 
 from .optimizees import Structure
+from .runner import Probe
 from .utils import L2OError
 
 KINDS = ("rescale", "scale", "translation")
@@ -111,6 +112,16 @@ def deviation(kind: str, v, theta, structure: Structure, measure: str = "total")
         kinds = applicable(structure)
         return sum(measures(k, v, theta, structure)[measure] for k in kinds) / len(kinds)
     return measures(kind, v, theta, structure)[measure]
+
+
+def probe(every: int = 1):
+    """A runner.Probe recording the deviations of the applied updates and, as a control,
+    of the gradients ('grad_' prefix) every `every` steps."""
+    def fn(ctx) -> dict[str, torch.Tensor]:
+        return {**record(ctx.updates, ctx.params, ctx.model.structure),
+                **record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
+
+    return Probe(fn, every)
 
 
 def record(v, theta, structure: Structure, prefix: str = "") -> dict[str, torch.Tensor]:

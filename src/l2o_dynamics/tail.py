@@ -29,7 +29,7 @@ from .utils import L2OError
 BIG = 1_000_000  # samples above which float32 input is kept in float32 (twice the speed)
 
 
-def _numpy64(x, name: str = "x") -> torch.Tensor:
+def _as_samples(x, name: str = "x") -> torch.Tensor:
     """Tensor or array-like -> torch tensor on the CPU (the computations below run in
     torch for its threads): float64, except that float32 input with more than BIG
     samples stays float32 (the log-means then carry ~1e-6 relative error, far below
@@ -42,8 +42,8 @@ def _numpy64(x, name: str = "x") -> torch.Tensor:
     return t
 
 
-def _matrix64(X, name: str = "X") -> torch.Tensor:
-    X = _numpy64(X, name)
+def _as_matrix(X, name: str = "X") -> torch.Tensor:
+    X = _as_samples(X, name)
     if X.ndim != 2:
         raise L2OError(f"{name} has shape {tuple(X.shape)}; valid: a 2-D (N samples, d) matrix")
     return X
@@ -109,7 +109,7 @@ def mohammadi(x, m: int | None = None) -> float:
     m=None: block_size(N), or isqrt(N) when that is below sqrt(N)/2 (e.g. prime N,
     where block_size is 1 and log m = 0). Assumes centred noise; nothing is subtracted.
     Pooling coordinates of different scales biases alpha down; see mohammadi_std."""
-    x = _numpy64(x).reshape(-1)
+    x = _as_samples(x).reshape(-1)
     x = x[x != 0]
     m = _auto_m(x.numel()) if m is None else _check_m(m, x.numel())
     return _alpha(_inv_alpha(x, m))
@@ -118,7 +118,7 @@ def mohammadi(x, m: int | None = None) -> float:
 def mohammadi_vector(X, m: int | None = None) -> float:
     """Vector form: X (N, d), rows are samples; 1/alpha from the norms of rows and of
     sums of m consecutive rows. Rows of norm 0 are dropped; m as in mohammadi."""
-    X = _matrix64(X)
+    X = _as_matrix(X)
     X = X[_norms(X) > 0]
     m = _auto_m(X.shape[0]) if m is None else _check_m(m, X.shape[0])
     return _alpha(_inv_alpha(X, m))
@@ -131,7 +131,7 @@ def standardize(X, eps: float = 0.0) -> np.ndarray:
     <= eps (over half the samples equal the median, e.g. sparse coordinates) it is
     sqrt(pi/2) * mean|x - median| instead; coordinates where both are <= eps are
     dropped (eps=0: only constant ones). Values are not re-centred."""
-    X = _matrix64(X)
+    X = _as_matrix(X)
     XT = X.T.contiguous()  # a median along the last dim is twice as fast
     devT = (XT - XT.median(1, keepdim=True).values).abs()
     scale = 1.4826 * devT.median(1).values
@@ -150,7 +150,7 @@ def mohammadi_std(X, m: int | None = None) -> float:
     there are no zeros; otherwise the few blocks at coordinate boundaries sum samples
     that standardising has put on one scale. Gaussian noise with very different
     coordinate scales gives ~2 here, where the pooled mohammadi reports heavy tails."""
-    X = _matrix64(X)
+    X = _as_matrix(X)
     Z = torch.from_numpy(standardize(X))
     if Z.shape[1] == 0:
         raise L2OError("X has no non-constant coordinate; valid: at least one coordinate that varies")
@@ -167,7 +167,7 @@ def mohammadi_multi(x, ms=None) -> float:
     and with awkward N: at N = 1e5 its sd is 0.024 against 0.039 for mohammadi's
     m = 250 (alpha = 2), and no m depends on N's divisors. It does not help with bias:
     for laws only in a stable domain of attraction (Student-t) every m is biased."""
-    x = _numpy64(x).reshape(-1)
+    x = _as_samples(x).reshape(-1)
     x = x[x != 0]
     n = x.numel()
     if n < 4:
@@ -189,7 +189,7 @@ def hill(x, k: int | None = None) -> float:
     Estimates the exponent of a power-law tail, so it is reliable only for heavy
     tails (alpha well below 2): for alpha-stable samples it is biased up as alpha
     nears 2 and grows without bound with N for Gaussian data. Std ~ alpha/sqrt(k)."""
-    a = _numpy64(x).reshape(-1).abs().numpy()
+    a = _as_samples(x).reshape(-1).abs().numpy()
     a = a[a > 0]
     n = a.size
     if n < 2:
