@@ -7,6 +7,7 @@ from lion_pytorch import Lion as RefLion
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam, Lion, apply_updates, make_baseline
 from l2o_dynamics.utils import L2OError, generator
+from tolerance import reduction_atol
 
 MODEL = ZOO["sigmoid"]
 
@@ -92,15 +93,20 @@ def _equal(a, b):
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "lion"])
 def test_per_run_learning_rates_equal_separate_runs(name):
+    # float64, as run_ours: Adam divides by sqrt(v) and Lion takes a sign, so float32
+    # rounding of tiny gradients (different reduction orders batched vs single, which
+    # depend on the thread count) is amplified into update differences of ~lr. The claim
+    # is algebraic (a per-run rate equals separate runs); float64 makes it exact to
+    # n * eps, where a wrong broadcast of the rates errs by O(lr).
     rates = [1e-3, 1e-2, 1e-1]
-    sets = [MODEL.init(generator("lr", i)) for i in range(3)]
+    sets = [MODEL.init(generator("lr", i), dtype=torch.float64) for i in range(3)]
     stacked = {k: torch.stack([s[k] for s in sets]) for k in sets[0]}
-    opt = make_baseline(name, lr=torch.tensor(rates))
+    opt = make_baseline(name, lr=torch.tensor(rates, dtype=torch.float64))
     state = opt.init(stacked)
     singles = [(make_baseline(name, lr=r), s) for r, s in zip(rates, sets)]
     single_states = [o.init(s) for o, s in singles]
     for t in range(5):
-        x, y = data(t)
+        x, y = data(t, torch.float64)
         _, grads, _ = MODEL.loss_and_grad(stacked, x, y)
         upd, state = opt.update(grads, state, stacked)
         stacked = apply_updates(stacked, upd)
@@ -109,8 +115,9 @@ def test_per_run_learning_rates_equal_separate_runs(name):
             ui, single_states[i] = o.update(gi, single_states[i], s)
             singles[i] = (o, apply_updates(s, ui))
     for i, (_, s) in enumerate(singles):
-        for k in s:
-            torch.testing.assert_close(stacked[k][i], s[k], rtol=1e-5, atol=1e-6)
+        for k in s:  # 5 steps of gradients reduced over 784 x 32 terms of O(1)
+            atol = reduction_atol(torch.float64, 5 * 784 * 32, 1.0)
+            torch.testing.assert_close(stacked[k][i], s[k], rtol=0, atol=atol)
 
 
 def test_unknown_optimizer_names_the_valid_ones():
