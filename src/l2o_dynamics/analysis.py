@@ -49,14 +49,16 @@ class Finding:
     claim: str  # the study's statement
     measure: str  # what was computed
     values: dict[str, str]  # label -> "mean [low, high]"
-    verdict: str  # held | weak | no | n/a
+    verdict: str  # one of VERDICTS
     figure: str | None = None
 
 
 def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | None = None,
              steps: tuple[int, int] | None = None) -> dict[int, float]:
     """One number per seed from the one metric/run in `table`: the mean over `steps`
-    [lo, hi] (inclusive) by default, or reduce(steps, values)."""
+    [lo, hi] (inclusive) by default, or reduce(steps, values). A seed whose run has a
+    non-finite value in the window (it diverged) gets NaN, never a mean over what is
+    left; `paired` and `verdict` then count it as unusable."""
     if not len(table):
         return {}
     st, seeds, vals = table.matrix()
@@ -66,22 +68,49 @@ def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | N
     out = {}
     for j, s in enumerate(seeds):
         col = vals[:, j]
-        out[int(s)] = float(reduce(st, col) if reduce else np.nanmean(col))
+        if not np.all(np.isfinite(col)):
+            out[int(s)] = math.nan
+        else:
+            out[int(s)] = float(reduce(st, col) if reduce else col.mean())
     return out
 
 
-def paired(a: dict[int, float], b: dict[int, float], transform=lambda x, y: x - y) -> list[float]:
-    return [transform(a[s], b[s]) for s in sorted(set(a) & set(b))
-            if np.isfinite(a[s]) and np.isfinite(b[s])]
+class Paired(list):
+    """Per-seed paired statistics (finite ones only), with `diverged`: how many seeds
+    were left out because a run of either side was not finite."""
+
+    diverged: int = 0
+
+
+def paired(a: dict[int, float], b: dict[int, float], transform=lambda x, y: x - y) -> Paired:
+    common = sorted(set(a) & set(b))
+    out = Paired(transform(a[s], b[s]) for s in common if np.isfinite(a[s]) and np.isfinite(b[s]))
+    out.diverged = len(common) - len(out)
+    return out
+
+
+# Four levels for a claimed direction (> 0), from the 95% interval of the paired statistic:
+VERDICTS = ("held", "weak", "inconclusive-opposite", "contradicted", "n/a")
+MIN_SEEDS = 3  # fewer usable seeds: no verdict (an interval from 1-2 seeds says nothing)
 
 
 def verdict(diffs: Sequence[float]) -> str:
-    m, lo, hi = interval(diffs)
-    if not np.isfinite(m):
+    """held: mean > 0, interval excludes 0; weak: mean > 0, interval includes 0;
+    inconclusive-opposite: mean <= 0, interval includes 0; contradicted: interval below 0;
+    n/a: fewer than MIN_SEEDS finite values."""
+    v = [x for x in diffs if np.isfinite(x)]
+    if len(v) < MIN_SEEDS:
         return "n/a"
+    m, lo, hi = interval(v)
     if m > 0:
         return "held" if lo > 0 else "weak"
-    return "no"
+    return "contradicted" if hi < 0 else "inconclusive-opposite"
+
+
+def diverged_note(*diffs: Sequence[float]) -> dict[str, str]:
+    """{'diverged runs left out': 'n'} when any paired statistic dropped seeds, else {}."""
+    n = sum(getattr(d, "diverged", 0) for d in diffs)
+    return {"seeds left out (a run diverged)": str(n)} if n else {}
 
 
 def log_ratio(x: float, y: float) -> float:
@@ -120,7 +149,7 @@ def symmetry_findings(t: Table) -> list[Finding]:
                 "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png"))
         sub = panel.where(metric=f"{kind}_deviation")
         T = int(sub.cols["step"].max())
-        half = {o: per_seed(sub.where(optimizer=o), reduce=_rise_time) for o in ("l2o", "lion")}
+        half = {o: per_seed(sub.where(optimizer=o), reduce=rise_time) for o in ("l2o", "lion")}
         end = {o: per_seed(sub.where(optimizer=o), steps=(int(0.9 * T), T)) for o in ("l2o", "lion")}
         d_early = paired(half["lion"], half["l2o"])  # > 0: L2O reaches half its peak sooner
         d_late = paired(end["lion"], end["l2o"], log_ratio)  # > 0: Lion higher at the end
@@ -128,27 +157,36 @@ def symmetry_findings(t: Table) -> list[Finding]:
             f"deviation_{kind}_timing",
             f"{kind.capitalize()} symmetry ({optimizee}): symmetry breaking rises fastest for the L2O at the "
             "beginning, while Lion's rises more gradually and ends higher.",
-            "per seed: the first iteration where the deviation reaches half its maximum (L2O before "
-            "Lion?) and the mean deviation over the last 10% of iterations (Lion above L2O?)",
-            {"half-peak iteration, L2O": fmt(list(half["l2o"].values())),
-             "half-peak iteration, Lion": fmt(list(half["lion"].values())),
+            "per seed: the iteration at which the cumulative deviation reaches half its total (L2O "
+            "before Lion?) and the mean deviation over the last 10% of iterations (Lion above L2O?)",
+            {"half-total iteration, L2O": fmt(list(half["l2o"].values())),
+             "half-total iteration, Lion": fmt(list(half["lion"].values())),
              "Lion minus L2O (iterations)": fmt(d_early),
-             "last 10%, log10(Lion / L2O)": fmt(d_late)},
+             "last 10%, log10(Lion / L2O)": fmt(d_late), **diverged_note(d_early, d_late)},
             _combine([verdict(d_early), verdict(d_late)]), "symmetry_breaking.png"))
     return out
 
 
-def _rise_time(steps: np.ndarray, values: np.ndarray) -> float:
-    v = np.nan_to_num(values, nan=0.0)
-    peak = v.max()
-    return float(steps[np.argmax(v >= 0.5 * peak)]) if peak > 0 else math.nan
+def rise_time(steps: np.ndarray, values: np.ndarray) -> float:
+    """The step at which the cumulative deviation reaches half its total (robust to one
+    spike, unlike the first step at half the maximum); NaN if the total is not positive."""
+    cum = np.cumsum(np.abs(values))
+    total = cum[-1] if len(cum) else 0.0
+    if not np.isfinite(total) or total <= 0:
+        return math.nan
+    return float(steps[int(np.searchsorted(cum, 0.5 * total))])
 
 
 def _combine(verdicts: Sequence[str]) -> str:
+    """A claim made of several comparisons holds only as well as its weakest one; n/a if
+    any comparison has no verdict."""
     s = set(verdicts)
-    if not s or s == {"n/a"}:
+    if not s or "n/a" in s:
         return "n/a"
-    return "no" if "no" in s else ("weak" if "weak" in s else "held")
+    for level in ("contradicted", "inconclusive-opposite", "weak"):
+        if level in s:
+            return level
+    return "held"
 
 
 # ---- regularisation -----------------------------------------------------------------------------------
@@ -170,18 +208,17 @@ def regularization_findings(t: Table) -> list[Finding]:
                 vals[f"{optimizee}: beta={b:g}"] = fmt(list(by_beta[b].values()))
             if len(betas) >= 2:
                 lo_b, hi_b = min(betas), max(betas)
-                d = paired(by_beta[hi_b], by_beta[lo_b])
+                vals[f"{optimizee}: beta={hi_b:g} minus beta={lo_b:g}"] = fmt(paired(by_beta[hi_b], by_beta[lo_b]))
+                d = beta_slopes(by_beta)
                 diffs.append(d)
-                vals[f"{optimizee}: beta={hi_b:g} minus beta={lo_b:g}"] = fmt(d)
-                means = [np.nanmean(list(by_beta[b].values())) for b in betas]
-                rho = stats.spearmanr(betas, means).statistic if len(betas) > 2 else float(np.sign(means[-1] - means[0]))
-                vals[f"{optimizee}: Spearman(beta, mean loss)"] = f"{rho:.2f}"
+                vals[f"{optimizee}: slope of mean loss on beta (per unit beta)"] = fmt(d)
         out.append(Finding(
             "regularization_slowdown",
             "As the symmetry-breaking regularization increases, the L2O's speed of optimization drops.",
-            "mean training loss over the meta-test run (area under the curve) per seed, by beta; "
-            "paired difference largest beta minus beta = 0",
-            vals, _combine([verdict(d) for d in diffs]), "regularization.png"))
+            "mean training loss over the meta-test run (area under the curve) per seed and beta; per "
+            "seed the least-squares slope of that loss on beta over all betas (a trend, > 0: slower "
+            "with more regularisation), its interval over seeds",
+            {**vals, **diverged_note(*diffs)}, _combine([verdict(d) for d in diffs]), "regularization.png"))
     gen = t.where(experiment="generalization")
     if len(gen):
         vals, verdicts = {}, []
@@ -191,22 +228,54 @@ def regularization_findings(t: Table) -> list[Finding]:
                 betas = [b for b in sub.unique("beta") if b is not None]
                 if len(betas) < 2:
                     continue
-                d = paired(auc(sub.where(beta=max(betas))), auc(sub.where(beta=min(betas))))
+                d = beta_slopes({b: auc(sub.where(beta=b)) for b in betas})
                 verdicts.append(verdict(d))
-                vals[f"{opt} on {optimizee}: beta={max(betas):g} minus beta={min(betas):g}"] = fmt(d)
-        n_slow = sum(v in ("held", "weak") for v in verdicts)
-        n_sig = sum(v == "held" for v in verdicts)
-        frac = n_slow / len(verdicts) if verdicts else math.nan
-        v = "n/a" if not verdicts else ("held" if n_sig > len(verdicts) / 2 else
-                                         "weak" if frac > 0.5 else "no")
+                vals[f"{opt} on {optimizee}: slope of mean loss on beta"] = fmt(d)
         out.append(Finding(
             "regularization_unseen",
             "The slowdown from regularization also shows on most optimizee architectures the L2O was "
             "not meta-trained on.",
-            "paired difference of the mean training loss, largest beta minus beta = 0, per unseen "
-            f"optimizee; slower in {n_slow} of {len(verdicts)} (significant in {n_sig})",
-            vals, v, "generalization.png"))
+            "per unseen optimizee, the per-seed slope of the mean training loss on beta; "
+            + majority_summary(verdicts), vals, majority(verdicts), "generalization.png"))
     return out
+
+
+def beta_slopes(by_beta: dict[float, dict[int, float]]) -> Paired:
+    """Per seed (present at every beta, all finite), the least-squares slope of the value on
+    beta: the paired trend statistic over all betas."""
+    betas = sorted(by_beta)
+    seeds = sorted(set.intersection(*(set(by_beta[b]) for b in betas)))
+    x = np.asarray(betas, dtype=float)
+    out = Paired()
+    for s in seeds:
+        y = np.asarray([by_beta[b][s] for b in betas], dtype=float)
+        if np.all(np.isfinite(y)) and np.ptp(x) > 0:
+            out.append(float(np.polyfit(x, y, 1)[0]))
+        else:
+            out.diverged += 1
+    return out
+
+
+def majority(verdicts: Sequence[str]) -> str:
+    """'Most of several comparisons': held if more than half are held; weak if more than
+    half point the claimed way; contradicted if more than half are contradicted;
+    inconclusive-opposite otherwise; n/a with fewer than MIN_SEEDS usable comparisons."""
+    usable = [v for v in verdicts if v != "n/a"]
+    if not usable:
+        return "n/a"
+    half = len(usable) / 2
+    if sum(v == "held" for v in usable) > half:
+        return "held"
+    if sum(v in ("held", "weak") for v in usable) > half:
+        return "weak"
+    if sum(v == "contradicted" for v in usable) > half:
+        return "contradicted"
+    return "inconclusive-opposite"
+
+
+def majority_summary(verdicts: Sequence[str]) -> str:
+    counts = {lvl: sum(v == lvl for v in verdicts) for lvl in VERDICTS}
+    return ", ".join(f"{n} {lvl}" for lvl, n in counts.items() if n) or "no comparisons"
 
 
 # ---- noise -------------------------------------------------------------------------------------------
@@ -218,7 +287,9 @@ def noise_findings(t: Table) -> list[Finding]:
     opts = [o for o in ("sgd", "adam", "lion", "l2o") if o in t.unique("optimizer")]
     if "l2o" not in opts:
         return out
-    for suffix, name in (("", "pooled estimator (the study's)"), ("_std", "standardised estimator")):
+    from .noise import ESTIMATOR_LABELS
+
+    for suffix, name in ESTIMATOR_LABELS.items():
         au = {o: per_seed(t.where(optimizer=o, metric=f"alpha_update{suffix}")) for o in opts}
         ag = {o: per_seed(t.where(optimizer=o, metric=f"alpha_grad{suffix}")) for o in opts}
         vals = {}
@@ -234,14 +305,14 @@ def noise_findings(t: Table) -> list[Finding]:
             f"mean over checkpoints of alpha_update{suffix} per seed; paired L2O minus baseline",
             {**{k: v for k, v in vals.items() if k.startswith("alpha_update")},
              **{f"L2O minus {o}": fmt(d) for o, d in d1.items()}},
-            _combine([verdict(d) for d in d1.values()]), "noise.png" if not suffix else "noise_std.png"))
+            _combine([verdict(d) for d in d1.values()]), "noise.png"))
         d2 = paired(au["l2o"], ag["l2o"])
         out.append(Finding(
             f"alpha_update_vs_grad{suffix}",
             f"The L2O's update noise is much less heavy-tailed than its gradient noise. [{name}]",
             f"alpha_update{suffix} minus alpha_grad{suffix} on the L2O's run, per seed",
             {"alpha_update L2O": vals["alpha_update l2o"], "alpha_grad L2O": vals["alpha_grad l2o"],
-             "difference": fmt(d2)}, verdict(d2), "noise.png" if not suffix else "noise_std.png"))
+             "difference": fmt(d2)}, verdict(d2), "noise.png"))
         gain = {o: {s: au[o][s] - ag[o][s] for s in set(au[o]) & set(ag[o])} for o in opts}
         d3 = {o: paired(gain["l2o"], gain[o]) for o in base}
         out.append(Finding(
@@ -251,7 +322,7 @@ def noise_findings(t: Table) -> list[Finding]:
             f"(alpha_update - alpha_grad){suffix} per seed; paired L2O minus baseline",
             {**{f"filtering {o}": fmt(list(gain[o].values())) for o in opts},
              **{f"L2O minus {o}": fmt(d) for o, d in d3.items()}},
-            _combine([verdict(d) for d in d3.values()]), "noise.png" if not suffix else "noise_std.png"))
+            _combine([verdict(d) for d in d3.values()]), "noise.png"))
     eig = {o: per_seed(t.where(optimizer=o, metric="cov_max_eig")) for o in opts}
     base = [o for o in ("sgd", "adam") if o in opts]
     d4 = {o: paired(eig["l2o"], eig[o], log_ratio) for o in base}
