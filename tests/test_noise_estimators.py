@@ -285,3 +285,38 @@ def test_top_eigenvalue_gram_rejects_bad_input():
     U[2, 3] = float("inf")
     with pytest.raises(L2OError, match="nan or inf"):
         tail.top_eigenvalue_gram(U)
+
+
+# -----------------------------------------------------------------------------
+# the study's estimator as published
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_mohammadi_published_recovers_levy_stable_alpha(stable, alpha):
+    # no zeros and N = 1e5 (m = 250): the same estimate as mohammadi up to eps = 2e-16
+    est = np.array([tail.mohammadi_published(x) for x in stable[alpha]])
+    assert abs(est.mean() - alpha) < 0.05, est
+    assert np.abs(est - alpha).max() < 0.2, est
+    assert est[0] == pytest.approx(tail.mohammadi(stable[alpha][0]), rel=1e-9)
+
+
+def test_mohammadi_published_keeps_zeros_and_reads_lighter_tails():
+    # 8.4% exact zeros (as MNIST's blank pixels in the gradient noise): each adds
+    # log(eps) = -36 to the mean of log|X_i| (about -3 in all) but hardly moves the block
+    # sums' mean, so 1/alpha grows by ~3 / log(250): alpha drops from the law's own 2 to ~1.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(N)
+    x[rng.random(N) < 0.084] = 0.0
+    pub, dropped = tail.mohammadi_published(x), tail.mohammadi(x)
+    assert abs(dropped - 2.0) < 0.2
+    assert pub < dropped - 0.5
+    # the formula by hand: N = 4, m = 2, x = (1, 0, 3, 1), Y = (1, 4);
+    # mean log(|Y| + eps) = log(4) / 2, mean log(|x| + eps) = (log eps + log 3) / 4
+    eps = np.spacing(1)
+    inv = (np.log(4) / 2 - (np.log(eps) + np.log(3)) / 4) / np.log(2)
+    assert tail.mohammadi_published(np.array([1.0, 0.0, 3.0, 1.0])) == pytest.approx(1 / inv, rel=1e-12)
+
+
+def test_mohammadi_published_needs_a_divisor_block_size():
+    with pytest.raises(L2OError, match="not prime"):
+        tail.mohammadi_published(np.ones(97))

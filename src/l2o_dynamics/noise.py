@@ -31,8 +31,18 @@ from .utils import L2OError, generator
 
 COV_UNITS = ("minibatch", "sample")
 COV_CENTERS = ("mean", "fullbatch")
-DEFAULT_ESTIMATORS = ("mohammadi", "mohammadi_std")
-_SUFFIX = {"mohammadi": "", "mohammadi_std": "_std", "mohammadi_multi": "_multi", "hill": "_hill"}
+DEFAULT_ESTIMATORS = ("mohammadi_published", "mohammadi", "mohammadi_std")
+_SUFFIX = {"mohammadi": "", "mohammadi_std": "_std", "mohammadi_published": "_pub", "mohammadi_multi": "_multi",
+           "hill": "_hill"}
+# What each metric suffix measures (figures, findings and README use these words).
+ESTIMATOR_LABELS = {
+    "_pub": "the study's estimator as published (pooled, zeros kept, log(|x| + eps))",
+    "": "pooled, exact zeros and non-varying coordinates excluded",
+    "_std": "per-coordinate standardised",
+}
+# The published estimator reads plainly centred noise (X - mean X): the authors' zeros are
+# the exact zeros of that; `centred` also zeroes coordinates that vary only by rounding.
+PLAIN_CENTRING = {"mohammadi_published"}
 
 
 def minibatch_gradients(model: Optimizee, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -104,13 +114,16 @@ def centred(X: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:
 
 
 def tail_indices(noise: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
-                 prefix: str = "alpha_grad") -> dict[str, float]:
-    """{prefix + suffix: alpha} of a centred noise matrix (N samples, P coordinates)."""
+                 prefix: str = "alpha_grad", plain: torch.Tensor | None = None) -> dict[str, float]:
+    """{prefix + suffix: alpha} of a centred noise matrix (N samples, P coordinates).
+    `plain` (X - mean X, no column zeroed) feeds the estimators in PLAIN_CENTRING;
+    without it they read `noise` too."""
     out = {}
     for name in estimators:
         if name not in tail.ESTIMATORS:
             raise L2OError(f"unknown tail estimator {name!r}; valid: {', '.join(tail.ESTIMATORS)}")
-        out[prefix + _SUFFIX.get(name, "_" + name)] = float(tail.ESTIMATORS[name](noise))
+        x = plain if plain is not None and name in PLAIN_CENTRING else noise
+        out[prefix + _SUFFIX.get(name, "_" + name)] = float(tail.ESTIMATORS[name](x))
     return out
 
 
@@ -129,8 +142,8 @@ def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, sta
     x, y = train
     G = minibatch_gradients(model, params, x, y, batch_size)
     U = updates_at(optimizer, state, params, G)
-    metrics = {**tail_indices(centred(G), estimators, "alpha_grad"),
-               **tail_indices(centred(U), estimators, "alpha_update")}
+    metrics = {**tail_indices(centred(G), estimators, "alpha_grad", plain=G - G.mean(0)),
+               **tail_indices(centred(U), estimators, "alpha_update", plain=U - U.mean(0))}
     metrics.update(update_covariance(optimizer, model, params, state, train, unit=cov_unit,
                                      center=cov_center, n=cov_n, batch_size=batch_size,
                                      minibatch_updates=U, seed=seed, step=step))

@@ -221,23 +221,30 @@ def generalization_figure(table: Table, path) -> Path:
     return save(fig, path)
 
 
-def noise_figure(table: Table, path, suffix: str = "") -> Path:
-    """Figure 3: tail index of update (solid) and gradient (dashed) noise; largest
-    eigenvalue of the update covariance (log scale)."""
+def noise_figure(table: Table, path) -> Path:
+    """Figure 3: tail index of update (solid) and gradient (dashed) noise, one panel per
+    estimator (noise.ESTIMATOR_LABELS); largest eigenvalue of the update covariance (log)."""
+    from .noise import ESTIMATOR_LABELS
+
     t = table.where(experiment="noise")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    present = set(t.unique("metric"))
+    suffixes = [s for s in ESTIMATOR_LABELS if f"alpha_update{s}" in present] or [""]
+    fig, axes = plt.subplots(1, len(suffixes) + 1, figsize=(5 * (len(suffixes) + 1), 4))
     for opt, beta in runs_in(t):
         sub = t.where(optimizer=opt)
-        curve(axes[0], sub.where(metric=f"alpha_update{suffix}"), opt, beta, label_text=f"{label(opt)} update")
-        curve(axes[0], sub.where(metric=f"alpha_grad{suffix}"), opt, beta, linestyle="--",
-              label_text=f"{label(opt)} gradient")
-        curve(axes[1], sub.where(metric="cov_max_eig"), opt, beta, log=True)
-    est = "pooled estimator (as in the study)" if not suffix else "per-coordinate standardised estimator"
-    _panel(axes[0], f"Gradient and update noise, leaky_relu\n{est}", "iteration", "tail index alpha")
-    axes[0].axhline(2.0, color="0.5", lw=0.8, ls=":")
-    _panel(axes[1], "Update covariance, leaky_relu", "iteration", "largest eigenvalue (log)", log=True)
+        for ax, suffix in zip(axes, suffixes):
+            curve(ax, sub.where(metric=f"alpha_update{suffix}"), opt, beta, label_text=f"{label(opt)} update")
+            curve(ax, sub.where(metric=f"alpha_grad{suffix}"), opt, beta, linestyle="--",
+                  label_text=f"{label(opt)} gradient")
+        curve(axes[-1], sub.where(metric="cov_max_eig"), opt, beta, log=True)
+    for ax, suffix in zip(axes, suffixes):
+        _panel(ax, f"Noise tail index, leaky_relu\n{ESTIMATOR_LABELS.get(suffix, suffix)}", "iteration",
+               "tail index alpha")
+        ax.title.set_fontsize(8)
+        ax.axhline(2.0, color="0.5", lw=0.8, ls=":")
     axes[0].legend(fontsize=7, ncol=2)
-    axes[1].legend(fontsize=8)
+    _panel(axes[-1], "Update covariance, leaky_relu", "iteration", "largest eigenvalue (log)", log=True)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)
 

@@ -9,7 +9,10 @@ show no growth at all (block sums no larger than single samples).
 
 Exact zeros are missing values: log|0| is undefined, and sign-like or ReLU
 updates hold many of them. They are dropped before blocking, so the estimators
-see the nonzero part of the law, whose tail index is the law's own.
+see the nonzero part of the law, whose tail index is the law's own. The one
+exception is `mohammadi_published`, the study's estimator exactly as its authors
+ran it: log(|x| + eps) with every zero kept (each contributes log(eps) = -36 to
+the mean of logs, which pulls alpha up when a share of the samples is zero).
 """
 from __future__ import annotations
 
@@ -115,6 +118,30 @@ def mohammadi(x, m: int | None = None) -> float:
     return _alpha(_inv_alpha(x, m))
 
 
+PUBLISHED_EPS = float(np.spacing(1))  # 2.2e-16, as in the authors' alpha_estimator
+
+
+def mohammadi_published(x) -> float:
+    """The studied work's estimator as published (the authors' `alpha_estimator`, from
+    sgd_tail_index): x of any shape flattened row-major to N scalars, zeros kept,
+    m = block_size(N) (no fallback), 1/alpha = (mean_k log(|Y_k| + eps) - mean_i
+    log(|X_i| + eps)) / log m with eps = 2.2e-16. Computed in float64 (theirs ran in
+    float32; the means differ by ~1e-7 relative). Differs from `mohammadi` only where
+    x has exact zeros (and when N has no divisor near sqrt(N))."""
+    x = _as_samples(x).reshape(-1)
+    n = x.numel()
+    m = block_size(n) if n >= 4 else 1
+    if m < 2:
+        raise L2OError(f"{n} samples: no divisor m >= 2 of N below sqrt(N), the published "
+                       "estimator's block size; valid: N with such a divisor (not prime)")
+    if not bool((x != 0).any()):
+        raise L2OError("all samples are zero; valid: noise with at least one nonzero value")
+    x = x.to(torch.float64)
+    y = x.reshape(n // m, m).sum(1)
+    inv = float(((y.abs() + PUBLISHED_EPS).log().mean() - (x.abs() + PUBLISHED_EPS).log().mean()) / math.log(m))
+    return _alpha(inv)
+
+
 def mohammadi_vector(X, m: int | None = None) -> float:
     """Vector form: X (N, d), rows are samples; 1/alpha from the norms of rows and of
     sums of m consecutive rows. Rows of norm 0 are dropped; m as in mohammadi."""
@@ -204,6 +231,7 @@ def hill(x, k: int | None = None) -> float:
 
 # Each takes a 2-D (N samples, d) noise matrix and returns a float.
 ESTIMATORS: dict[str, Callable[..., float]] = {
+    "mohammadi_published": mohammadi_published,
     "mohammadi": mohammadi,
     "mohammadi_std": mohammadi_std,
     "hill": hill,
