@@ -1,12 +1,13 @@
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 
 from l2o_dynamics import learned
-from l2o_dynamics.learned import L2O, L2OOptimizer, LSTMCellFunction, init_phi, preprocess
+from l2o_dynamics.learned import L2O, L2OOptimizer, LSTMCellFunction, init_phi, l2o_from_checkpoint, preprocess
 from l2o_dynamics.optimizees import ZOO
-from l2o_dynamics.utils import generator
+from l2o_dynamics.utils import L2OError, generator
 
 
 def test_preprocess_formula():
@@ -148,3 +149,36 @@ def test_pretrained_l2o_trains_a_fresh_pytorch_mlp_on_mnist(mnist):
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first > 2.0 and last < 0.8, (first, last)
+
+
+# ---- the shipped set -------------------------------------------------------------------
+SHIPPED = [f"{o}/beta={b}" for o in ("bn_relu", "leaky_relu") for b in ("0", "0.1", "0.5", "1")] + ["sigmoid/beta=0"]
+
+
+def test_the_shipped_set_is_complete():
+    from l2o_dynamics.learned import available_pretrained
+
+    assert sorted(available_pretrained()) == sorted(SHIPPED + ["base/leaky_relu"])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_l2o_loads_by_name_and_trains_a_fresh_optimizee(name, mnist):
+    from l2o_dynamics.runner import meta_test
+
+    l2o = l2o_from_checkpoint(f"pretrained:{name}")
+    assert l2o.num_meta_params == 5_301 and (l2o.hidden, l2o.layers, l2o.p, l2o.eta) == (20, 2, 10.0, 0.1)
+    optimizee = name.split("/")[0]
+    log = meta_test(l2o, optimizee, mnist.split("train"), seeds=[123], steps=60)
+    c = log.curve("train_loss")[:, 0]  # a fresh init (seed 123 is no training seed), 60 steps
+    assert c[0] > 2.0 and c[-10:].mean() < 0.6 * c[0], (name, c[0], c[-10:].mean())
+
+
+def test_pretrained_names():
+    from l2o_dynamics.learned import pretrained
+
+    assert pretrained("leaky_relu") == pretrained("leaky_relu/beta=0") == pretrained("leaky_relu/beta=0.0")
+    assert pretrained("bn_relu/beta=0.50").endswith("bn_relu/beta=0.5.pt")
+    for bad, msg in (("resnet", "available: "), ("leaky_relu/0.5", "OPTIMIZEE/beta=B"),
+                     ("leaky_relu/beta=x", "beta must be a number"), ("leaky_relu/beta=0.3", "available: ")):
+        with pytest.raises(L2OError, match=msg):
+            pretrained(bad)

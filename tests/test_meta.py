@@ -5,7 +5,7 @@ import torch
 
 from l2o_dynamics import optimizees
 from l2o_dynamics.learned import L2O, init_phi
-from l2o_dynamics.meta import MetaTrainConfig, meta_train, unroll, validation_score
+from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
 from l2o_dynamics.utils import L2OError, generator
 
@@ -225,11 +225,12 @@ def test_rollback_restores_the_best_phi_and_halves_the_meta_lr(synthetic, monkey
     scores = iter([1.0, 5.0, 0.9])
     seen = []
 
-    def fake_score(l2o, cfg, data):
+    def fake_scores(l2o, cfg, data):
         seen.append({k: v.clone() for k, v in l2o.phi.items()})
-        return next(scores)
+        score = next(scores)
+        return {"val_score": score, "val_early": score}
 
-    monkeypatch.setitem(meta_train.__globals__, "validation_score", fake_score)
+    monkeypatch.setitem(meta_train.__globals__, "validation_scores", fake_scores)
     lrs = []
     real_meta_lr = meta_train.__globals__["meta_lr"]
     monkeypatch.setitem(meta_train.__globals__, "meta_lr",
@@ -252,3 +253,109 @@ def test_rollback_restores_the_best_phi_and_halves_the_meta_lr(synthetic, monkey
     # epoch 3 started from the phi validated after epoch 1 (the best), not from epoch 2's
     assert all(torch.equal(starts[2][k], seen[0][k]) for k in seen[0])
     assert not all(torch.equal(seen[1][k], seen[0][k]) for k in seen[0])
+
+
+# ---- recipes and the health monitor -------------------------------------------------------
+# The published recipe's meta-training of leaky_relu on the `synthetic` data set (float64,
+# seed 3, 2 epochs x 1 run of 10 steps, unroll 5), recorded with the code before recipes
+# existed (commit 27ffd19): sum of each meta-parameter tensor, and the 4 meta-losses.
+PUBLISHED_PHI_SUMS = {
+    "lstm0.weight_ih": 0.1670578053310866, "lstm0.weight_hh": 1.4305180892789409,
+    "lstm0.bias_ih": -1.5519550049944473, "lstm0.bias_hh": 2.247815209738378,
+    "lstm1.weight_ih": 5.20386846709947, "lstm1.weight_hh": -4.965254070582727,
+    "lstm1.bias_ih": -1.9581013125371185, "lstm1.bias_hh": -0.9459880789751804,
+    "out.weight": -1.0192564476161743, "out.bias": -0.08551560678234575,
+}
+PUBLISHED_META_LOSSES = [2.444444040954462, 2.4506211759930285, 2.443193431564752, 2.4569132941131926]
+
+
+def test_published_recipe_reproduces_the_recorded_meta_training(synthetic):
+    cfg = recipe("published", optimizee="leaky_relu", epochs=2, runs=1, horizon=10, unroll=5,
+                 val_runs=1, dtype="float64", seed=3)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    losses = [float(v) for m, _, v in res.log.entries if m == "meta_loss"]
+    # float64 and 4 Adam steps: reduction-order differences (threads, BLAS) stay ~1e-14
+    # relative; any change of the recipe's math moves these sums by far more than 1e-9.
+    assert losses == pytest.approx(PUBLISHED_META_LOSSES, rel=1e-9)
+    for k, v in PUBLISHED_PHI_SUMS.items():
+        assert float(res.l2o.phi[k].sum()) == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+def test_published_recipe_is_the_studied_setting():
+    cfg = recipe("published")
+    assert (cfg.epochs, cfg.runs, cfg.horizon, cfg.unroll, cfg.batch_size) == (50, 20, 200, 20, 128)
+    assert (cfg.meta_lr, cfg.meta_loss, cfg.clip_grad, cfg.rollback) == (1e-3, "logsum", None, None)
+    assert (cfg.hidden, cfg.layers, cfg.p, cfg.eta, cfg.out_bias) == (20, 2, 10.0, 0.1, "default")
+    assert cfg == MetaTrainConfig()
+    with pytest.raises(L2OError, match="valid: published, default"):
+        recipe("fast")
+
+
+def _collapsed_phi():
+    """An L2O that ignores its input: every coordinate moves by eta * (-0.5) each step."""
+    phi = {k: torch.zeros_like(v) for k, v in init_phi(generator("phi", 0)).items()}
+    phi["out.bias"] = torch.tensor([-0.5])
+    return phi
+
+
+def test_monitor_measures_the_drift_of_a_gradient_independent_update():
+    model = ZOO["leaky_relu"]
+    params = {k: v.unsqueeze(0) for k, v in model.init(generator("init", 0)).items()}
+    batches = iter(_batches(6, 32, dtype=torch.float32))
+    next_batch = lambda: next(batches)  # noqa: E731
+    x, y = next_batch()
+    _, grads, _ = model.loss_and_grad(params, x, y)
+    collapsed = L2O(_collapsed_phi())
+    out = unroll(collapsed, model, params, collapsed.init(params, 1), grads, next_batch, 3)
+    assert out.drift.shape == (3, 1) and torch.all(out.drift == 1.0)  # mean u = -|u| exactly
+    # any L2O: drift is |mean u| / mean |u| over the coordinates of each run's update
+    l2o = L2O(init_phi(generator("phi", 1)))
+    two = {k: torch.cat([v, v.flip(-1)]) for k, v in params.items()}  # 2 runs, other params
+    _, g2, _ = model.loss_and_grad(two, x, y)
+    u, _ = l2o.update(g2, l2o.init(two, 1), two)
+    flat = torch.cat([v.flatten(1) for v in u.values()], 1)  # (2, P)
+    expected = flat.mean(1).abs() / flat.abs().mean(1)
+    batches = iter(_batches(6, 32, dtype=torch.float32, seed=1))
+    out = unroll(l2o, model, two, l2o.init(two, 1), g2, next_batch, 1)
+    torch.testing.assert_close(out.drift[0], expected, rtol=1e-5, atol=0)
+
+
+def test_monitor_flags_a_collapsed_phi_and_rolls_back(synthetic):
+    cfg = _tiny_cfg(epochs=1, runs=2, collapse=0.9, rollback_cut=1.0)
+    res = meta_train(cfg, data=synthetic, progress=False, phi0=_collapsed_phi())
+    rows = res.log.rows()
+    metrics = {r[6] for r in rows}
+    assert {"meta_grad_norm", "drift", "dead_frac"} <= metrics
+    flags = [r for r in rows if r[6] == "collapse"]
+    assert flags and all(r[7] > 0.9 for r in flags)
+    assert [r[7] for r in rows if r[6] == "rollback"] == [float(i + 1) for i in range(len(flags))]
+    # a collapse abandons its run: fewer meta-steps were taken than scheduled
+    assert sum(r[6] == "meta_loss" for r in rows) < cfg.total_meta_steps()
+    # the same start with the published recipe (no monitor threshold) raises no flag
+    plain = meta_train(_tiny_cfg(epochs=1, runs=1), data=synthetic, progress=False, phi0=_collapsed_phi())
+    assert not any(r[6] == "collapse" for r in plain.log.rows())
+
+
+def test_dead_fraction_counts_units_flat_on_every_example():
+    model = ZOO["relu"]
+    params = model.init(generator("init", 0))
+    x = torch.rand(16, 784)
+    params["fc1.bias"] = params["fc1.bias"].clone()
+    params["fc1.bias"][:5] = -1e3  # 5 of 20 units can never fire
+    params["fc1.bias"][5:] = 1e3  # the other 15 always do
+    assert float(model.dead_fraction(params, x)) == 0.25
+    sig = ZOO["sigmoid"]
+    p = sig.init(generator("init", 0))
+    p["fc1.bias"] = torch.where(torch.arange(20) < 4, 50.0, 0.0)  # 4 saturated units (slope ~ 0)
+    assert float(sig.dead_fraction(p, x)) == pytest.approx(0.2)
+
+
+def test_curriculum_and_short_runs_schedule_the_meta_steps():
+    cfg = MetaTrainConfig(epochs=4, runs=10, horizon=200, unroll=20, curriculum=(200, 20)).validate()
+    # stage 1: 10 runs of 200 steps; stage 2: 100 runs of the first unroll: 100 meta-steps per epoch
+    assert [(cfg.run_horizon(e, 0), cfg.epoch_runs(e)) for e in range(4)] == [(200, 10)] * 2 + [(20, 100)] * 2
+    assert cfg.total_meta_steps() == 400
+    short = MetaTrainConfig(epochs=1, runs=4, short_runs=0.5).validate()
+    assert [short.run_horizon(0, r) for r in range(4)] == [200, 20, 200, 20]
+    with pytest.raises(L2OError, match="multiples of unroll"):
+        MetaTrainConfig(curriculum=(30,)).validate()

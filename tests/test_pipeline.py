@@ -34,7 +34,7 @@ def test_smoke_profile_produces_every_output(smoke):
     assert set(t.where(experiment="regularization").unique("optimizer")) == {"sgd", "adam", "lion", "l2o"}
     assert {"l2o(leaky_relu)", "l2o(bn_relu)"} <= set(t.where(experiment="generalization").unique("optimizer"))
     for name in ("symmetry_breaking.png", "symmetry_breaking_rel.png", "regularization.png", "noise.png",
-                 "noise_std.png", "meta_training.png", "generalization.png"):
+                 "meta_training.png", "generalization.png"):
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG", name
     report = (out / "report.md").read_text()
     assert "## Findings" in report and "## Jobs" in report and "## Environment" in report
@@ -43,7 +43,8 @@ def test_smoke_profile_produces_every_output(smoke):
     assert {f.key for f in summary["findings"]} >= {
         "deviation_rescale_total", "deviation_scale_rel", "deviation_rescale_timing", "deviation_scale_timing",
         "regularization_slowdown", "regularization_unseen", "alpha_update_vs_baselines",
-        "alpha_update_vs_grad", "noise_filtering", "alpha_update_vs_baselines_std", "cov_max_eig",
+        "alpha_update_vs_grad", "noise_filtering", "alpha_update_vs_baselines_std",
+        "alpha_update_vs_baselines_pub", "noise_filtering_pub", "cov_max_eig",
         "l2o_fast_start"}
     html = (out / "report.html").read_text()
     assert "<img src='figures/noise.png'" in html and "<table>" in html
@@ -83,10 +84,18 @@ def _same_metrics(a: Path, b: Path, label: str, rtol: float = 1e-4) -> None:
     assert len(ta) == len(tb), label
     for col in ("experiment", "optimizee", "optimizer", "metric", "seed", "step"):
         assert (ta.cols[col] == tb.cols[col]).all(), (label, col)
-    alpha = np.char.startswith(ta.cols["metric"].astype(str), "alpha_")
+    metric = ta.cols["metric"].astype(str)
+    alpha = np.char.startswith(metric, "alpha_")
+    # The study's estimator as published keeps every value, so coordinates whose centred
+    # update is float32 rounding (~1e-10, or exactly 0 in another process) enter its mean of
+    # log(|x| + eps) at -23 or -36: it does not reproduce across processes (README, Deviations
+    # and caveats). Checked finite here; its math is tested in test_noise_estimators.py.
+    pub = np.char.endswith(metric, "_pub")
     np.testing.assert_allclose(ta.cols["value"][~alpha], tb.cols["value"][~alpha], rtol=rtol, atol=1e-6,
                                err_msg=label)
-    np.testing.assert_allclose(ta.cols["value"][alpha], tb.cols["value"][alpha], rtol=0.05, err_msg=label)
+    np.testing.assert_allclose(ta.cols["value"][alpha & ~pub], tb.cols["value"][alpha & ~pub], rtol=0.05,
+                               err_msg=label)
+    assert np.isfinite(ta.cols["value"][pub]).all() and np.isfinite(tb.cols["value"][pub]).all(), label
 
 
 def _cli(*args, **kw):
@@ -173,3 +182,26 @@ def test_ray_executor_runs_the_graph_on_a_local_ray_instance(smoke, tmp_path):
         if job.kind == "lr-search":
             assert json.loads((dest / "jobs" / job.key / "result.json").read_text())["lr"] == \
                 json.loads((out / "jobs" / job.key / "result.json").read_text())["lr"]
+
+
+def test_pretrained_profiles_analyse_the_shipped_set_and_train_one_demo_l2o():
+    import dataclasses
+    import hashlib
+
+    from l2o_dynamics.experiments import run_job
+    from l2o_dynamics.learned import pretrained
+
+    profile = dataclasses.replace(get_profile("smoke"), l2os="pretrained")
+    jobs = build_jobs(profile)
+    shipped = [j for j in jobs if j.kind == "pretrained"]
+    assert {j.config["name"] for j in shipped} == {"leaky_relu/beta=0", "leaky_relu/beta=0.5",
+                                                   "bn_relu/beta=0", "bn_relu/beta=0.5"}
+    trains = [j for j in jobs if j.kind == "meta-train"]
+    assert len(trains) == 1 and trains[0].config["optimizee"] == "leaky_relu" and not trains[0].config["beta"]
+    # every L2O meta-test reads a shipped L2O, never the demo meta-training
+    sources = {j.config["source"] for j in jobs if j.kind == "meta-test" and j.config["optimizer"] == "l2o"}
+    assert sources == {j.key for j in shipped}
+    files = run_job(shipped[0], {})
+    blob = Path(pretrained(shipped[0].config["name"])).read_bytes()
+    assert files["l2o.pt"] == blob and hashlib.sha256(blob).hexdigest() == shipped[0].config["sha256"]
+    assert get_profile("quick").l2os == "pretrained" and get_profile("paper").l2os == "train"

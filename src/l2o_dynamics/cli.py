@@ -40,6 +40,23 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {s}")
+    return v
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
 def _lr(s: str) -> float | str:
     if s == "auto":
         return s
@@ -53,7 +70,7 @@ def _lr(s: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import META_LOSSES, REGS, SCHEDULES
+    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RECIPES, REGS, SCHEDULES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -74,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=200)
     t.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..S-1)")
     t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
-    t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:leaky_relu "
+    t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:NAME (e.g. pretrained:leaky_relu, "
+                   "pretrained:bn_relu/beta=0.5) "
                    "(for --optimizer l2o)")
     t.add_argument("--eval-every", type=_positive_int, default=10, help="test-set evaluation interval")
     t.add_argument("--record-symmetry", type=_positive_int, default=None, metavar="K",
@@ -86,29 +104,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     m = sub.add_parser("meta-train", help="meta-train the L2O (truncated BPTT)")
+    m.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: measured to train a fast starter (docs/meta_training.md); published: "
+                        "the studied work's settings. Options given below override the recipe's.")
     m.add_argument("--optimizee", default="leaky_relu", help="zoo name, or a comma-separated mixture")
-    m.add_argument("--epochs", type=_positive_int, default=50)
-    m.add_argument("--runs", type=_positive_int, default=20, help="optimizee runs per epoch")
-    m.add_argument("--horizon", type=_positive_int, default=200, help="optimizee steps per run")
-    m.add_argument("--unroll", type=_positive_int, default=20, help="truncation length")
-    m.add_argument("--tasks", type=_positive_int, default=1, help="optimizee runs meta-trained together")
-    m.add_argument("--batch-size", type=_positive_int, default=128)
-    m.add_argument("--meta-lr", type=float, default=1e-3)
-    m.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
-    m.add_argument("--meta-loss", choices=META_LOSSES, default="logsum")
-    m.add_argument("--clip-grad", type=float, default=None, help="max global norm of the meta-gradient")
+    m.add_argument("--epochs", type=_positive_int, default=None, help="(published: 50)")
+    m.add_argument("--runs", type=_positive_int, default=None, help="optimizee runs per epoch (published: 20)")
+    m.add_argument("--horizon", type=_positive_int, default=None, help="optimizee steps per run (200)")
+    m.add_argument("--unroll", type=_positive_int, default=None, help="truncation length (20)")
+    m.add_argument("--tasks", type=_positive_int, default=None, help="optimizee runs meta-trained together")
+    m.add_argument("--batch-size", type=_positive_int, default=None)
+    m.add_argument("--meta-lr", type=_positive_float, default=None, help="(published: 1e-3)")
+    m.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
+    m.add_argument("--meta-loss", choices=META_LOSSES, default=None)
+    m.add_argument("--loss-index", choices=LOSS_INDICES, default=None,
+                   help="next: L(theta_s+1..s+K) (published default here); current: the authors' L(theta_s..s+K-1)")
+    m.add_argument("--clip-grad", type=_positive_float, default=None, help="max global norm of the meta-gradient")
+    m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
+    m.add_argument("--short-runs", type=_nonneg_float, default=None, metavar="SHARE",
+                   help="share of runs cut to their first unroll")
+    m.add_argument("--curriculum", type=_int_list, default=None, metavar="H1,H2,..",
+                   help="run horizons growing over equal shares of the epochs")
     m.add_argument("--reg", choices=REGS, default=None, help="symmetry-breaking penalty")
-    m.add_argument("--beta", type=_nonneg_float, default=0.0, help="penalty weight")
-    m.add_argument("--reg-measure", choices=("total", "rel"), default="total")
-    m.add_argument("--val-runs", type=_positive_int, default=3)
-    m.add_argument("--rollback", type=float, default=None, metavar="F",
-                   help="restore the best phi (and halve the meta-lr) when an epoch's validation "
-                        "score is worse than F x the best")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--hidden", type=_positive_int, default=20)
-    m.add_argument("--layers", type=_positive_int, default=2)
-    m.add_argument("--p", type=float, default=10.0, help="gradient preprocessing constant")
-    m.add_argument("--eta", type=float, default=0.1, help="output scale of the L2O's update")
+    m.add_argument("--beta", type=_nonneg_float, default=None, help="penalty weight")
+    m.add_argument("--reg-measure", choices=("total", "rel"), default=None)
+    m.add_argument("--val-runs", type=_positive_int, default=None)
+    m.add_argument("--rollback", type=_positive_float, default=None, metavar="F",
+                   help="restore the best phi when an epoch's validation score is worse than F x the best")
+    m.add_argument("--rollback-cut", type=_positive_float, default=None, metavar="C",
+                   help="multiply the meta-lr by C at every rollback (published: 0.5)")
+    m.add_argument("--collapse", type=_positive_float, default=None, metavar="D",
+                   help="roll back when the update drift |mean u|/mean|u| stays above D")
+    m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from a trained L2O (an l2o.pt, or pretrained:NAME) instead of a fresh init")
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--hidden", type=_positive_int, default=None)
+    m.add_argument("--layers", type=_positive_int, default=None)
+    m.add_argument("--p", type=_positive_float, default=None, help="gradient preprocessing constant (10)")
+    m.add_argument("--eta", type=_positive_float, default=None, help="output scale of the L2O's update (0.1)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto",
                    help="fuse the LSTM cell's element-wise ops with torch.compile")
@@ -204,21 +237,21 @@ def cmd_meta_test(args) -> int:
     return 0
 
 
+CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
+                "lr_schedule", "meta_loss", "loss_index", "clip_grad", "out_bias", "short_runs",
+                "curriculum", "reg", "beta", "reg_measure", "val_runs", "rollback", "rollback_cut",
+                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "device")
+
+
 def cmd_meta_train(args) -> int:
     import shutil
 
     from . import learned
-    from .meta import MetaTrainConfig, meta_train
+    from .meta import recipe, meta_train
 
     learned.set_fusion(args.fusion)
-    cfg = MetaTrainConfig(
-        optimizee=args.optimizee, epochs=args.epochs, runs=args.runs, horizon=args.horizon,
-        unroll=args.unroll, batch_size=args.batch_size, tasks=args.tasks, meta_lr=args.meta_lr,
-        lr_schedule=args.lr_schedule, meta_loss=args.meta_loss, clip_grad=args.clip_grad,
-        reg=args.reg, beta=args.beta, reg_measure=args.reg_measure, val_runs=args.val_runs,
-        rollback=args.rollback,
-        seed=args.seed, hidden=args.hidden, layers=args.layers, p=args.p, eta=args.eta,
-        device=args.device).validate()
+    given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    cfg = recipe(args.recipe, **given).validate()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if args.overwrite and not args.resume:

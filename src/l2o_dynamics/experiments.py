@@ -54,6 +54,8 @@ class Profile:
     eval_every: int = 10
     cov_unit: str = "minibatch"  # update-covariance samples: minibatches or single examples
     cov_center: str = "mean"  # centre: mean update, or the full-batch update
+    recipe: str = "default"  # meta-training recipe (meta.RECIPES) that `meta` overrides
+    l2os: str = "train"  # train: meta-train every L2O here; pretrained: the shipped set
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
@@ -65,18 +67,21 @@ PROFILES = {
         meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0,
                   rollback=1.5),
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
-        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5),
+        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5, recipe="published"),
     "quick": Profile(
         "quick", seeds=3,
-        meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3, clip_grad=1.0,
-                  rollback=1.5),
-        noise_steps=1000, noise_every=250, unseen_seeds=2, lr_seeds=2),
+        meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
+        noise_steps=1000, noise_every=250, unseen_seeds=3, lr_seeds=2, l2os="pretrained"),
+    # paper: the default recipe at the published number of meta-steps (50 epochs of 100 runs,
+    # 90 of them one unroll: 9,500 meta-steps per L2O; the published schedule is 10,000)
     "paper": Profile(
         "paper", seeds=5,
-        meta=dict(epochs=50, runs=20, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3, clip_grad=1.0,
-                  rollback=1.5),
+        meta=dict(epochs=50, runs=100, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
         noise_steps=1000, noise_every=10, lr_seeds=3),
 }
+
+
+L2O_SOURCES = ("pretrained", "train")
 
 
 def get_profile(name: str) -> Profile:
@@ -106,14 +111,34 @@ COST = {"unroll": 0.45, "val_step": 0.006, "l2o_step_seed": 0.004, "base_step_se
 
 
 def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str) -> Job:
+    from .meta import recipe
+
     reg = TRAINED_ON[optimizee] if beta else None
-    cfg = {**profile.meta, "optimizee": optimizee, "reg": reg, "beta": float(beta), "seed": 0,
-           "device": device}
+    cfg = {**recipe(profile.recipe).to_dict(), **profile.meta, "optimizee": optimizee, "reg": reg,
+           "beta": float(beta), "seed": 0, "device": device}
     m = profile.meta
-    unrolls = m["epochs"] * m["runs"] * m["horizon"] // m["unroll"]
+    unrolls = _meta_steps(cfg)
     est = unrolls * COST["unroll"] + m["epochs"] * m.get("val_runs", 3) * m["horizon"] * COST["val_step"]
     return Job("meta-train", cfg, f"meta-train L2O on {optimizee} (beta={beta:g})",
                estimate_s=est + COST["job"])
+
+
+def _meta_steps(cfg: Mapping[str, Any]) -> int:
+    from .meta import MetaTrainConfig
+
+    return MetaTrainConfig.from_dict(cfg).total_meta_steps()
+
+
+def pretrained_job(optimizee: str, beta: float) -> Job:
+    """A shipped L2O (learned.pretrained); its file's digest is part of the key."""
+    import hashlib
+
+    from .learned import pretrained
+
+    name = f"{optimizee}/beta={beta:g}"
+    digest = hashlib.sha256(Path(pretrained(name)).read_bytes()).hexdigest()
+    return Job("pretrained", {"name": name, "sha256": digest}, f"shipped L2O pretrained:{name}",
+               estimate_s=COST["job"])
 
 
 def lr_search_job(profile: Profile, optimizer: str, optimizee: str, horizon: int, device: str) -> Job:
@@ -154,10 +179,18 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
         jobs.setdefault(job.key, job)
         return jobs[job.key]
 
+    if profile.l2os not in L2O_SOURCES:
+        raise L2OError(f"unknown L2O source {profile.l2os!r}; valid: {', '.join(L2O_SOURCES)}")
+
     def source(optimizer: str, optimizee: str, horizon: int, beta: float = 0.0) -> Job:
+        if optimizer == "l2o" and profile.l2os == "pretrained":
+            return add(pretrained_job(optimizee, beta))
         if optimizer == "l2o":
             return add(meta_train_job(profile, optimizee, beta, device))
         return add(lr_search_job(profile, optimizer, optimizee, horizon, device))
+
+    if profile.l2os == "pretrained":  # the analyses use the shipped set; one short meta-training
+        add(meta_train_job(profile, "leaky_relu", 0.0, device))  # shows the whole pipeline
 
     S = profile.seeds
     if "symmetry-breaking" in experiments:
@@ -188,7 +221,7 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
             add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
                               noise=noise))
     # dependencies first; within a kind the longest first, so a pool's workers finish together
-    order = {"lr-search": 0, "meta-train": 1, "meta-test": 2}
+    order = {"pretrained": 0, "lr-search": 0, "meta-train": 1, "meta-test": 2}
     return sorted(jobs.values(), key=lambda j: (order[j.kind], -j.estimate_s))
 
 
@@ -205,6 +238,8 @@ def run_job(job: Job, deps: Mapping[str, Files], workdir: str | os.PathLike | No
         files = _run_lr_search(job.config, progress)
     elif job.kind == "meta-train":
         files = _run_meta_train(job.config, workdir, progress)
+    elif job.kind == "pretrained":
+        files = _run_pretrained(job.config)
     elif job.kind == "meta-test":
         files = _run_meta_test(job.config, deps[job.config["source"]], progress)
     else:
@@ -244,6 +279,17 @@ def _run_meta_train(cfg, workdir, progress) -> Files:
         files = {name: (out / name).read_bytes() for name in ("l2o.pt", "config.json")}
     files["metrics.csv"] = format_rows(res.log.rows()).encode()
     return files
+
+
+def _run_pretrained(cfg) -> Files:
+    import hashlib
+
+    from .learned import pretrained
+
+    blob = Path(pretrained(cfg["name"])).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != cfg["sha256"]:
+        raise L2OError(f"shipped L2O pretrained:{cfg['name']} changed while the job graph was built")
+    return {"l2o.pt": blob, "config.json": json.dumps(cfg, indent=2).encode()}
 
 
 def _run_meta_test(cfg, source: Files, progress) -> Files:

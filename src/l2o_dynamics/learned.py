@@ -259,14 +259,36 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 
 
 def pretrained(name: str = "leaky_relu") -> str:
-    """Path of an L2O shipped with the package (meta-trained on `name`; see
-    pretrained/README.md for how it was made)."""
-    path = os.path.join(PRETRAINED_DIR, f"l2o_{name}.pt")
-    if not os.path.exists(path):
-        have = sorted(f[4:-3] for f in os.listdir(PRETRAINED_DIR) if f.startswith("l2o_")) \
-            if os.path.isdir(PRETRAINED_DIR) else []
-        raise L2OError(f"no pretrained L2O for {name!r}; available: {', '.join(have) or 'none'}")
+    """Path of an L2O shipped with the package: 'OPTIMIZEE' or 'OPTIMIZEE/beta=B' (the one
+    meta-trained on OPTIMIZEE with symmetry penalty weight B; 'OPTIMIZEE' is beta=0), or
+    'base/leaky_relu' (the full-horizon stage the shipped set started from). How each
+    was made: pretrained/README.md."""
+    optimizee, _, beta = name.partition("/")
+    if optimizee == "base":
+        rel = f"base/{beta}.pt"
+    else:
+        if beta and not beta.startswith("beta="):
+            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B")
+        try:
+            b = float(beta[5:]) if beta else 0.0
+        except ValueError:
+            raise L2OError(f"pretrained name {name!r}: beta must be a number") from None
+        rel = f"{optimizee}/beta={b:g}.pt"
+    path = os.path.join(PRETRAINED_DIR, rel)
+    if not os.path.isfile(path):
+        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
     return path
+
+
+def available_pretrained() -> list[str]:
+    """Names `pretrained` accepts, e.g. ['bn_relu/beta=0', ..., 'leaky_relu/beta=1', 'sigmoid/beta=0']."""
+    out = []
+    if os.path.isdir(PRETRAINED_DIR):
+        for sub in sorted(os.listdir(PRETRAINED_DIR)):
+            d = os.path.join(PRETRAINED_DIR, sub)
+            if os.path.isdir(d):
+                out += [f"{sub}/{f[:-3]}" for f in sorted(os.listdir(d)) if f.endswith(".pt")]
+    return out
 
 
 def l2o_from_checkpoint(source, device=None) -> L2O:

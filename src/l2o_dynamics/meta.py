@@ -31,16 +31,25 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import symmetry
-from .learned import L2O, init_phi
+from .learned import L2O, init_phi, l2o_from_checkpoint
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
 from .utils import L2OError, atomic_torch_save, derive_seed, generator, resolve_device
 
 META_LOSSES = ("logsum", "sum", "meanlog")
+LOSS_INDICES = ("next", "current")
+OUT_BIAS = ("default", "zero")
 SCHEDULES = ("constant", "cosine", "step")
 REGS = ("rescale", "scale", "translation", "all")
-VAL_SEEDS = 1_000_000  # validation runs use seeds VAL_SEEDS + i, never a training seed
+# A collapse: for COLLAPSE_UNROLLS consecutive unrolls the updates drift (|mean u| / mean |u|
+# above cfg.collapse: every coordinate moves the same way, whatever its gradient) while the
+# optimizee dies (a DEAD share of its hidden units flat, or its loss at CHANCE x log(classes)).
+# Drift alone is no sign: an untrained L2O drifts (~0.5-1.0) and still trains.
+COLLAPSE_UNROLLS = 3
+DEAD, CHANCE = 0.5, 0.9
+VAL_SEEDS = 1_000_000
+EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25  # validation runs use seeds VAL_SEEDS + i, never a training seed
 
 
 @dataclass
@@ -60,7 +69,15 @@ class MetaTrainConfig:
     beta: float = 0.0
     reg_measure: str = "total"  # total | rel
     val_runs: int = 3
-    rollback: float | None = None  # restore the best phi when val > rollback x best; halve meta-lr
+    rollback: float | None = None  # restore the best phi when val > rollback x best
+    rollback_cut: float = 0.5  # meta-lr factor applied at every rollback (published: halve for good)
+    loss_index: str = "next"  # next: L(theta_{s+1})..L(theta_{s+K}); current: L(theta_s)..L(theta_{s+K-1})
+    out_bias: str = "default"  # init of the output bias: default U(+-1/sqrt(H)), or zero
+    curriculum: tuple[int, ...] | None = None  # run horizons, one stage per equal share of epochs
+    # (a stage of horizon h runs runs * horizon / h runs per epoch: every epoch has as many meta-steps)
+    short_runs: float = 0.0  # share of runs cut to their first unroll (steps 1..K get more weight)
+    collapse: float | None = None  # drift above this while the optimizee dies: roll back (see _one_run)
+    init_from: str | None = None  # start from a trained L2O (l2o.pt path or pretrained:NAME)
     seed: int = 0
     hidden: int = 20
     layers: int = 2
@@ -89,6 +106,22 @@ class MetaTrainConfig:
             raise L2OError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.rollback is not None and not self.rollback > 1:
             raise L2OError(f"rollback must be > 1 (a factor of the best validation score), got {self.rollback}")
+        if not 0 < self.rollback_cut <= 1:
+            raise L2OError(f"rollback_cut must be in (0, 1], got {self.rollback_cut}")
+        if self.loss_index not in LOSS_INDICES:
+            raise L2OError(f"unknown loss index {self.loss_index!r}; valid: {', '.join(LOSS_INDICES)}")
+        if self.out_bias not in OUT_BIAS:
+            raise L2OError(f"unknown output-bias init {self.out_bias!r}; valid: {', '.join(OUT_BIAS)}")
+        if self.curriculum is not None:
+            self.curriculum = tuple(int(h) for h in self.curriculum)
+            bad = [h for h in self.curriculum if h <= 0 or h % self.unroll or h > self.horizon]
+            if not self.curriculum or bad:
+                raise L2OError(f"curriculum horizons must be positive multiples of unroll ({self.unroll}) "
+                               f"and at most horizon ({self.horizon}), got {list(self.curriculum)}")
+        if not 0 <= self.short_runs < 1:
+            raise L2OError(f"short_runs must be a share in [0, 1), got {self.short_runs}")
+        if self.collapse is not None and not 0 < self.collapse < 1:
+            raise L2OError(f"collapse must be a drift threshold in (0, 1), got {self.collapse}")
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
@@ -107,6 +140,25 @@ class MetaTrainConfig:
         resolve_device(self.device)
         return self
 
+    def run_horizon(self, epoch: int, run: int = 0) -> int:
+        """Length of run `run` of `epoch`: one unroll for the `short_runs` share of runs
+        (spread evenly), else the curriculum stage's horizon, or `horizon`."""
+        if run >= 0 and math.floor((run + 1) * self.short_runs) > math.floor(run * self.short_runs):
+            return self.unroll
+        if self.curriculum is None:
+            return self.horizon
+        return self.curriculum[min(epoch * len(self.curriculum) // self.epochs, len(self.curriculum) - 1)]
+
+    def epoch_runs(self, epoch: int) -> int:
+        """Runs in `epoch`: `runs`, times horizon / h in a curriculum stage of horizon h."""
+        if self.curriculum is None:
+            return self.runs
+        return self.runs * self.horizon // self.run_horizon(epoch, -1)
+
+    def total_meta_steps(self) -> int:
+        return sum(self.run_horizon(e, r) // self.unroll for e in range(self.epochs)
+                   for r in range(self.epoch_runs(e)))
+
     def models(self) -> list[Optimizee]:
         return [get_optimizee(n.strip()) for n in self.optimizee.split(",") if n.strip()]
 
@@ -115,12 +167,35 @@ class MetaTrainConfig:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["curriculum"] is not None:
+            d["curriculum"] = list(d["curriculum"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MetaTrainConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("curriculum") is not None:
+            d["curriculum"] = tuple(d["curriculum"])
+        return cls(**d)
+
+
+# ---- recipes ---------------------------------------------------------------------------
+# A recipe is a set of MetaTrainConfig fields over the dataclass defaults. 'published'
+# is the studied work's setting (BACKGROUND.md sec. 2), bit for bit; 'default' is what
+# docs/meta_training.md measured to train a fast starter reliably on a 2-core CPU.
+RECIPES: dict[str, dict] = {
+    "published": {},
+    "default": dict(short_runs=0.9, clip_grad=1.0, rollback=1.5, rollback_cut=1.0, collapse=0.9),
+}
+
+
+def recipe(name: str = "default", **overrides) -> MetaTrainConfig:
+    """The MetaTrainConfig of recipe `name` with `overrides` (any config field) applied."""
+    if name not in RECIPES:
+        raise L2OError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return MetaTrainConfig(**{**RECIPES[name], **overrides})
 
 
 # ---- one unroll ------------------------------------------------------------------------
@@ -132,21 +207,30 @@ class Unroll:
     params: dict
     state: dict
     grads: dict  # gradient at the last params, input of the next unroll
+    loss: torch.Tensor  # (B,) minibatch loss at the last params (value)
+    drift: torch.Tensor  # (K, B) |mean_i u_i| / mean_i |u_i| of each step's update (value)
 
 
 def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
            next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int, *,
            meta_loss: str = "logsum", reg: str | None = None, beta: float = 0.0,
-           reg_measure: str = "total") -> Unroll:
+           reg_measure: str = "total", loss_index: str = "next",
+           loss0: torch.Tensor | None = None) -> Unroll:
     """Run K = `steps` L2O updates from (params, state) whose current gradient is `grads`
-    (all detached), building the graph from phi to the meta-loss."""
+    (all detached), building the graph from phi to the meta-loss.
+
+    loss_index 'next' sums L(theta_{s+1}) .. L(theta_{s+K}); 'current' (the authors')
+    sums L(theta_s) .. L(theta_{s+K-1}), with L(theta_s) = `loss0` (B,), a constant."""
     first = next(iter(params))
     batch_ndim = params[first].ndim - len(model.shapes()[first])
     dtype = params[first].dtype
-    surrogate, values = [], []
+    surrogate, values, drift = [], [], []
     penalty = 0.0
     for _ in range(steps):
         updates, state = l2o.update(grads, state, params)
+        with torch.no_grad():
+            flat = torch.cat([u.detach().flatten(batch_ndim) for u in updates.values()], dim=-1)
+            drift.append(flat.mean(-1).abs() / flat.abs().mean(-1).clamp_min(torch.finfo(dtype).tiny))
         if reg is not None and beta:
             theta = {k: v.detach() for k, v in params.items()}
             penalty = penalty + symmetry.deviation(reg, updates, theta, model.structure, reg_measure)
@@ -157,6 +241,10 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
                    for k in params)
         surrogate.append(loss + link)
         values.append(loss)
+    if loss_index == "current":  # L(theta_s) (no path to phi) in, the last step's loss out
+        if loss0 is None:
+            raise ValueError("loss_index='current' needs loss0, the loss at the unroll's start")
+        surrogate = [loss0.detach(), *surrogate[:-1]]
     stacked = torch.stack(surrogate)
     if meta_loss == "logsum":
         total = stacked.sum(0).log()
@@ -165,7 +253,8 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
     else:
         total = stacked.log().mean(0)
     reg_term = penalty if isinstance(penalty, torch.Tensor) else torch.zeros_like(total)
-    return Unroll(total + beta * reg_term, reg_term, torch.stack(values), params, state, grads)
+    return Unroll(total + beta * reg_term, reg_term, torch.stack(values), params, state, grads,
+                  values[-1], torch.stack(drift))
 
 
 # ---- schedules ----------------------------------------------------------------------------
@@ -184,15 +273,24 @@ def meta_lr(cfg: MetaTrainConfig, step: int, total: int, scale: float = 1.0) -> 
 def validation_score(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> float:
     """Mean minibatch training loss over the full horizon of `val_runs` runs (held-out
     seeds) trained on the validation split, averaged over the optimizees. Lower is better."""
+    return validation_scores(l2o, cfg, data)["val_score"]
+
+
+def validation_scores(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> dict[str, float]:
+    """`val_score` (see `validation_score`) and `val_early`: the same runs' mean loss
+    over steps 1..EARLY_STEPS (the fast start), each averaged over the optimizees."""
     seeds = [VAL_SEEDS + i for i in range(cfg.val_runs)]
     device = resolve_device(cfg.device)
-    scores = []
+    scores, early = [], []
     for model in cfg.models():
         log = meta_test(l2o, model, data.split("val"), seeds, cfg.horizon, batch_size=cfg.batch_size,
                         dtype=cfg.torch_dtype, device=device)
         per_run = log.total("train_loss") / cfg.horizon
-        scores.append(float(np.mean(per_run)) if np.all(np.isfinite(per_run)) else math.inf)
-    return float(np.mean(scores))
+        curve = log.curve("train_loss")  # (T, S)
+        finite = bool(np.all(np.isfinite(curve)))
+        scores.append(float(np.mean(per_run)) if finite else math.inf)
+        early.append(float(curve[1:EARLY_STEPS + 1].mean()) if finite else math.inf)
+    return {"val_score": float(np.mean(scores)), "val_early": float(np.mean(early))}
 
 
 # ---- the outer loop --------------------------------------------------------------------------
@@ -217,7 +315,7 @@ def _finite(tensors) -> bool:
 
 def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *,
                data: data_mod.MNIST | None = None, resume: bool = False, progress: bool = True,
-               stop_after_epochs: int | None = None) -> MetaTrainResult:
+               stop_after_epochs: int | None = None, phi0: dict | None = None) -> MetaTrainResult:
     """Meta-train an L2O; keep the phi with the best validation score.
 
     With `out_dir`, a checkpoint (phi, meta-optimizer state, RNG states, epoch, best
@@ -226,8 +324,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     optimizer is exported as `l2o.pt`, the meta-training curve as `metrics.csv`
     (`meta_loss`, `reg_loss`, `val_score`, `skipped`, `rollback`). With `cfg.rollback`,
     an epoch whose validation score is worse than rollback x the best restores the
-    best phi and meta-optimizer state and halves the meta-lr. `stop_after_epochs` ends the
-    call early (as a kill would), for tests."""
+    best phi and meta-optimizer state and scales the meta-lr by `rollback_cut`.
+    `phi0` starts from given meta-parameters (fine-tuning a trained L2O) instead of
+    the seeded init. `stop_after_epochs` ends the call early (as a kill would), for tests."""
     cfg.validate()
     started = time.time()
     device = resolve_device(cfg.device)
@@ -238,13 +337,20 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
 
-    phi = {k: v.requires_grad_(True) for k, v in
-           init_phi(generator("phi", cfg.seed), cfg.hidden, cfg.layers, dtype, device).items()}
+    phi = init_phi(generator("phi", cfg.seed), cfg.hidden, cfg.layers, dtype, device)
+    if cfg.out_bias == "zero":  # drawn and then zeroed: every other tensor is as published
+        phi["out.bias"].zero_()
+    if phi0 is None and cfg.init_from is not None:
+        phi0 = dict(l2o_from_checkpoint(cfg.init_from).phi)
+    if phi0 is not None:
+        if set(phi0) != set(phi) or any(phi0[k].shape != phi[k].shape for k in phi):
+            raise L2OError("phi0 does not match the network of this config (hidden, layers)")
+        phi = {k: phi0[k].detach().to(dtype=dtype, device=device).clone() for k in phi}
+    phi = {k: v.requires_grad_(True) for k, v in phi.items()}
     opt = torch.optim.Adam(phi.values(), lr=cfg.meta_lr)
     name = "+".join(m.name for m in models)
     log = MetricLog("meta-train", name, "l2o", [cfg.seed], beta=cfg.beta if cfg.reg else None)
-    per_run = cfg.horizon // cfg.unroll
-    total_steps = cfg.epochs * cfg.runs * per_run
+    total_steps = cfg.total_meta_steps()
     st = {"epoch": 0, "meta_step": 0, "best_score": math.inf, "best_epoch": -1, "skipped": 0,
           "rollbacks": 0, "lr_scale": 1.0,
           "best_phi": {k: v.detach().clone() for k, v in phi.items()}, "best_opt": None}
@@ -272,29 +378,25 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     epochs_done_here = 0
     try:
         for epoch in range(st["epoch"], cfg.epochs):
-            for run in range(cfg.runs):
+            st["drifting"] = 0  # consecutive drifting unrolls (the collapse flag), per epoch
+            for run in range(cfg.epoch_runs(epoch)):
                 model = models[(epoch * cfg.runs + run) % len(models)]
-                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
+                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
                                     f"val {st['best_score']:.4f}", refresh=False)
                 _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype,
                          total_steps)
-            score = validation_score(L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden,
-                                         cfg.layers, cfg.p, cfg.eta), cfg, data)
+            scores = validation_scores(L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden,
+                                           cfg.layers, cfg.p, cfg.eta), cfg, data)
+            score = scores["val_score"]
             log.add("val_score", st["meta_step"], score)
+            log.add("val_early", st["meta_step"], scores["val_early"])
             if score < st["best_score"]:
                 st["best_score"], st["best_epoch"] = score, epoch
                 st["best_phi"] = {k: v.detach().clone() for k, v in phi.items()}
                 st["best_opt"] = copy.deepcopy(opt.state_dict())
             elif (cfg.rollback is not None and st["best_opt"] is not None
                   and not score <= cfg.rollback * st["best_score"]):
-                # collapsed (e.g. into killing every optimizee): back to the best, half the step
-                with torch.no_grad():
-                    for k in phi:
-                        phi[k].copy_(st["best_phi"][k])
-                opt.load_state_dict(copy.deepcopy(st["best_opt"]))
-                st["rollbacks"] += 1
-                st["lr_scale"] *= 0.5
-                log.add("rollback", st["meta_step"], st["rollbacks"])
+                _roll_back(cfg, phi, opt, st, log)  # e.g. collapsed into killing every optimizee
             st["epoch"] = epoch + 1
             bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} val {score:.4f} "
                                 f"best {st['best_score']:.4f}")
@@ -318,24 +420,50 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     return result
 
 
+def _roll_back(cfg, phi, opt, st, log) -> None:
+    """Back to the best phi and its meta-optimizer state (a fresh one if none validated
+    yet); the meta-lr is multiplied by `rollback_cut`."""
+    with torch.no_grad():
+        for k in phi:
+            phi[k].copy_(st["best_phi"][k])
+    if st["best_opt"] is not None:
+        opt.load_state_dict(copy.deepcopy(st["best_opt"]))
+    else:
+        opt.state.clear()
+    st["rollbacks"] += 1
+    st["lr_scale"] *= cfg.rollback_cut
+    log.add("rollback", st["meta_step"], st["rollbacks"])
+
+
 def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype, total_steps):
-    """One optimizee run (B tasks) of `horizon` steps = horizon/unroll meta-steps."""
+    """One optimizee run (B tasks) of `run_horizon(epoch)` steps = that / unroll meta-steps.
+
+    Health monitor, logged every meta-step: `meta_grad_norm` (before clipping), `drift`
+    (|mean u| / mean |u| over the coordinates of each update, averaged over the unroll)
+    and `dead_frac` (hidden units of the optimizee with a flat activation on the whole
+    last minibatch). With `cfg.collapse`, a collapse (see COLLAPSE_UNROLLS) abandons the run
+    and rolls phi back."""
     seeds = [derive_seed("train", cfg.seed, epoch, run, task) for task in range(cfg.tasks)]
     params = init_params(model, seeds, dtype, device)
     batchers = [data_mod.Batcher(*train, batch_size=cfg.batch_size, seed=s, device=device)
                 for s in seeds]
+    last = {}
 
     def next_batch():
-        return data_mod.stack_batches(batchers)
+        last["x"], last["y"] = data_mod.stack_batches(batchers)
+        return last["x"], last["y"]
 
     state = l2o.init(params, batch_ndim=1)
     x, y = next_batch()
-    _, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
-    for _ in range(cfg.horizon // cfg.unroll):
+    loss0, grads, _ = model.loss_and_grad(params, x.to(dtype), y)
+    per_run = cfg.run_horizon(epoch, run) // cfg.unroll
+    done = 0
+    for _ in range(per_run):
         for group in opt.param_groups:
             group["lr"] = meta_lr(cfg, st["meta_step"], total_steps, st["lr_scale"])
         out = unroll(l2o, model, params, state, grads, next_batch, cfg.unroll,
-                     meta_loss=cfg.meta_loss, reg=cfg.reg, beta=cfg.beta, reg_measure=cfg.reg_measure)
+                     meta_loss=cfg.meta_loss, reg=cfg.reg, beta=cfg.beta, reg_measure=cfg.reg_measure,
+                     loss_index=cfg.loss_index, loss0=loss0)
         loss = out.meta_loss.mean()
         ok = bool(torch.isfinite(loss))
         if ok:
@@ -347,32 +475,55 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
             opt.zero_grad(set_to_none=True)
             st["skipped"] += 1
             log.add("skipped", st["meta_step"], st["skipped"])
-            st["meta_step"] += cfg.horizon // cfg.unroll - (st["meta_step"] % (cfg.horizon // cfg.unroll))
-            bar.n = st["meta_step"]
-            bar.refresh()
+            _skip_rest_of_run(st, bar, per_run - done)
             return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads_phi]))
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.clip_grad)
         opt.step()
+        drift = float(out.drift.mean())
+        dead = float(model.dead_fraction(out.params, last["x"].to(dtype)).mean())
         value = loss.item()
         log.add("meta_loss", st["meta_step"], value)
+        log.add("meta_grad_norm", st["meta_step"], float(norm))
+        log.add("drift", st["meta_step"], drift)
+        log.add("dead_frac", st["meta_step"], dead)
         if cfg.reg is not None and cfg.beta:
             log.add("reg_loss", st["meta_step"], float(cfg.beta * out.reg.detach().mean()))
         st["meta_step"] += 1
+        done += 1
         bar.update(1)
-        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.runs} "
-                            f"meta-loss {value:.4f} best val {st['best_score']:.4f}",
-                            refresh=False)
+        bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
+                            f"meta-loss {value:.3f} |g| {float(norm):.2g} drift {drift:.2f} "
+                            f"dead {dead:.2f} best val {st['best_score']:.4f}", refresh=False)
+        chance = float(out.loss.mean()) >= CHANCE * math.log(model.classes)
+        dying = cfg.collapse is not None and drift > cfg.collapse and (dead >= DEAD or chance)
+        st["drifting"] = st["drifting"] + 1 if dying else 0
+        if st["drifting"] >= COLLAPSE_UNROLLS:
+            st["drifting"] = 0
+            log.add("collapse", st["meta_step"], drift)
+            _roll_back(cfg, l2o.phi, opt, st, log)
+            _skip_rest_of_run(st, bar, per_run - done)
+            return
         params = {k: v.detach() for k, v in out.params.items()}
         state = l2o.detach_state(out.state)
-        grads = out.grads
+        grads, loss0 = out.grads, out.loss
+
+
+def _skip_rest_of_run(st, bar, left: int) -> None:
+    """Count the `left` meta-steps of an abandoned run as done (the schedule stays aligned)."""
+    st["meta_step"] += left
+    bar.n = st["meta_step"]
+    bar.refresh()
 
 
 _STATE_KEYS = ("epoch", "meta_step", "best_score", "best_epoch", "skipped", "rollbacks", "lr_scale")
 
 
 def _resumable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "device"}
+    """The config a checkpoint must match to be resumed (fields added later at their defaults)."""
+    full = MetaTrainConfig.from_dict(config).to_dict()
+    return {k: v for k, v in full.items() if k != "device"}
 
 
 def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:

@@ -32,6 +32,13 @@ ACTIVATIONS = {
     "leaky_relu": (lambda z: F.leaky_relu(z, LEAKY_SLOPE), True),
 }
 
+# name: (slope z -> f'(z), its maximum); the health monitor's "dead unit" reads these
+SLOPES = {
+    "sigmoid": (lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)), 0.25),
+    "relu": (lambda z: (z > 0).to(z.dtype), 1.0),
+    "leaky_relu": (lambda z: torch.where(z > 0, 1.0, LEAKY_SLOPE).to(z.dtype), 1.0),
+}
+
 
 @dataclass(frozen=True)
 class HiddenLayer:
@@ -138,8 +145,23 @@ class Optimizee:
 
     def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """x: (*B, n, in) or (n, in) -> logits (*B, n, classes)."""
+        return self._forward(params, x)[0]
+
+    def activation_inputs(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """What each hidden layer's activation reads (after BatchNorm): [(*B, n, width)]."""
+        return self._forward(params, x)[1]
+
+    def dead_fraction(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """(*B,) fraction of hidden units whose activation slope is at most 1% of its maximum
+        on every example of x (ReLU: z <= 0; LeakyReLU(0.01): z < 0; sigmoid: |z| >= 5.9)."""
+        slope, top = SLOPES[self.activation]
+        with torch.no_grad():
+            dead = [(slope(z) <= 0.01 * top).all(-2) for z in self.activation_inputs(params, x)]
+            return torch.cat(dead, dim=-1).to(x.dtype).mean(-1)
+
+    def _forward(self, params, x):
         act, _ = ACTIVATIONS[self.activation]
-        h = x
+        h, pre = x, []
         n_layers = len(self.hidden_sizes) + 1
         for i in range(1, n_layers + 1):
             h = h @ params[f"fc{i}.weight"].mT + params[f"fc{i}.bias"].unsqueeze(-2)
@@ -147,8 +169,9 @@ class Optimizee:
                 break
             if self.batchnorm:
                 h = batch_norm(h, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.bn_eps)
+            pre.append(h)
             h = act(h)
-        return h
+        return h, pre
 
     def loss(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean softmax cross-entropy over the n examples: (*B,)."""

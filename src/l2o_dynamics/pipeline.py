@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
+from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
 from .utils import L2OError, resolve_device
 
 DONE_MARKER = "job.json"
@@ -246,12 +246,17 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
-              echo=print) -> dict:
-    """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html."""
+              l2os: str | None = None, echo=print) -> dict:
+    """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
+    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from."""
+    from dataclasses import replace
+
     from . import data as data_mod
     from .report import write_outputs
 
     profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
+    if l2os is not None:
+        profile = replace(profile, l2os=l2os)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
@@ -310,6 +315,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_parser(sub) -> None:
     r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
     r.add_argument("--profile", choices=list(PROFILES), default="quick")
+    r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
+                   help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
+                        "here (paper's and smoke's default)")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _common(r)
     r.set_defaults(handler=_cmd_reproduce)
@@ -329,7 +337,7 @@ def _cmd_reproduce(args) -> int:
     learned.set_fusion(args.fusion)
     reproduce(args.profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
-              docs=args.docs, fusion=args.fusion)
+              docs=args.docs, fusion=args.fusion, l2os=args.l2os)
     return 0
 
 

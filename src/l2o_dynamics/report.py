@@ -17,7 +17,9 @@ from .experiments import Job, Profile
 from .results import COLUMNS, Table
 from .utils import atomic_write_json, atomic_write_text, environment
 
-VERDICT = {"held": "yes", "weak": "weak (CI includes 0)", "no": "no", "n/a": "n/a"}
+VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
+           "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",
+           "contradicted": "contradicted (CI excludes 0)", "n/a": "n/a (fewer than 3 usable seeds)"}
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
 
 
@@ -49,7 +51,6 @@ def make_figures(table: Table, fig_dir: Path, experiments: Iterable[str]) -> dic
             out["generalization.png"] = plotting.generalization_figure(table, fig_dir / "generalization.png")
     if "noise" in experiments and len(table.where(experiment="noise")):
         out["noise.png"] = plotting.noise_figure(table, fig_dir / "noise.png")
-        out["noise_std.png"] = plotting.noise_figure(table, fig_dir / "noise_std.png", "_std")
     if len(table.where(experiment="meta-train")):
         out["meta_training.png"] = plotting.meta_training_figure(table, fig_dir / "meta_training.png")
     return out
@@ -117,7 +118,8 @@ def _noise_block(table: Table) -> list[Block]:
     t = table.where(experiment="noise")
     if not len(t):
         return []
-    metrics = ["alpha_grad", "alpha_update", "alpha_grad_std", "alpha_update_std", "cov_max_eig", "cov_trace"]
+    metrics = ["alpha_grad_pub", "alpha_update_pub", "alpha_grad", "alpha_update", "alpha_grad_std",
+               "alpha_update_std", "cov_max_eig", "cov_trace"]
     header = ["optimizer"] + metrics
     body = []
     for opt in ("sgd", "adam", "lion", "l2o"):
@@ -128,23 +130,51 @@ def _noise_block(table: Table) -> list[Block]:
     return [("h", 3, "Noise statistics, mean over checkpoints"), ("table", header, body)]
 
 
+INTERVAL_NOTE = ("Each L2O is one meta-training (seed 0), so the intervals cover meta-test seeds only, "
+                 "not the variation between meta-trainings (docs/meta_training.md measures that).")
+L2O_SOURCE = {
+    "pretrained": "Every L2O analysed below is one of the shipped, pretrained set "
+                  "(pretrained:leaky_relu/beta=B, pretrained:bn_relu/beta=B; see "
+                  "src/l2o_dynamics/pretrained/README.md for how each was trained); the one meta-training "
+                  "run here (leaky_relu, beta 0) only demonstrates the pipeline and is not analysed.",
+    "train": "Every L2O analysed below was meta-trained in this run with the settings above.",
+}
+
+
+def _recipe_text(profile: Profile) -> str:
+    from .meta import recipe
+
+    c = recipe(profile.recipe, **profile.meta)
+    parts = [f"recipe {profile.recipe}", f"{c.epochs} epochs x {c.runs} runs of {c.horizon} steps",
+             f"unroll {c.unroll}", f"{c.total_meta_steps():,} meta-steps", f"meta-lr {c.meta_lr:g}"]
+    if c.short_runs:
+        parts.append(f"{c.short_runs:.0%} of runs cut to their first unroll")
+    if c.clip_grad:
+        parts.append(f"meta-gradient clipped at norm {c.clip_grad:g}")
+    if c.rollback:
+        parts.append(f"rollback to the best phi at {c.rollback:g}x its validation score"
+                     + ("" if c.rollback_cut == 1 else f", meta-lr x {c.rollback_cut:g} each time"))
+    if c.collapse:
+        parts.append(f"collapse monitor at drift {c.collapse:g}")
+    return ", ".join(parts)
+
+
 def build_report(table: Table, findings, figures: dict[str, Path], profile: Profile, jobs: list[Job],
                  store, env: dict, wall_time_s: float, executor: str) -> list[Block]:
     blocks: list[Block] = [
         ("h", 1, "l2o-dynamics: reproduction of \"Investigation into Training Dynamics of Learned Optimizers\""),
-        ("p", f"Profile **{profile.name}**: {profile.seeds} seeds; meta-training "
-              f"{profile.meta['epochs']} epochs x {profile.meta['runs']} runs of {profile.meta['horizon']} "
-              f"steps (unroll {profile.meta['unroll']}, meta-lr {profile.meta.get('meta_lr', 1e-3):g}"
-              f"{', meta-gradient clipped at norm %g' % profile.meta['clip_grad'] if profile.meta.get('clip_grad') else ''}"
-              f"{', rollback to the best phi at %gx its validation score' % profile.meta['rollback'] if profile.meta.get('rollback') else ''}"
-              f"); noise runs of {profile.noise_steps} steps with "
+        ("p", f"Profile **{profile.name}**: {profile.seeds} seeds; meta-training: {_recipe_text(profile)}. "
+              f"{L2O_SOURCE[profile.l2os]} Noise runs of {profile.noise_steps} steps with "
               f"checkpoints every {profile.noise_every}. Wall time {wall_time_s / 60:.1f} min on {executor}. "
               "Numbers are mean [95% t-interval] over seeds; comparisons are paired by seed (same init and "
               "data order)."),
         ("h", 2, "Findings"),
         ("table", *findings_table(findings)),
-        ("p", "'yes': the claimed direction with a 95% interval that excludes no effect; 'weak': the claimed "
-              "direction but the interval includes no effect; 'no': the opposite direction."),
+        ("p", "Verdicts, from the 95% t-interval over seeds of the paired statistic: 'held': the "
+              "claimed direction, interval excludes 0; 'weak': the claimed direction, interval includes 0; "
+              "'inconclusive, opposite sign': the other direction, interval includes 0; 'contradicted': the "
+              "other direction, interval excludes 0; 'n/a': fewer than 3 usable seeds. Seeds whose run "
+              "diverged are left out and counted. " + INTERVAL_NOTE),
     ]
     for f in findings:
         blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
@@ -157,8 +187,9 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
         "symmetry_breaking_unit.png": "Figure 1 with the per-unit measure (no cancellation between units).",
         "regularization.png": "Figure 2: training loss of L2Os meta-trained with a symmetry-breaking penalty.",
         "generalization.png": "Regularised L2Os on unseen optimizees.",
-        "noise.png": "Figure 3: tail index of gradient and update noise; largest eigenvalue of the update covariance.",
-        "noise_std.png": "Figure 3 with the per-coordinate standardised tail-index estimator.",
+        "noise.png": "Figure 3: tail index of gradient and update noise by three estimators (the study's as "
+                     "published; pooled without zeros; per-coordinate standardised); largest eigenvalue of "
+                     "the update covariance.",
         "meta_training.png": "Meta-training curves of every L2O.",
     }
     for name in figures:

@@ -49,6 +49,11 @@ class MetricLog:
                 out += np.asarray(values, dtype=np.float64)
         return out
 
+    def curve(self, metric: str) -> np.ndarray:
+        """`metric` over its logged steps, in order, per seed: (T, S)."""
+        return np.array([np.broadcast_to(np.asarray(v, dtype=np.float64), (len(self.seeds),))
+                         for m, _, v in self.entries if m == metric]).reshape(-1, len(self.seeds))
+
     def rows(self) -> list[Row]:
         out = []
         head = (self.experiment, self.optimizee, self.optimizer, self.beta)
