@@ -441,8 +441,8 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
     Health monitor, logged every meta-step: `meta_grad_norm` (before clipping), `drift`
     (|mean u| / mean |u| over the coordinates of each update, averaged over the unroll)
     and `dead_frac` (hidden units of the optimizee with a flat activation on the whole
-    last minibatch). With `cfg.collapse`, a collapse (see COLLAPSE_UNROLLS) abandons the run
-    and rolls phi back."""
+    last minibatch). With `cfg.collapse`, a collapse (see COLLAPSE_UNROLLS) is logged and,
+    once some epoch has validated, abandons the run and rolls phi back to the best one."""
     seeds = [derive_seed("train", cfg.seed, epoch, run, task) for task in range(cfg.tasks)]
     params = init_params(model, seeds, dtype, device)
     batchers = [data_mod.Batcher(*train, batch_size=cfg.batch_size, seed=s, device=device)
@@ -502,9 +502,10 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         if st["drifting"] >= COLLAPSE_UNROLLS:
             st["drifting"] = 0
             log.add("collapse", st["meta_step"], drift)
-            _roll_back(cfg, l2o.phi, opt, st, log)
-            _skip_rest_of_run(st, bar, per_run - done)
-            return
+            if st["best_opt"] is not None:  # back to a validated phi; before one exists, an
+                _roll_back(cfg, l2o.phi, opt, st, log)  # untrained L2O that kills optimizees
+                _skip_rest_of_run(st, bar, per_run - done)  # must train its way out, not restart
+                return
         params = {k: v.detach() for k, v in out.params.items()}
         state = l2o.detach_state(out.state)
         grads, loss0 = out.grads, out.loss
