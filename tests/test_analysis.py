@@ -70,6 +70,10 @@ def test_regularization_trend_finding_on_a_known_slowdown():
     assert analysis.regularization_findings(_table(faster))[0].verdict == "contradicted"
     one_seed = {k: v[:, :1] for k, v in curves.items()}
     assert analysis.regularization_findings(_table(one_seed))[0].verdict == "n/a"
+    diverged = {k: v.copy() for k, v in curves.items()}
+    diverged[("l2o", 1.0)][15, 2] = math.nan  # seed 2 diverged at beta = 1
+    f = analysis.regularization_findings(_table(diverged))[0]
+    assert f.verdict == "held" and f.values["seeds left out (a run diverged)"] == "1"
 
 
 def test_rise_time_is_robust_to_one_spike():

@@ -138,6 +138,7 @@ def symmetry_findings(t: Table) -> list[Finding]:
             vals = {o: fmt(list(m.values())) for o, m in means.items()}
             diffs = {b: paired(means["l2o"], means[b], log_ratio) for b in ("sgd", "adam")}
             vals.update({f"log10(L2O / {b})": fmt(d) for b, d in diffs.items()})
+            vals.update(diverged_note(*diffs.values()))
             claim = (f"{kind.capitalize()} symmetry ({optimizee}): the L2O's updates deviate from the "
                      "geometric constraint much more than SGD's and Adam's.")
             if name == "rel":
@@ -304,7 +305,7 @@ def noise_findings(t: Table) -> list[Finding]:
             f"SGD and Adam. [{name}]",
             f"mean over checkpoints of alpha_update{suffix} per seed; paired L2O minus baseline",
             {**{k: v for k, v in vals.items() if k.startswith("alpha_update")},
-             **{f"L2O minus {o}": fmt(d) for o, d in d1.items()}},
+             **{f"L2O minus {o}": fmt(d) for o, d in d1.items()}, **diverged_note(*d1.values())},
             _combine([verdict(d) for d in d1.values()]), "noise.png"))
         d2 = paired(au["l2o"], ag["l2o"])
         out.append(Finding(
@@ -312,7 +313,7 @@ def noise_findings(t: Table) -> list[Finding]:
             f"The L2O's update noise is much less heavy-tailed than its gradient noise. [{name}]",
             f"alpha_update{suffix} minus alpha_grad{suffix} on the L2O's run, per seed",
             {"alpha_update L2O": vals["alpha_update l2o"], "alpha_grad L2O": vals["alpha_grad l2o"],
-             "difference": fmt(d2)}, verdict(d2), "noise.png"))
+             "difference": fmt(d2), **diverged_note(d2)}, verdict(d2), "noise.png"))
         gain = {o: {s: au[o][s] - ag[o][s] for s in set(au[o]) & set(ag[o])} for o in opts}
         d3 = {o: paired(gain["l2o"], gain[o]) for o in base}
         out.append(Finding(
@@ -321,7 +322,7 @@ def noise_findings(t: Table) -> list[Finding]:
             f"baselines. [{name}]",
             f"(alpha_update - alpha_grad){suffix} per seed; paired L2O minus baseline",
             {**{f"filtering {o}": fmt(list(gain[o].values())) for o in opts},
-             **{f"L2O minus {o}": fmt(d) for o, d in d3.items()}},
+             **{f"L2O minus {o}": fmt(d) for o, d in d3.items()}, **diverged_note(*d3.values())},
             _combine([verdict(d) for d in d3.values()]), "noise.png"))
     eig = {o: per_seed(t.where(optimizer=o, metric="cov_max_eig")) for o in opts}
     base = [o for o in ("sgd", "adam") if o in opts]
@@ -332,7 +333,7 @@ def noise_findings(t: Table) -> list[Finding]:
         "covariance than SGD and Adam.",
         "mean over checkpoints of cov_max_eig per seed; paired log10 ratio L2O / baseline",
         {**{f"cov_max_eig {o}": fmt(list(eig[o].values())) for o in opts},
-         **{f"log10(L2O / {o})": fmt(d) for o, d in d4.items()}},
+         **{f"log10(L2O / {o})": fmt(d) for o, d in d4.items()}, **diverged_note(*d4.values())},
         _combine([verdict(d) for d in d4.values()]), "noise.png"))
     return out
 
@@ -380,7 +381,7 @@ def l2o_vs_adam(t: Table) -> Finding | None:
         "l2o_fast_start",
         "The L2O's strength is its fast early descent (it beats Adam early in the run).",
         "paired difference of the mean minibatch training loss, Adam minus L2O, over the first "
-        "eighth and the last 10 iterations", vals, _combine([verdict(d) for d in diffs]),
+        "eighth and the last 10 iterations", {**vals, **diverged_note(*diffs)}, _combine([verdict(d) for d in diffs]),
         "regularization.png")
 
 
