@@ -80,6 +80,14 @@ def _train_one(args: tuple) -> dict:
     return summary
 
 
+def train_all(work: list[tuple], jobs: int) -> list[dict]:
+    """`_train_one` over `work`, `jobs` processes at a time (one thread each)."""
+    if jobs > 1:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            return pool.map(_train_one, work, chunksize=1)
+    return [_train_one(w) for w in work]
+
+
 def _curve_stats(log) -> dict[str, np.ndarray]:
     c = log.curve("train_loss")  # (T, S)
     return {"early": c[1:EARLY + 1].mean(0), "mid": c[1:MID + 1].mean(0), "final": c[-WINDOW:].mean(0)}
@@ -87,7 +95,6 @@ def _curve_stats(log) -> dict[str, np.ndarray]:
 
 def evaluate(summaries: list[dict], optimizees: list[str], unseen: list[str], test_seeds: int,
              steps: int = 200) -> dict:
-    import torch
     from l2o_dynamics import data, learned, runner
     from l2o_dynamics.analysis import interval
     from l2o_dynamics.optimizers import make_baseline
@@ -176,11 +183,7 @@ def main(argv=None) -> int:
     work = [(a.recipe, overrides, o, seed, str(out / "runs" / tag / o / f"seed{seed}"))
             for o in optimizees for seed in range(a.meta_seeds)]
     started = time.time()
-    if a.jobs > 1:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            summaries = pool.map(_train_one, work, chunksize=1)
-    else:
-        summaries = [_train_one(w) for w in work]
+    summaries = train_all(work, a.jobs)
     if a.train_only:
         return 0
     import torch

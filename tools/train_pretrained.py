@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import shutil
 import sys
 from pathlib import Path
@@ -55,13 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--install", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "l2o_quality"))
     a = p.parse_args(argv)
-    q = _quality()
-    items = work_items(a.epochs, a.runs, Path(a.out))
-    if a.jobs > 1:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            summaries = pool.map(q._train_one, items, chunksize=1)
-    else:
-        summaries = [q._train_one(i) for i in items]
+    summaries = _quality().train_all(work_items(a.epochs, a.runs, Path(a.out)), a.jobs)
     if a.install:
         install(summaries)
     return 0

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
     m.add_argument("--meta-loss", choices=META_LOSSES, default=None)
     m.add_argument("--loss-index", choices=LOSS_INDICES, default=None,
-                   help="next: L(theta_s+1..s+K) (published default here); current: the authors' L(theta_s..s+K-1)")
+                   help="next: sum L(theta_s+1..s+K) (both recipes); current: the authors' L(theta_s..s+K-1)")
     m.add_argument("--clip-grad", type=_positive_float, default=None, help="max global norm of the meta-gradient")
     m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
     m.add_argument("--short-runs", type=_nonneg_float, default=None, metavar="SHARE",
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rollback-cut", type=_positive_float, default=None, metavar="C",
                    help="multiply the meta-lr by C at every rollback (published: 0.5)")
     m.add_argument("--collapse", type=_positive_float, default=None, metavar="D",
-                   help="roll back when the update drift |mean u|/mean|u| stays above D")
+                   help="flag a collapse when the update drift |mean u|/mean|u| stays above D while the "
+                        "optimizee dies; roll back to the best validated phi")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained L2O (an l2o.pt, or pretrained:NAME) instead of a fresh init")
     m.add_argument("--seed", type=int, default=None)

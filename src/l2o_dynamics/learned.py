@@ -261,8 +261,8 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 def pretrained(name: str = "leaky_relu") -> str:
     """Path of an L2O shipped with the package: 'OPTIMIZEE' or 'OPTIMIZEE/beta=B' (the one
     meta-trained on OPTIMIZEE with symmetry penalty weight B; 'OPTIMIZEE' is beta=0), or
-    'base/leaky_relu' (the full-horizon stage the shipped set started from). How each
-    was made: pretrained/README.md."""
+    'base/leaky_relu' (the L2O shipped before the default recipe, kept for comparison).
+    How each was made: pretrained/README.md."""
     optimizee, _, beta = name.partition("/")
     if optimizee == "base":
         rel = f"base/{beta}.pt"

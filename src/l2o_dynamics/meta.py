@@ -122,6 +122,8 @@ class MetaTrainConfig:
             raise L2OError(f"short_runs must be a share in [0, 1), got {self.short_runs}")
         if self.collapse is not None and not 0 < self.collapse < 1:
             raise L2OError(f"collapse must be a drift threshold in (0, 1), got {self.collapse}")
+        if self.init_from is not None:
+            l2o_from_checkpoint(self.init_from)  # a missing or unreadable one fails here, before any work
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
@@ -207,7 +209,6 @@ class Unroll:
     params: dict
     state: dict
     grads: dict  # gradient at the last params, input of the next unroll
-    loss: torch.Tensor  # (B,) minibatch loss at the last params (value)
     drift: torch.Tensor  # (K, B) |mean_i u_i| / mean_i |u_i| of each step's update (value)
 
 
@@ -254,7 +255,7 @@ def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
         total = stacked.log().mean(0)
     reg_term = penalty if isinstance(penalty, torch.Tensor) else torch.zeros_like(total)
     return Unroll(total + beta * reg_term, reg_term, torch.stack(values), params, state, grads,
-                  values[-1], torch.stack(drift))
+                  torch.stack(drift))
 
 
 # ---- schedules ----------------------------------------------------------------------------
@@ -421,15 +422,12 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
 
 
 def _roll_back(cfg, phi, opt, st, log) -> None:
-    """Back to the best phi and its meta-optimizer state (a fresh one if none validated
-    yet); the meta-lr is multiplied by `rollback_cut`."""
+    """Back to the best validated phi and its meta-optimizer state; the meta-lr is
+    multiplied by `rollback_cut`."""
     with torch.no_grad():
         for k in phi:
             phi[k].copy_(st["best_phi"][k])
-    if st["best_opt"] is not None:
-        opt.load_state_dict(copy.deepcopy(st["best_opt"]))
-    else:
-        opt.state.clear()
+    opt.load_state_dict(copy.deepcopy(st["best_opt"]))
     st["rollbacks"] += 1
     st["lr_scale"] *= cfg.rollback_cut
     log.add("rollback", st["meta_step"], st["rollbacks"])
@@ -496,7 +494,7 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
                             f"meta-loss {value:.3f} |g| {float(norm):.2g} drift {drift:.2f} "
                             f"dead {dead:.2f} best val {st['best_score']:.4f}", refresh=False)
-        chance = float(out.loss.mean()) >= CHANCE * math.log(model.classes)
+        chance = float(out.losses[-1].mean()) >= CHANCE * math.log(model.classes)
         dying = cfg.collapse is not None and drift > cfg.collapse and (dead >= DEAD or chance)
         st["drifting"] = st["drifting"] + 1 if dying else 0
         if st["drifting"] >= COLLAPSE_UNROLLS:
@@ -508,7 +506,7 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
                 return
         params = {k: v.detach() for k, v in out.params.items()}
         state = l2o.detach_state(out.state)
-        grads, loss0 = out.grads, out.loss
+        grads, loss0 = out.grads, out.losses[-1]
 
 
 def _skip_rest_of_run(st, bar, left: int) -> None:

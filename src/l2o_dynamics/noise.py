@@ -127,6 +127,14 @@ def tail_indices(noise: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMA
     return out
 
 
+def noise_alphas(G: torch.Tensor, U: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS
+                 ) -> dict[str, float]:
+    """alpha_grad* and alpha_update* of minibatch gradients G and updates U (N, P), each
+    estimator reading the centring it is defined on (`centred`, or plain for PLAIN_CENTRING)."""
+    return {**tail_indices(centred(G), estimators, "alpha_grad", plain=G - G.mean(0)),
+            **tail_indices(centred(U), estimators, "alpha_update", plain=U - U.mean(0))}
+
+
 def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, state,
                      train: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 128,
                      estimators: Sequence[str] = DEFAULT_ESTIMATORS, cov_unit: str = "minibatch",
@@ -142,8 +150,7 @@ def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, sta
     x, y = train
     G = minibatch_gradients(model, params, x, y, batch_size)
     U = updates_at(optimizer, state, params, G)
-    metrics = {**tail_indices(centred(G), estimators, "alpha_grad", plain=G - G.mean(0)),
-               **tail_indices(centred(U), estimators, "alpha_update", plain=U - U.mean(0))}
+    metrics = noise_alphas(G, U, estimators)
     metrics.update(update_covariance(optimizer, model, params, state, train, unit=cov_unit,
                                      center=cov_center, n=cov_n, batch_size=batch_size,
                                      minibatch_updates=U, seed=seed, step=step))
