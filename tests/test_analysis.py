@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from l2o_dynamics import analysis
+from l2o_dynamics import analysis, results
 from l2o_dynamics.analysis import Paired, beta_slopes, majority, paired, per_seed, rise_time, verdict
 from l2o_dynamics.results import Table
 
@@ -99,3 +99,68 @@ def test_combine_and_majority():
     assert majority(["inconclusive-opposite", "weak"]) == "inconclusive-opposite"
     assert majority(["n/a"]) == "n/a"
     assert isinstance(paired({}, {}), Paired)
+
+
+# ---- several meta-training seeds ------------------------------------------------------------------
+def _fast_start_table(l2o_offsets: list[float], S: int = 5) -> Table:
+    """Adam at loss 1 everywhere; the L2O of meta seed k at 1 - offset_k, the same on every
+    test seed up to +-0.001: each L2O alone is decided within its seeds."""
+    rng = np.random.default_rng(1)
+    curves = {("adam", None): np.ones((40, S))}
+    for k, off in enumerate(l2o_offsets):
+        curves[(results.l2o_label("l2o", k), 0.0)] = 1 - off + 0.001 * rng.standard_normal((40, S))
+    return _table(curves)
+
+
+def test_labels_of_meta_seeds_round_trip():
+    assert results.l2o_label("l2o", 0) == "l2o" and results.l2o_label("l2o(leaky_relu)", 2) == "l2o(leaky_relu)@m2"
+    assert results.split_label("l2o(leaky_relu)@m2") == ("l2o(leaky_relu)", 2)
+    assert results.split_label("adam") == ("adam", 0) and results.split_label("l2o") == ("l2o", 0)
+
+
+def test_intervals_are_over_meta_trained_l2os_not_test_seeds():
+    # three L2Os, each clearly ahead of or behind Adam on all its 5 test seeds: +0.3, -0.2, +0.1.
+    one = analysis.l2o_vs_adam(_fast_start_table([0.3]))
+    assert one.verdict == "held"  # one L2O: the test-seed interval is tight
+    (f,) = [f for f in analysis.all_findings(_fast_start_table([0.3, -0.2, 0.1])) if f.key == "l2o_fast_start"]
+    # per-L2O means 0.3, -0.2, 0.1 (mean 0.0667, sd 0.257, half-width 4.303 * 0.257 / 1.732 = 0.64)
+    early = f.stats["leaky_relu: first 5 iterations, Adam minus L2O"]
+    assert early == pytest.approx([0.3, -0.2, 0.1], abs=0.002)
+    assert f.verdict == "weak"  # the claimed sign, but the interval over L2Os includes 0
+    assert "3 meta-trained L2Os" in f.measure
+    # the same three L2Os all ahead: held over L2Os
+    (g,) = [f for f in analysis.all_findings(_fast_start_table([0.3, 0.25, 0.35])) if f.key == "l2o_fast_start"]
+    assert g.verdict == "held"
+    # two L2Os: too few for a verdict, however tight each one is
+    (h,) = [f for f in analysis.all_findings(_fast_start_table([0.3, 0.3])) if f.key == "l2o_fast_start"]
+    assert h.verdict == "n/a"
+
+
+def test_baseline_numbers_keep_their_test_seed_interval_and_an_all_diverged_l2o_is_counted():
+    S, T = 4, 30
+    rng = np.random.default_rng(2)
+    base = {o: 1.0 + 0.1 * rng.standard_normal((T, S)) for o in ("sgd", "adam", "lion")}
+    curves = {(o, None): v for o, v in base.items()}
+    for k in range(3):
+        curves[(results.l2o_label("l2o", k), None)] = 10.0 + k + 0.1 * rng.standard_normal((T, S))
+    curves[(results.l2o_label("l2o", 2), None)][5, :] = math.nan  # every run of the third L2O diverged
+    t = _table(curves, metric="rescale_deviation", experiment="symmetry-breaking")
+    (f,) = [f for f in analysis.all_findings(t) if f.key == "deviation_rescale_total"]
+    assert f.stats["adam"] == pytest.approx(list(per_seed(t.where(optimizer="adam")).values()))  # 4 test seeds
+    assert len(f.stats["l2o"]) == 2  # one mean per usable L2O
+    assert f.stats["log10(L2O / sgd)"].diverged == 4 + 1  # its 4 seeds, and the L2O itself
+    assert f.verdict == "n/a"  # two usable L2Os
+
+
+def test_views_and_pooled_table_keep_each_l2o_apart():
+    t = _fast_start_table([0.3, -0.2, 0.1], S=2)
+    views = analysis.l2o_views(t)
+    assert analysis.meta_seeds(t) == 3 and len(views) == 3
+    for k, v in enumerate(views):
+        assert v.unique("optimizer") == ["adam", "l2o"]
+        assert len(v.where(optimizer="adam")) == len(t.where(optimizer="adam"))
+        assert v.where(optimizer="l2o").cols["value"].mean() == pytest.approx(1 - [0.3, -0.2, 0.1][k], abs=0.01)
+    pooled = analysis.pool_l2os(t)
+    assert pooled.unique("optimizer") == ["adam", "l2o"] and len(pooled) == len(t)
+    assert sorted(set(pooled.where(optimizer="l2o").cols["seed"].tolist())) == [
+        k * analysis.SEED_STRIDE + s for k in range(3) for s in range(2)]

@@ -205,3 +205,27 @@ def test_pretrained_profiles_analyse_the_shipped_set_and_train_one_demo_l2o():
     blob = Path(pretrained(shipped[0].config["name"])).read_bytes()
     assert files["l2o.pt"] == blob and hashlib.sha256(blob).hexdigest() == shipped[0].config["sha256"]
     assert get_profile("quick").l2os == "pretrained" and get_profile("paper").l2os == "train"
+
+
+def test_meta_seeds_meta_train_and_meta_test_one_l2o_per_seed(tmp_path, mnist):
+    import dataclasses
+
+    one = dataclasses.replace(get_profile("smoke"), l2os="train")
+    three = dataclasses.replace(one, meta_seeds=3)
+    jobs1, jobs3 = build_jobs(one, ("symmetry-breaking",)), build_jobs(three, ("symmetry-breaking",))
+    assert {j.key for j in jobs1} <= {j.key for j in jobs3}  # seed 0's jobs are the one-seed jobs
+    trains = {j.key: j for j in jobs3 if j.kind == "meta-train"}
+    assert sorted(j.config["seed"] for j in trains.values()) == [0, 0, 1, 1, 2, 2]  # leaky_relu, bn_relu
+    tests = [j for j in jobs3 if j.kind == "meta-test" and j.config["optimizer"] == "l2o"]
+    assert len(tests) == 6 and all(trains[j.config["source"]].config["seed"] == j.config.get("meta_seed", 0)
+                                   for j in tests)
+    shipped = dataclasses.replace(three, l2os="pretrained")  # one shipped L2O per setting
+    assert sum(j.kind == "pretrained" for j in build_jobs(shipped, ("symmetry-breaking",))) == 2
+
+    summary = pipeline.reproduce(three, tmp_path, experiments=("symmetry-breaking",), progress=False,
+                                 fusion="eager", echo=lambda s: None)
+    t = Table.read(tmp_path / "metrics.csv")
+    assert {"l2o", "l2o@m1", "l2o@m2"} <= set(t.unique("optimizer"))
+    (f,) = [f for f in summary["findings"] if f.key == "deviation_rescale_total"]
+    assert len(f.stats["log10(L2O / sgd)"]) == 3  # one statistic per meta-trained L2O
+    assert "3 meta-trained L2Os per setting" in (tmp_path / "report.md").read_text()

@@ -6,18 +6,24 @@ use paired differences over seeds with a 95% t-interval:
 
     held  -- the mean difference has the claimed sign and its interval excludes 0
     weak  -- the claimed sign, but the interval includes 0 (too few seeds to tell)
-    no    -- the opposite sign
+    (see VERDICTS for all four levels and n/a)
+
+Meta-training seeds. With one meta-trained L2O per setting, the intervals cover
+meta-test seeds only. With several (a profile's `meta_seeds`; their runs are
+labelled `l2o@m1`, `l2o@m2`, ... beside `l2o`), every finding is computed once per
+L2O, each statistic is averaged over the meta-test seeds, and the interval is over
+the L2Os (`across_l2os`): the variation between meta-trainings is then part of it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats
 
-from .results import Table
+from .results import Table, split_label
 
 LEVEL = 0.95
 
@@ -51,6 +57,9 @@ class Finding:
     values: dict[str, str]  # label -> "mean [low, high]"
     verdict: str  # one of VERDICTS
     figure: str | None = None
+    stats: dict[str, list[float]] = field(default_factory=dict)  # label -> the per-seed values behind it
+    tests: tuple[str, ...] = ()  # the labels in `stats` whose verdicts decide the finding
+    rule: str = "all"  # how: "all" (the weakest test decides) or "most" (majority)
 
 
 def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | None = None,
@@ -119,6 +128,21 @@ def log_ratio(x: float, y: float) -> float:
     return math.log10(max(x, tiny) / max(y, tiny))
 
 
+def finding(key: str, claim: str, measure: str, stats: dict[str, Sequence[float] | str],
+            tests: Sequence[str], figure: str | None, rule: str = "all") -> Finding:
+    """A Finding from per-seed statistics: each one shown as 'mean [low, high]' (a str is
+    shown as is); the verdict from the `tests` under `rule`, with the seeds that a
+    diverged run took out of them counted."""
+    verdicts = [verdict(stats[t]) for t in tests]
+    values = {k: v if isinstance(v, str) else fmt(list(v)) for k, v in stats.items()}
+    if rule == "most":
+        values["verdicts of the comparisons"] = majority_summary(verdicts)
+    values.update(diverged_note(*(stats[t] for t in tests)))
+    return Finding(key, claim, measure, values, RULES[rule](verdicts), figure,
+                   {k: v if isinstance(v, Paired) else list(v) for k, v in stats.items() if not isinstance(v, str)},
+                   tuple(tests), rule)
+
+
 # ---- symmetry breaking ----------------------------------------------------------------------------------
 SYM_PANELS = (("leaky_relu", "rescale"), ("bn_relu", "scale"))
 
@@ -135,36 +159,33 @@ def symmetry_findings(t: Table) -> list[Finding]:
         for suffix, name in (("", "total"), ("_rel", "rel")):
             sub = panel.where(metric=f"{kind}_deviation{suffix}")
             means = {o: per_seed(sub.where(optimizer=o)) for o in ("sgd", "adam", "lion", "l2o")}
-            vals = {o: fmt(list(m.values())) for o, m in means.items()}
-            diffs = {b: paired(means["l2o"], means[b], log_ratio) for b in ("sgd", "adam")}
-            vals.update({f"log10(L2O / {b})": fmt(d) for b, d in diffs.items()})
-            vals.update(diverged_note(*diffs.values()))
+            stats: dict = {o: list(m.values()) for o, m in means.items()}
+            tests = [f"log10(L2O / {b})" for b in ("sgd", "adam")]
+            stats.update({lbl: paired(means["l2o"], means[b], log_ratio) for lbl, b in zip(tests, ("sgd", "adam"))})
             claim = (f"{kind.capitalize()} symmetry ({optimizee}): the L2O's updates deviate from the "
                      "geometric constraint much more than SGD's and Adam's.")
             if name == "rel":
                 claim = f"(companion) {kind.capitalize()} symmetry ({optimizee}), scale-free measure: the same."
-            out.append(Finding(
+            out.append(finding(
                 f"deviation_{kind}_{name}", claim,
                 f"mean over iterations of `{kind}_deviation{suffix}` per seed; paired log10 ratio L2O / baseline",
-                vals, _combine([verdict(d) for d in diffs.values()]),
-                "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png"))
+                stats, tests, "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png"))
         sub = panel.where(metric=f"{kind}_deviation")
         T = int(sub.cols["step"].max())
         half = {o: per_seed(sub.where(optimizer=o), reduce=rise_time) for o in ("l2o", "lion")}
         end = {o: per_seed(sub.where(optimizer=o), steps=(int(0.9 * T), T)) for o in ("l2o", "lion")}
-        d_early = paired(half["lion"], half["l2o"])  # > 0: L2O reaches half its peak sooner
-        d_late = paired(end["lion"], end["l2o"], log_ratio)  # > 0: Lion higher at the end
-        out.append(Finding(
+        stats = {"half-total iteration, L2O": list(half["l2o"].values()),
+                 "half-total iteration, Lion": list(half["lion"].values()),
+                 # > 0: the L2O reaches half its total sooner; Lion higher at the end
+                 "Lion minus L2O (iterations)": paired(half["lion"], half["l2o"]),
+                 "last 10%, log10(Lion / L2O)": paired(end["lion"], end["l2o"], log_ratio)}
+        out.append(finding(
             f"deviation_{kind}_timing",
             f"{kind.capitalize()} symmetry ({optimizee}): symmetry breaking rises fastest for the L2O at the "
             "beginning, while Lion's rises more gradually and ends higher.",
             "per seed: the iteration at which the cumulative deviation reaches half its total (L2O "
             "before Lion?) and the mean deviation over the last 10% of iterations (Lion above L2O?)",
-            {"half-total iteration, L2O": fmt(list(half["l2o"].values())),
-             "half-total iteration, Lion": fmt(list(half["lion"].values())),
-             "Lion minus L2O (iterations)": fmt(d_early),
-             "last 10%, log10(Lion / L2O)": fmt(d_late), **diverged_note(d_early, d_late)},
-            _combine([verdict(d_early), verdict(d_late)]), "symmetry_breaking.png"))
+            stats, ["Lion minus L2O (iterations)", "last 10%, log10(Lion / L2O)"], "symmetry_breaking.png"))
     return out
 
 
@@ -200,44 +221,43 @@ def regularization_findings(t: Table) -> list[Finding]:
     out = []
     reg = t.where(experiment="regularization", optimizer="l2o")
     if len(reg):
-        vals, diffs = {}, []
+        stats: dict = {}
+        tests = []
         for optimizee in reg.unique("optimizee"):
             sub = reg.where(optimizee=optimizee)
             betas = [b for b in sub.unique("beta") if b is not None]
             by_beta = {b: auc(sub.where(beta=b)) for b in betas}
             for b in betas:
-                vals[f"{optimizee}: beta={b:g}"] = fmt(list(by_beta[b].values()))
+                stats[f"{optimizee}: beta={b:g}"] = list(by_beta[b].values())
             if len(betas) >= 2:
                 lo_b, hi_b = min(betas), max(betas)
-                vals[f"{optimizee}: beta={hi_b:g} minus beta={lo_b:g}"] = fmt(paired(by_beta[hi_b], by_beta[lo_b]))
-                d = beta_slopes(by_beta)
-                diffs.append(d)
-                vals[f"{optimizee}: slope of mean loss on beta (per unit beta)"] = fmt(d)
-        out.append(Finding(
+                stats[f"{optimizee}: beta={hi_b:g} minus beta={lo_b:g}"] = paired(by_beta[hi_b], by_beta[lo_b])
+                tests.append(f"{optimizee}: slope of mean loss on beta (per unit beta)")
+                stats[tests[-1]] = beta_slopes(by_beta)
+        out.append(finding(
             "regularization_slowdown",
             "As the symmetry-breaking regularization increases, the L2O's speed of optimization drops.",
             "mean training loss over the meta-test run (area under the curve) per seed and beta; per "
             "seed the least-squares slope of that loss on beta over all betas (a trend, > 0: slower "
             "with more regularisation), its interval over seeds",
-            {**vals, **diverged_note(*diffs)}, _combine([verdict(d) for d in diffs]), "regularization.png"))
+            stats, tests, "regularization.png"))
     gen = t.where(experiment="generalization")
     if len(gen):
-        vals, verdicts = {}, []
+        stats = {}
         for opt in gen.unique("optimizer"):
             for optimizee in gen.where(optimizer=opt).unique("optimizee"):
                 sub = gen.where(optimizer=opt, optimizee=optimizee)
                 betas = [b for b in sub.unique("beta") if b is not None]
-                if len(betas) < 2:
-                    continue
-                d = beta_slopes({b: auc(sub.where(beta=b)) for b in betas})
-                verdicts.append(verdict(d))
-                vals[f"{opt} on {optimizee}: slope of mean loss on beta"] = fmt(d)
-        out.append(Finding(
+                if len(betas) >= 2:
+                    stats[f"{opt} on {optimizee}: slope of mean loss on beta"] = beta_slopes(
+                        {b: auc(sub.where(beta=b)) for b in betas})
+        out.append(finding(
             "regularization_unseen",
             "The slowdown from regularization also shows on most optimizee architectures the L2O was "
             "not meta-trained on.",
-            "per unseen optimizee, the per-seed slope of the mean training loss on beta; "
-            + majority_summary(verdicts), vals, majority(verdicts), "generalization.png"))
+            "per unseen optimizee, the per-seed slope of the mean training loss on beta; the claim "
+            "holds as a majority of those comparisons", stats, list(stats), "generalization.png",
+            rule="most"))
     return out
 
 
@@ -279,6 +299,9 @@ def majority_summary(verdicts: Sequence[str]) -> str:
     return ", ".join(f"{n} {lvl}" for lvl, n in counts.items() if n) or "no comparisons"
 
 
+RULES = {"all": _combine, "most": majority}  # Finding.rule -> how its tests' verdicts combine
+
+
 # ---- noise -------------------------------------------------------------------------------------------
 def noise_findings(t: Table) -> list[Finding]:
     t = t.where(experiment="noise", optimizee="leaky_relu")
@@ -290,51 +313,41 @@ def noise_findings(t: Table) -> list[Finding]:
         return out
     from .noise import ESTIMATOR_LABELS
 
+    base = [o for o in ("sgd", "adam") if o in opts]
     for suffix, name in ESTIMATOR_LABELS.items():
         au = {o: per_seed(t.where(optimizer=o, metric=f"alpha_update{suffix}")) for o in opts}
         ag = {o: per_seed(t.where(optimizer=o, metric=f"alpha_grad{suffix}")) for o in opts}
-        vals = {}
-        for o in opts:
-            vals[f"alpha_update {o}"] = fmt(list(au[o].values()))
-            vals[f"alpha_grad {o}"] = fmt(list(ag[o].values()))
-        base = [o for o in ("sgd", "adam") if o in opts]
-        d1 = {o: paired(au["l2o"], au[o]) for o in base}
-        out.append(Finding(
+        tests = [f"L2O minus {o}" for o in base]
+        out.append(finding(
             f"alpha_update_vs_baselines{suffix}",
             "The noise in the L2O's updates is less heavy-tailed (larger alpha) than the updates of "
             f"SGD and Adam. [{name}]",
             f"mean over checkpoints of alpha_update{suffix} per seed; paired L2O minus baseline",
-            {**{k: v for k, v in vals.items() if k.startswith("alpha_update")},
-             **{f"L2O minus {o}": fmt(d) for o, d in d1.items()}, **diverged_note(*d1.values())},
-            _combine([verdict(d) for d in d1.values()]), "noise.png"))
-        d2 = paired(au["l2o"], ag["l2o"])
-        out.append(Finding(
+            {**{f"alpha_update {o}": list(au[o].values()) for o in opts},
+             **{lbl: paired(au["l2o"], au[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
+        out.append(finding(
             f"alpha_update_vs_grad{suffix}",
             f"The L2O's update noise is much less heavy-tailed than its gradient noise. [{name}]",
             f"alpha_update{suffix} minus alpha_grad{suffix} on the L2O's run, per seed",
-            {"alpha_update L2O": vals["alpha_update l2o"], "alpha_grad L2O": vals["alpha_grad l2o"],
-             "difference": fmt(d2), **diverged_note(d2)}, verdict(d2), "noise.png"))
+            {"alpha_update L2O": list(au["l2o"].values()), "alpha_grad L2O": list(ag["l2o"].values()),
+             "difference": paired(au["l2o"], ag["l2o"])}, ["difference"], "noise.png"))
         gain = {o: {s: au[o][s] - ag[o][s] for s in set(au[o]) & set(ag[o])} for o in opts}
-        d3 = {o: paired(gain["l2o"], gain[o]) for o in base}
-        out.append(Finding(
+        out.append(finding(
             f"noise_filtering{suffix}",
             f"This filtering of gradient noise is much more pronounced for the L2O than for the "
             f"baselines. [{name}]",
             f"(alpha_update - alpha_grad){suffix} per seed; paired L2O minus baseline",
-            {**{f"filtering {o}": fmt(list(gain[o].values())) for o in opts},
-             **{f"L2O minus {o}": fmt(d) for o, d in d3.items()}, **diverged_note(*d3.values())},
-            _combine([verdict(d) for d in d3.values()]), "noise.png"))
+            {**{f"filtering {o}": list(gain[o].values()) for o in opts},
+             **{lbl: paired(gain["l2o"], gain[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
     eig = {o: per_seed(t.where(optimizer=o, metric="cov_max_eig")) for o in opts}
-    base = [o for o in ("sgd", "adam") if o in opts]
-    d4 = {o: paired(eig["l2o"], eig[o], log_ratio) for o in base}
-    out.append(Finding(
+    tests = [f"log10(L2O / {o})" for o in base]
+    out.append(finding(
         "cov_max_eig",
         "The L2O's updates vary more across minibatches: a larger largest eigenvalue of the update "
         "covariance than SGD and Adam.",
         "mean over checkpoints of cov_max_eig per seed; paired log10 ratio L2O / baseline",
-        {**{f"cov_max_eig {o}": fmt(list(eig[o].values())) for o in opts},
-         **{f"log10(L2O / {o})": fmt(d) for o, d in d4.items()}, **diverged_note(*d4.values())},
-        _combine([verdict(d) for d in d4.values()]), "noise.png"))
+        {**{f"cov_max_eig {o}": list(eig[o].values()) for o in opts},
+         **{lbl: paired(eig["l2o"], eig[o], log_ratio) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
     return out
 
 
@@ -361,7 +374,7 @@ def speed_table(t: Table, steps: Sequence[int] = (25, 50, 100, 200)) -> list[dic
 
 
 def l2o_vs_adam(t: Table) -> Finding | None:
-    vals, diffs = {}, []
+    stats, tests = {}, []
     reg = t.where(experiment="regularization", metric="train_loss")
     for optimizee in reg.unique("optimizee"):
         a = reg.where(optimizee=optimizee, optimizer="adam")
@@ -370,22 +383,21 @@ def l2o_vs_adam(t: Table) -> Finding | None:
             continue
         T = int(a.cols["step"].max())
         early = (0, max(T // 8, 1))
-        d = paired(per_seed(a, steps=early), per_seed(l, steps=early))
-        diffs.append(d)
-        vals[f"{optimizee}: first {early[1] + 1} iterations, Adam minus L2O"] = fmt(d)
-        dl = paired(per_seed(a, steps=(T - 9, T)), per_seed(l, steps=(T - 9, T)))
-        vals[f"{optimizee}: last 10 iterations, Adam minus L2O"] = fmt(dl)
-    if not diffs:
+        tests.append(f"{optimizee}: first {early[1] + 1} iterations, Adam minus L2O")
+        stats[tests[-1]] = paired(per_seed(a, steps=early), per_seed(l, steps=early))
+        stats[f"{optimizee}: last 10 iterations, Adam minus L2O"] = paired(
+            per_seed(a, steps=(T - 9, T)), per_seed(l, steps=(T - 9, T)))
+    if not tests:
         return None
-    return Finding(
+    return finding(
         "l2o_fast_start",
         "The L2O's strength is its fast early descent (it beats Adam early in the run).",
         "paired difference of the mean minibatch training loss, Adam minus L2O, over the first "
-        "eighth and the last 10 iterations", {**vals, **diverged_note(*diffs)}, _combine([verdict(d) for d in diffs]),
-        "regularization.png")
+        "eighth and the last 10 iterations", stats, tests, "regularization.png")
 
 
-def all_findings(t: Table) -> list[Finding]:
+def findings_of_one(t: Table) -> list[Finding]:
+    """Every finding, for tables with one L2O per setting (label `l2o`)."""
     out = []
     out += symmetry_findings(t)
     out += regularization_findings(t)
@@ -393,4 +405,74 @@ def all_findings(t: Table) -> list[Finding]:
     f = l2o_vs_adam(t)
     if f:
         out.append(f)
+    return out
+
+
+def all_findings(t: Table) -> list[Finding]:
+    """Every finding; with several meta-training seeds, intervals over the L2Os."""
+    return across_l2os([findings_of_one(v) for v in l2o_views(t)])
+
+
+# ---- several meta-training seeds ---------------------------------------------------------------
+def meta_seeds(t: Table) -> int:
+    """How many meta-trained L2Os per setting the table holds (1 + the largest `@mK`)."""
+    return 1 + max((split_label(o)[1] for o in t.unique("optimizer")), default=0)
+
+
+def l2o_views(t: Table) -> list[Table]:
+    """One table per meta-training seed k: the runs of the L2Os of seed k under their plain
+    label (`l2o`, `l2o(trained_on)`), every other run as it is."""
+    names, ks = zip(*(split_label(o) for o in t.cols["optimizer"])) if len(t) else ((), ())
+    names, ks = np.asarray(names, dtype=object), np.asarray(ks, dtype=np.int64)
+    is_l2o = np.asarray([n.startswith("l2o") for n in names], dtype=bool)
+    views = []
+    for k in range(meta_seeds(t)):
+        keep = ~is_l2o | (ks == k)
+        views.append(Table({**{c: a[keep] for c, a in t.cols.items()}, "optimizer": names[keep]}))
+    return views
+
+
+SEED_STRIDE = 1_000_000  # pooled tables: the run of meta seed k on test seed s is seed s + k * stride
+
+
+def pool_l2os(t: Table) -> Table:
+    """Every meta-training seed's L2O runs under the plain label, each (L2O, test seed) a
+    seed of its own: curves and summary tables over all L2Os (never paired statistics)."""
+    if meta_seeds(t) == 1:
+        return t
+    names, ks = zip(*(split_label(o) for o in t.cols["optimizer"]))
+    return Table({**t.cols, "optimizer": np.asarray(names, dtype=object),
+                  "seed": t.cols["seed"] + SEED_STRIDE * np.asarray(ks, dtype=np.int64)})
+
+
+def across_l2os(per_l2o: list[list[Finding]]) -> list[Finding]:
+    """Findings of K meta-trained L2Os (one list per meta-training seed) as one list whose
+    intervals and verdicts are over the L2Os: each L2O's statistic is first averaged over
+    the meta-test seeds. A statistic that is the same for every L2O (a baseline's own
+    numbers) keeps its interval over meta-test seeds. An L2O all of whose runs diverged
+    adds to the count of what was left out."""
+    if len(per_l2o) == 1:
+        return per_l2o[0]
+    out = []
+    by_key = [{f.key: f for f in fs} for fs in per_l2o]
+    for f0 in per_l2o[0]:
+        fs = [d[f0.key] for d in by_key if f0.key in d]
+        stats: dict = {}
+        for label in f0.stats:
+            runs = [f.stats.get(label, []) for f in fs]
+            if all(len(r) == len(runs[0]) and np.array_equal(r, runs[0], equal_nan=True) for r in runs):
+                stats[label] = runs[0]
+                continue
+            means = Paired()
+            means.diverged = sum(getattr(f.stats.get(label), "diverged", 0) for f in fs)
+            for r in runs:
+                finite = [x for x in r if np.isfinite(x)]
+                if finite:
+                    means.append(float(np.mean(finite)))
+                else:
+                    means.diverged += 1
+            stats[label] = means
+        out.append(finding(
+            f0.key, f0.claim, f"{f0.measure}; each of the {len(fs)} meta-trained L2Os averaged over "
+            "the meta-test seeds first, the interval over L2Os", stats, f0.tests, f0.figure, f0.rule))
     return out

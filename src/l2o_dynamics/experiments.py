@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .results import l2o_label
 from .utils import L2OError, stable_hash
 
 EXPERIMENTS = ("symmetry-breaking", "regularization", "noise")
@@ -56,6 +57,10 @@ class Profile:
     cov_center: str = "mean"  # centre: mean update, or the full-batch update
     recipe: str = "default"  # meta-training recipe (meta.RECIPES) that `meta` overrides
     l2os: str = "train"  # train: meta-train every L2O here; pretrained: the shipped set
+    # meta-trained L2Os per (optimizee, beta), seeds 0..meta_seeds-1, each meta-tested on the same
+    # seeds; findings then take intervals over L2Os (analysis.across_l2os). With l2os="pretrained"
+    # there is one (the shipped set).
+    meta_seeds: int = 1
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
@@ -77,7 +82,7 @@ PROFILES = {
     "paper": Profile(
         "paper", seeds=5,
         meta=dict(epochs=50, runs=100, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
-        noise_steps=1000, noise_every=10, lr_seeds=3),
+        noise_steps=1000, noise_every=10, lr_seeds=3, meta_seeds=3),
 }
 
 
@@ -110,16 +115,17 @@ COST = {"unroll": 0.45, "val_step": 0.006, "l2o_step_seed": 0.004, "base_step_se
         "noise_ckpt": 0.8, "noise_ckpt_l2o": 2.5, "sym_step_seed": 0.0015, "job": 2.0}
 
 
-def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str) -> Job:
+def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, meta_seed: int = 0) -> Job:
     from .meta import recipe
 
     reg = TRAINED_ON[optimizee] if beta else None
     cfg = {**recipe(profile.recipe).to_dict(), **profile.meta, "optimizee": optimizee, "reg": reg,
-           "beta": float(beta), "seed": 0, "device": device}
+           "beta": float(beta), "seed": meta_seed, "device": device}
     m = profile.meta
     unrolls = _meta_steps(cfg)
     est = unrolls * COST["unroll"] + m["epochs"] * m.get("val_runs", 3) * m["horizon"] * COST["val_step"]
-    return Job("meta-train", cfg, f"meta-train L2O on {optimizee} (beta={beta:g})",
+    seed = f", seed {meta_seed}" if meta_seed else ""
+    return Job("meta-train", cfg, f"meta-train L2O on {optimizee} (beta={beta:g}{seed})",
                estimate_s=est + COST["job"])
 
 
@@ -151,17 +157,20 @@ def lr_search_job(profile: Profile, optimizer: str, optimizee: str, horizon: int
 def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee: str, steps: int,
                   seeds: int, profile: Profile, device: str, beta: float | None = None,
                   trained_on: str | None = None, symmetry_every: int | None = None,
-                  noise: Mapping[str, Any] | None = None, eval_every: int | None = None) -> Job:
+                  noise: Mapping[str, Any] | None = None, eval_every: int | None = None,
+                  meta_seed: int = 0) -> Job:
     cfg = {"experiment": experiment, "optimizer": optimizer, "optimizee": optimizee, "steps": steps,
            "seeds": list(range(seeds)), "eval_every": eval_every or profile.eval_every, "beta": beta,
            "trained_on": trained_on, "symmetry_every": symmetry_every,
            "noise": dict(noise) if noise else None, "source": optimizer_job.key, "device": device}
+    if meta_seed:  # absent for seed 0, so that one-seed job keys stay as they were
+        cfg["meta_seed"] = meta_seed
     per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
     est = steps * seeds * (per + (COST["sym_step_seed"] if symmetry_every else 0))
     if noise:
         ck = steps // noise["every"] + 1
         est += ck * seeds * (COST["noise_ckpt_l2o"] if optimizer == "l2o" else COST["noise_ckpt"])
-    name = optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})"
+    name = l2o_label(optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})", meta_seed)
     lbl = f"{experiment}: {name}{'' if beta is None else f' beta={beta:g}'} on {optimizee} ({steps} steps)"
     return Job("meta-test", cfg, lbl, deps=(optimizer_job.key,), estimate_s=est + COST["job"])
 
@@ -181,12 +190,16 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
 
     if profile.l2os not in L2O_SOURCES:
         raise L2OError(f"unknown L2O source {profile.l2os!r}; valid: {', '.join(L2O_SOURCES)}")
+    if not isinstance(profile.meta_seeds, int) or profile.meta_seeds < 1:
+        raise L2OError(f"meta_seeds must be a positive integer, got {profile.meta_seeds!r}")
+    # the shipped set holds one L2O per setting
+    meta_seeds = range(1 if profile.l2os == "pretrained" else profile.meta_seeds)
 
-    def source(optimizer: str, optimizee: str, horizon: int, beta: float = 0.0) -> Job:
+    def source(optimizer: str, optimizee: str, horizon: int, beta: float = 0.0, meta_seed: int = 0) -> Job:
         if optimizer == "l2o" and profile.l2os == "pretrained":
             return add(pretrained_job(optimizee, beta))
         if optimizer == "l2o":
-            return add(meta_train_job(profile, optimizee, beta, device))
+            return add(meta_train_job(profile, optimizee, beta, device, meta_seed))
         return add(lr_search_job(profile, optimizer, optimizee, horizon, device))
 
     if profile.l2os == "pretrained":  # the analyses use the shipped set; one short meta-training
@@ -195,10 +208,10 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
     S = profile.seeds
     if "symmetry-breaking" in experiments:
         for optimizee in TRAINED_ON:
-            for opt in (*BASELINES, "l2o"):
-                src = source(opt, optimizee, profile.symmetry_steps)
+            for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
+                src = source(opt, optimizee, profile.symmetry_steps, meta_seed=k)
                 add(meta_test_job("symmetry-breaking", src, opt, optimizee, profile.symmetry_steps, S,
-                                  profile, device, symmetry_every=1))
+                                  profile, device, symmetry_every=1, meta_seed=k))
     if "regularization" in experiments:
         T = profile.regularization_steps
         for optimizee in TRAINED_ON:
@@ -206,20 +219,22 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
                 add(meta_test_job("regularization", source(opt, optimizee, T), opt, optimizee, T, S,
                                   profile, device))
             for beta in profile.betas:
-                src = source("l2o", optimizee, T, beta)
-                add(meta_test_job("regularization", src, "l2o", optimizee, T, S, profile, device,
-                                  beta=beta))
-                for unseen in UNSEEN[optimizee][:profile.unseen]:
-                    add(meta_test_job("generalization", src, "l2o", unseen, T,
-                                      profile.unseen_seeds or S, profile, device, beta=beta,
-                                      trained_on=optimizee, eval_every=max(profile.eval_every, T // 4)))
+                for k in meta_seeds:
+                    src = source("l2o", optimizee, T, beta, meta_seed=k)
+                    add(meta_test_job("regularization", src, "l2o", optimizee, T, S, profile, device,
+                                      beta=beta, meta_seed=k))
+                    for unseen in UNSEEN[optimizee][:profile.unseen]:
+                        add(meta_test_job("generalization", src, "l2o", unseen, T,
+                                          profile.unseen_seeds or S, profile, device, beta=beta,
+                                          trained_on=optimizee, eval_every=max(profile.eval_every, T // 4),
+                                          meta_seed=k))
     if "noise" in experiments:
         noise = {"every": profile.noise_every, "minibatches": profile.noise_minibatches,
                  "cov_unit": profile.cov_unit, "cov_center": profile.cov_center}
-        for opt in (*BASELINES, "l2o"):
-            src = source(opt, "leaky_relu", profile.noise_steps)
+        for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
+            src = source(opt, "leaky_relu", profile.noise_steps, meta_seed=k)
             add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
-                              noise=noise))
+                              noise=noise, meta_seed=k))
     # dependencies first; within a kind the longest first, so a pool's workers finish together
     order = {"pretrained": 0, "lr-search": 0, "meta-train": 1, "meta-test": 2}
     return sorted(jobs.values(), key=lambda j: (order[j.kind], -j.estimate_s))
@@ -305,7 +320,8 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     ds = load_mnist(verbose=False)
     if cfg["optimizer"] == "l2o":
         opt = l2o_from_checkpoint(source["l2o.pt"], device)
-        name = "l2o" if cfg["trained_on"] in (None, cfg["optimizee"]) else f"l2o({cfg['trained_on']})"
+        name = l2o_label("l2o" if cfg["trained_on"] in (None, cfg["optimizee"]) else f"l2o({cfg['trained_on']})",
+                         cfg.get("meta_seed", 0))
         lr = None
     else:
         lr = json.loads(source["result.json"])["lr"]

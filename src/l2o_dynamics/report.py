@@ -132,6 +132,17 @@ def _noise_block(table: Table) -> list[Block]:
 
 INTERVAL_NOTE = ("Each L2O is one meta-training (seed 0), so the intervals cover meta-test seeds only, "
                  "not the variation between meta-trainings (docs/meta_training.md measures that).")
+INTERVAL_NOTE_META = ("There are {k} meta-trained L2Os per setting (meta-training seeds 0-{last}): every "
+                      "statistic that involves an L2O is averaged over the meta-test seeds for each L2O "
+                      "first, and its interval and verdict are over the {k} L2Os, so they include the "
+                      "variation between meta-trainings ('n/a' with fewer than 3). A baseline's own numbers "
+                      "keep their interval over meta-test seeds. The tables and figures below pool the "
+                      "runs of all L2Os.")
+
+
+def interval_note(table: Table) -> str:
+    k = analysis.meta_seeds(table)
+    return INTERVAL_NOTE if k == 1 else INTERVAL_NOTE_META.format(k=k, last=k - 1)
 L2O_SOURCE = {
     "pretrained": "Every L2O analysed below is one of the shipped, pretrained set "
                   "(pretrained:leaky_relu/beta=B, pretrained:bn_relu/beta=B; see "
@@ -174,8 +185,9 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
               "claimed direction, interval excludes 0; 'weak': the claimed direction, interval includes 0; "
               "'inconclusive, opposite sign': the other direction, interval includes 0; 'contradicted': the "
               "other direction, interval excludes 0; 'n/a': fewer than 3 usable seeds. Seeds whose run "
-              "diverged are left out and counted. " + INTERVAL_NOTE),
+              "diverged are left out and counted. " + interval_note(table)),
     ]
+    table = analysis.pool_l2os(table)  # the tables below: all L2Os' runs together
     for f in findings:
         blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
                    ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
@@ -263,7 +275,7 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
     out.mkdir(parents=True, exist_ok=True)
     merge_metrics(store, jobs, out / "metrics.csv")
     table = Table.read(out / "metrics.csv")
-    figures = make_figures(table, out / "figures", experiments)
+    figures = make_figures(analysis.pool_l2os(table), out / "figures", experiments)
     findings = analysis.all_findings(table)
     env = environment(device)
     blocks = build_report(table, findings, figures, profile, jobs, store, env, wall_time_s, executor)

@@ -23,6 +23,19 @@ from .utils import L2OError, atomic_write_json, atomic_write_text, environment
 
 COLUMNS = ("experiment", "optimizee", "optimizer", "beta", "seed", "step", "metric", "value")
 Row = tuple  # (experiment, optimizee, optimizer, beta, seed, step, metric, value)
+# Several meta-trained L2Os per setting: the one of meta-training seed k > 0 is labelled
+# `l2o@mk` (`l2o(leaky_relu)@mk`); seed 0 keeps the plain label.
+META_SEED_MARK = "@m"
+
+
+def l2o_label(name: str, meta_seed: int = 0) -> str:
+    return f"{name}{META_SEED_MARK}{meta_seed}" if meta_seed else name
+
+
+def split_label(optimizer: str) -> tuple[str, int]:
+    """'l2o@m2' -> ('l2o', 2); any other label -> (label, 0)."""
+    name, mark, k = optimizer.rpartition(META_SEED_MARK)
+    return (name, int(k)) if mark and k.isdigit() else (optimizer, 0)
 
 
 class MetricLog:
