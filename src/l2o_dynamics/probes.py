@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -268,8 +269,24 @@ def _trace(model: nn.Module, example_input) -> _Graph:
     return _Graph(list(gm.graph.nodes), modules, unusable, param_names)
 
 
+def _size_query(node: fx.Node, source: fx.Node) -> bool:
+    """`node` reads only the shape of `source` (x.shape, x.size(), x.shape[0]), not its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[:2] == (source, "shape")
+    if node.op == "call_method" and node.target == "size":
+        return node.args[0] is source
+    return node.op == "call_function" and node.target is operator.getitem \
+        and isinstance(node.args[0], fx.Node) and _size_query(node.args[0], source)
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _size_query(u, node)]
+
+
 def _single_input(node: fx.Node, source: fx.Node) -> bool:
-    return node.all_input_nodes == [source] and node.args and node.args[0] is source
+    """`node`'s first argument is `source` and it reads no other values."""
+    return bool(node.args) and node.args[0] is source and all(
+        n is source or _size_query(n, source) for n in node.all_input_nodes)
 
 
 # ---- the path between producer and consumer -------------------------------------------------------
@@ -355,7 +372,7 @@ def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
     weight, rows, bias_view, units, axis = prod
     path, cur = _Path(axis, 1, ()), node
     while True:
-        users = list(cur.users)
+        users = _value_users(cur)
         if len(users) != 1:
             return None
         nxt = users[0]
@@ -565,7 +582,7 @@ class ModelProbe:
 
     def log_metric(self, metric: str, value) -> None:
         """Add a scalar (a training loss, an accuracy) at the current step (before its update)."""
-        self.log.add(metric, self.step, float(value))
+        self.log.add(metric, self.step, float(value.detach() if isinstance(value, torch.Tensor) else value))
 
     def noise_samples(self, loader: Iterable, loss_fn: Callable, max_batches: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
