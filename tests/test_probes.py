@@ -1,5 +1,8 @@
 """Symmetry detection on nn.Modules and the training-loop probe (l2o_dynamics.probes)."""
 import copy
+import re
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +471,35 @@ def test_bad_probe_arguments_are_one_line_errors(tmp_path):
     probe = probes.attach(opt, model, batches(1)[0][0], tmp_path / "c")
     with pytest.raises(L2OError, match="at least 2 minibatches"):
         probe.noise(batches(1), lambda out, y: F.cross_entropy(out, y))
+
+
+# ---- the README section and the examples run as written ---------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_probe_section_runs(tmp_path, monkeypatch):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+              if "probes.attach" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    t = Table.read(tmp_path / "runs" / "mine" / "metrics.csv")
+    assert {"rescale_deviation", "translation_deviation", "train_loss", "cov_max_eig"} <= set(t.unique("metric"))
+    assert namespace["noise"]["alpha_update_pub"] > 0
+
+
+@pytest.mark.parametrize("example", ["mnist_cnn", "tiny_transformer"])
+def test_examples_run_and_write_metrics_and_figures(example, tmp_path, mnist):
+    """Each example at a few steps (the defaults take ~20-40 s; README)."""
+    mod = runpy.run_path(str(ROOT / "examples" / f"{example}.py"), run_name="example")
+    parser = mod["common"].parser("test", steps=4)
+    args = parser.parse_args(["--out", str(tmp_path / "out"), "--steps", "4", "--noise-every", "2",
+                              "--noise-batches", "4", "--batch-size", "16"])
+    mod["run"](args)
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
+    runs = [f for f in files if f.endswith("metrics.csv")]
+    assert len(runs) == (6 if example == "mnist_cnn" else 3)
+    assert {"loss.png", "deviations.png", "noise.png"} <= set(files)
+    t = Table.read([tmp_path / "out" / r for r in runs])
+    assert list(t.where(metric="cov_max_eig", optimizer="l2o").matrix()[0])[:3] == [0, 2, 4]
