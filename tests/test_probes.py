@@ -144,6 +144,8 @@ MODELS = {
     "cnn_tanh": (lambda: cnn(nn.Tanh()), IMG, None, {(R, ("2", "5"))}),
     "conv_bn": (lambda: cnn(nn.BatchNorm2d(3, eps=TINY), nn.ReLU()), IMG, "cross_entropy",
                 {(S, ("0", "1")), (R, ("1", "3")), (R, ("3", "6")), (T, ("6",))}),
+    "conv_layernorm": (lambda: cnn(nn.LayerNorm([3, 10, 10], eps=TINY), nn.ReLU()), IMG, None,
+                       {(S, ("0", "1")), (R, ("3", "6"))}),
     "conv_bn_eval": (lambda: evaluated(cnn(nn.BatchNorm2d(3), nn.ReLU())), IMG, None,
                      {(R, ("1", "3")), (R, ("3", "6"))}),
     "functional_cnn": (FunctionalCNN, IMG, "cross_entropy", {(R, ("c1", "c2")), (R, ("c2", "fc")), (T, ("fc",))}),
@@ -247,6 +249,26 @@ def test_detection_leaves_the_model_untouched():
     probes.find_symmetries(model, x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_signed_deviation_by_hand_on_a_tiny_network():
+    """The numbers of test_symmetry.test_measures_by_hand_on_a_tiny_layer, found by detection."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    theta = {"0.weight": torch.tensor([[1., 2., 0.], [0., 1., 1.]]), "0.bias": torch.tensor([1., -1.]),
+             "2.weight": torch.tensor([[1., 0.], [2., 1.]]), "2.bias": torch.tensor([0., 0.])}
+    v = {"0.weight": torch.tensor([[1., 0., 0.], [0., 0., 1.]]), "0.bias": torch.tensor([1., 4.]),
+         "2.weight": torch.tensor([[0., 3.], [1., 0.]]), "2.bias": torch.tensor([1., 2.])}
+    model.load_state_dict(theta)
+    rescale, translation = probes.find_symmetries(model, torch.zeros(2, 3), "cross_entropy")
+    # unit 0: 1 + 1 - <(0, 1), (1, 2)> = 0;  unit 1: 1 - 4 - <(3, 0), (0, 1)> = -3
+    assert rescale.deviation(v).item() == -3.0 and rescale.measures(v)["total"].item() == 3.0
+    # output-weight columns sum to 1 and 3, the bias to 3
+    assert translation.deviation(v, theta).item() == 7.0
+
+
+def test_a_batchnorm_model_given_one_example_gets_a_one_line_error():
+    with pytest.raises(L2OError, match=r"failed on example_input \(ValueError: Expected more than 1 value.*a batch of at least 2"):
+        probes.find_symmetries(mlp(nn.BatchNorm1d(5)), torch.zeros(1, 6))
 
 
 def test_vectors_missing_a_parameter_are_an_error():
@@ -354,20 +376,20 @@ def test_the_probe_records_every_step_without_changing_the_training(opt, tmp_pat
     assert len(t.where(metric="train_loss")) == len(data)
 
 
-def test_sgd_updates_recorded_by_the_probe_lie_on_the_constraints(tmp_path):
+@pytest.mark.parametrize("opt,on", [("sgd", True), ("adam", False)])
+def test_recorded_updates_lie_on_the_constraints_for_sgd_only(opt, on, tmp_path):
     """SGD without momentum applies -lr * g, on every constraint (float64); Adam's are off them."""
-    for opt, on in (("sgd", True), ("adam", False)):
-        model = small_cnn().double()
-        data = [(x.double(), y) for x, y in batches(3)]
-        probe = probes.attach(OPTIMIZERS[opt](model.parameters()), model, data[0][0], tmp_path / opt,
-                              loss="cross_entropy")
-        # BatchNorm's eps breaks the scale symmetry by O(eps / var): check rescale and translation
-        train(model, probe.optimizer, data)
-        probe.close()
-        t = Table.read(tmp_path / opt / "metrics.csv")
-        rel = max(t.where(metric=[f"{k}_deviation_rel" for k in ("rescale", "translation")]).cols["value"])
-        tol = reduction_atol(torch.float64, sum(p.numel() for p in model.parameters()), 1.0)
-        assert (rel < tol) if on else (rel > 1e-3), (opt, rel)
+    model = small_cnn().double()
+    data = [(x.double(), y) for x, y in batches(3)]
+    probe = probes.attach(OPTIMIZERS[opt](model.parameters()), model, data[0][0], tmp_path / opt,
+                          loss="cross_entropy")
+    train(model, probe.optimizer, data)
+    probe.close()
+    t = Table.read(tmp_path / opt / "metrics.csv")
+    # BatchNorm's eps breaks the scale symmetry by O(eps / var): check rescale and translation
+    rel = max(t.where(metric=[f"{k}_deviation_rel" for k in ("rescale", "translation")]).cols["value"])
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in model.parameters()), 1.0)
+    assert (rel < tol) if on else (rel > 1e-3), rel
 
 
 def _snapshot(model, opt):

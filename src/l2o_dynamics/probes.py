@@ -203,6 +203,8 @@ def _whole_layer(weight: str, bias: str | None) -> Callable:
 
 def _make(kind: str, key: str, parts: dict[str, Callable], layer: HiddenLayer | None, params, layers, exact,
           model) -> Symmetry:
+    """A Symmetry whose views are `parts` under keys '{key}.{part}': one hidden layer of the
+    zoo's structure (rescale, scale), or the logits' 'w', 'b' (translation, layer None)."""
     if layer is None:
         structure = Structure((), f"{key}.w", f"{key}.b")
     else:
@@ -246,8 +248,14 @@ def _trace(model: nn.Module, example_input) -> _Graph:
         raise L2OError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {first[:160]}); "
                        "symmetry detection needs a forward without data-dependent control flow "
                        "(attach(..., symmetries=[]) still probes the noise)") from None
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:  # whatever the model raises on this input (ShapeProp wraps it)
+        e = e.__cause__ or e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise L2OError(f"{type(model).__name__} failed on example_input ({type(e).__name__}: {first[:160]}); "
+                       "give an input the model accepts (a batch of at least 2 with BatchNorm)") from None
     modules = dict(gm.named_modules())
     names: dict[int, list[str]] = defaultdict(list)
     for n, p in model.named_parameters(remove_duplicate=False):
