@@ -121,6 +121,8 @@ MODELS = {
     "relu_mlp": (lambda: mlp(nn.ReLU()), (6,), "cross_entropy", {(R, ("0", "2")), (T, ("2",))}),
     "leaky_dropout_mlp": (lambda: mlp(nn.LeakyReLU(0.2), nn.Dropout(0.3)), (6,), "cross_entropy",
                           {(R, ("0", "3")), (T, ("3",))}),
+    "bias_free_mlp": (lambda: nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False)),
+                      (6,), "cross_entropy", {(R, ("0", "2")), (T, ("2",))}),
     "identity_mlp": (lambda: mlp(), (6,), None, {(R, ("0", "1"))}),
     "tanh_mlp": (lambda: mlp(nn.Tanh()), (6,), "cross_entropy", {(T, ("2",))}),
     "sigmoid_mlp": (lambda: mlp(nn.Sigmoid()), (6,), "cross_entropy", {(T, ("2",))}),
@@ -267,7 +269,7 @@ def test_signed_deviation_by_hand_on_a_tiny_network():
 
 
 def test_a_batchnorm_model_given_one_example_gets_a_one_line_error():
-    with pytest.raises(L2OError, match=r"failed on example_input \(ValueError: Expected more than 1 value.*a batch of at least 2"):
+    with pytest.raises(L2OError, match=r"on example_input \(ValueError: Expected more than 1 value.*at least 2"):
         probes.find_symmetries(mlp(nn.BatchNorm1d(5)), torch.zeros(1, 6))
 
 
