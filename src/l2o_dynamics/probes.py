@@ -127,15 +127,16 @@ class Symmetry:
     def _views(self, vectors, params):
         if params is None:
             params = {n: p.detach() for n, p in self.model.named_parameters()}
-        return _checked_views(self.views, vectors, self.params, "vectors"), \
-            _checked_views(self.views, params, self.params, "params")
+        return (self.views(_require(vectors, self.params, "vectors")),
+                self.views(_require(params, self.params, "params")))
 
 
-def _checked_views(views: Views, tensors: Mapping[str, torch.Tensor], names, what: str):
+def _require(tensors: Mapping[str, torch.Tensor], names: Iterable[str], what: str) -> Mapping[str, torch.Tensor]:
+    """`tensors`, checked to hold every name in `names`."""
     missing = [n for n in names if n not in tensors]
     if missing:
         raise L2OError(f"{what} lack {', '.join(missing)}; valid: a dict keyed by the model's parameter names")
-    return views(tensors)
+    return tensors
 
 
 def record(symmetries: Sequence[Symmetry], vectors: Mapping[str, torch.Tensor],
@@ -145,7 +146,9 @@ def record(symmetries: Sequence[Symmetry], vectors: Mapping[str, torch.Tensor],
     '_unit', '_rel' -> 0-d tensors. Empty when nothing was detected."""
     if not symmetries:
         return {}
+    names = list(dict.fromkeys(n for s in symmetries for n in s.params))
     views, structure = _combined(symmetries)
+    vectors, params = _require(vectors, names, "vectors"), _require(params, names, "params")
     kinds = tuple(k for k in symmetry.KINDS if any(s.kind == k for s in symmetries))
     return symmetry.record(views(vectors), views(params), structure, prefix, kinds)
 
@@ -249,7 +252,7 @@ def _trace(model: nn.Module, example_input) -> _Graph:
                        "symmetry detection needs a forward without data-dependent control flow "
                        "(attach(..., symmetries=[]) still probes the noise)") from None
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as e:  # whatever the model raises on this input (ShapeProp wraps it)
         e = e.__cause__ or e
@@ -398,9 +401,10 @@ def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
 
 
 def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
-    if not (g.usable(node, _LINEAR) or g.usable(node, _CONV)) or len(node.users) != 1:
+    users = _value_users(node)
+    if not (g.usable(node, _LINEAR) or g.usable(node, _CONV)) or len(users) != 1:
         return None
-    norm = next(iter(node.users))
+    norm = users[0]
     shape, module = _shape(node), g.module(node)
     m, weight, bias = g.module(norm), g.param(node, "weight"), g.param(node, "bias")
     if shape is None or weight is None or m is None or norm.target in g.unusable or not _single_input(norm, node):
@@ -423,12 +427,12 @@ def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
 def _translation(g: _Graph, key: str, loss: str | None, model) -> Symmetry | None:
     out = next(n for n in g.nodes if n.op == "output")
     node = out.args[0]
-    if not isinstance(node, fx.Node) or len(node.users) != 1:
+    if not isinstance(node, fx.Node) or len(_value_users(node)) != 1:
         return None
     shape = _shape(node)
-    if shape is not None and _is_softmax(g, node, len(shape)) and len(node.all_input_nodes) == 1:
-        logits = node.all_input_nodes[0]
-        if len(logits.users) != 1 or not _single_input(node, logits):
+    if shape is not None and _is_softmax(g, node, len(shape)) and isinstance(node.args[0], fx.Node):
+        logits = node.args[0]
+        if len(_value_users(logits)) != 1 or not _single_input(node, logits):
             return None
     elif loss == "cross_entropy":
         logits = node
