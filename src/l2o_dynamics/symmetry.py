@@ -124,12 +124,13 @@ def probe(every: int = 1):
     return Probe(fn, every)
 
 
-def record(v, theta, structure: Structure, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every applicable kind and measure as metrics: '{prefix}{kind}_deviation',
-    '..._deviation_unit', '..._deviation_rel' -> (*B,)."""
+def record(v, theta, structure: Structure, prefix: str = "",
+           kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Every applicable kind (or those in `kinds`) and measure as metrics:
+    '{prefix}{kind}_deviation', '..._deviation_unit', '..._deviation_rel' -> (*B,)."""
     out = {}
     with torch.no_grad():
-        for kind in applicable(structure):
+        for kind in applicable(structure) if kinds is None else kinds:
             m = measures(kind, v, theta, structure)
             out[f"{prefix}{kind}_deviation"] = m["total"]
             out[f"{prefix}{kind}_deviation_unit"] = m["unit"]

@@ -1,0 +1,140 @@
+"""Shared by the probe examples: the optimizers, a training loop with the probe attached,
+and the figures (drawn only from the metrics.csv files the probe writes)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from l2o_dynamics import learned, plotting, probes
+from l2o_dynamics.results import Table, prepare_out_dir
+from l2o_dynamics.utils import L2OError
+
+
+def _lion(params):
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        raise L2OError("the lion optimizer needs lion-pytorch: pip install lion-pytorch "
+                       "(or leave lion out of --optimizers)") from None
+    return Lion(params, lr=3e-4, weight_decay=0.0)
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "lion": _lion,
+    "l2o": lambda ps: learned.L2OOptimizer(ps, learned.pretrained("leaky_relu")),  # the shipped L2O
+}
+
+
+def parser(description: str, steps: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True, help="results dir (one sub-dir per model and optimizer)")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--every", type=int, default=1, help="record update deviations every this many steps")
+    p.add_argument("--noise-every", type=int, default=steps // 4, help="noise probe every this many steps")
+    p.add_argument("--noise-batches", type=int, default=32, help="minibatches the noise probe reads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def check(args) -> list[str]:
+    names = [o for o in args.optimizers.split(",") if o]
+    bad = [o for o in names if o not in OPTIMIZERS]
+    if bad or not names:
+        raise L2OError(f"unknown optimizer {','.join(bad)!r}; valid: {', '.join(OPTIMIZERS)}")
+    for flag in ("steps", "batch_size", "every", "noise_every", "noise_batches"):
+        if getattr(args, flag) < 1:
+            raise L2OError(f"--{flag.replace('_', '-')} {getattr(args, flag)}; valid: an integer >= 1")
+    prepare_out_dir(args.out, args.overwrite)
+    return names
+
+
+def train(model, optimizer_name: str, train_xy, test_xy, out: Path, args, optimizee: str, experiment: str) -> float:
+    """Train `model` for args.steps minibatch steps with the probe attached; noise probes at
+    step 0, every args.noise_every steps and at the end; returns the wall time in seconds."""
+    start = time.time()
+    x, y = train_xy
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    probe = probes.attach(optimizer, model, x[:args.batch_size], out, every=args.every, loss="cross_entropy",
+                          experiment=experiment, optimizee=optimizee, optimizer_name=optimizer_name,
+                          seed=args.seed, overwrite=args.overwrite)
+    b = args.batch_size
+    noise_set = [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(args.noise_batches)]
+    g = torch.Generator().manual_seed(args.seed)
+    for step in range(args.steps + 1):
+        if step % args.noise_every == 0 or step == args.steps:
+            probe.noise(noise_set, F.cross_entropy)
+        if step == args.steps:
+            break
+        idx = torch.randint(len(x), (b,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        probe.log_metric("train_loss", loss)
+        optimizer.step()
+    with torch.no_grad():
+        probe.log_metric("test_loss", F.cross_entropy(model(test_xy[0]), test_xy[1]))
+    probe.close()
+    return time.time() - start
+
+
+def figures(out: Path) -> list[Path]:
+    """loss.png (`l2o-dynamics plot`), deviations.png, noise.png under `out`."""
+    table = Table.read(plotting.find_metrics(out))
+    made = [plotting.plot_dir(out)]
+    import matplotlib.pyplot as plt
+
+    optimizees = table.unique("optimizee")
+    for name, panels in (("deviations", _deviation_panels(table)), ("noise", _noise_panels(table))):
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(optimizees), len(panels), figsize=(4.6 * len(panels), 3.2 * len(optimizees)),
+                                 squeeze=False)
+        for row, optimizee in zip(axes, optimizees):  # one row per model
+            for ax, (title, metrics, log) in zip(row, panels):
+                for opt, beta in plotting.runs_in(table):
+                    for metric, role in metrics:
+                        sub = table.where(optimizee=optimizee, optimizer=opt, metric=metric)
+                        plotting.curve(ax, sub, opt, beta, log=log, linestyle="-" if role == "update" else ":",
+                                       label_text=f"{plotting.label(opt)} {role}")
+                if not len(table.where(optimizee=optimizee, metric=[m for m, _ in metrics])):
+                    ax.text(0.5, 0.5, "no such symmetry in this model", ha="center", transform=ax.transAxes)
+                ax.set_title(f"{optimizee}: {title}", fontsize=9)
+                ax.set_xlabel("step")
+                ax.grid(alpha=0.3, which="both")
+        plotting.legend_outside(fig, axes.ravel())
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        made.append(plotting.save(fig, out / f"{name}.png"))
+    return made
+
+
+def _deviation_panels(table: Table):
+    present = set(table.unique("metric"))
+    return [(f"{kind} deviation, relative", [(f"{kind}_deviation_rel", "update"),
+                                              (f"grad_{kind}_deviation_rel", "gradient")], True)
+            for kind in ("rescale", "scale", "translation") if f"{kind}_deviation_rel" in present]
+
+
+def _noise_panels(table: Table):
+    if "cov_max_eig" not in set(table.unique("metric")):
+        return []
+    return [("noise tail index (study's estimator)", [("alpha_update_pub", "update"),
+                                                       ("alpha_grad_pub", "gradient")], False),
+            ("update covariance, largest eigenvalue", [("cov_max_eig", "update")], True)]
+
+
+def main(run: Callable, args) -> None:
+    try:
+        run(args)
+    except L2OError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

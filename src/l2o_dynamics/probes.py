@@ -1,0 +1,644 @@
+"""Training-dynamics probes for any `nn.Module` trained by any `torch.optim` optimizer.
+
+Symmetry detection. `find_symmetries(model, example_input)` traces the model with
+torch.fx, propagates the example's shapes, and derives the same declared structure
+the MLP zoo writes by hand (`optimizees.Structure` of `HiddenLayer`s, over *views*
+of the model's parameters); the constraints are then evaluated by `symmetry.py`:
+
+    rescale      producer -> h -> consumer, h positively homogeneous per unit:
+                 f(a z) = a f(z) for a > 0.  c_k = <v_wk, w_k> + v_bk b_k - <v_ak, a_k>
+                 w_k: the producer's row for unit k (Linear row, Conv output channel
+                 (C_in * kernel), or a norm's gamma_k as a 1-vector), b_k its bias;
+                 a_k: the consumer's weights reading unit k (a Linear column, every
+                 column of a unit's block after Flatten, a Conv's input-channel slice).
+    scale        Linear/Conv -> BatchNorm (batch statistics): per unit k,
+                 Linear/Conv -> LayerNorm over the whole layer's outputs: one unit.
+                 c_k = <v_wk, w_k> + v_bk b_k
+    translation  logits W h + b -> softmax: c_j = sum_i v_W[i, j], c_b = sum_i v_b[i]
+
+Recognised, and nothing else (an unrecognised construct never yields a symmetry):
+  producers   nn.Linear, nn.Conv1d/2d/3d (any groups), and as rescale producers also
+              affine nn.BatchNorm1d/2d/3d and nn.LayerNorm over the last dim only;
+  h           a single path (every node on it has one user: no residual branch, no
+              second output) of nn.ReLU, nn.LeakyReLU (any slope), nn.Identity,
+              nn.Dropout, max/avg/adaptive pooling over spatial dims (per channel:
+              max(a z) = a max(z), avg is linear), Flatten / view / reshape of
+              (N, C, *S) to (N, C * prod S); functional relu / leaky_relu / dropout /
+              pooling likewise. Tanh, sigmoid, GELU, SiLU, ReLU6, Hardtanh, softplus
+              are not homogeneous, so nothing is reported through them. An empty path
+              (producer feeding the consumer directly) is the identity.
+  consumers   nn.Linear reading the units in its last dim; nn.Conv with groups 1.
+  scale       BatchNorm only while it uses batch statistics (training mode, or no
+              running statistics): in eval mode it is a fixed affine map that keeps the
+              scale. Anything may follow the norm (a bias added after it breaks the
+              *rescale* through the norm's (gamma, beta), which is then not reported).
+  translation the output is softmax/log_softmax over the last dim of a Linear, or the
+              Linear itself with `loss="cross_entropy"` (the caller's loss is a softmax
+              cross-entropy over the output's last dim).
+  Every module involved is called once, owns its parameters (no weight sharing, no
+  get_attr use elsewhere), and all its parameters require grad.
+
+A norm's eps breaks its scale symmetry by O(eps / var) (exact only for eps = 0): such
+symmetries carry `exact=False`. Detection reads the modules' current train/eval mode.
+
+The probe. `attach(optimizer, model, example_input, out)` records, through the
+optimizer's step hooks, each step's applied update u = theta_after - theta_before and
+its deviations (the study's measures, `symmetry.record`, aggregated over the
+detected symmetries of each kind), and the gradient's as a control ('grad_' prefix).
+`probe.noise(loader, loss_fn)` freezes (theta_t, s_t): minibatch gradients g_i on a
+copy of the model, updates u_i = step(g_i; copy of s_t), then the tail indices of
+both noises and the top eigenvalue of the update covariance (`noise`, `tail`).
+The real model, optimizer and random generators are never touched.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import noise as noise_mod
+from . import symmetry, tail
+from .optimizees import HiddenLayer, Structure
+from .results import MetricLog, prepare_out_dir, write_run
+from .utils import L2OError
+
+LOSSES = ("cross_entropy",)
+Views = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.dropout}
+_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_ELEMENTWISE_METHODS = {"relu", "relu_"}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+
+
+# ---- symmetries ---------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Symmetry:
+    """One detected symmetry: `kind`, the `params` (names in `model.named_parameters()`)
+    it acts on, the modules involved (`layers`), and whether it is exact (False where a
+    norm's eps breaks it slightly). Measures take a dict of vectors keyed by parameter
+    name (a gradient, an update) and evaluate at `params` or the model's current ones."""
+
+    kind: str
+    params: tuple[str, ...]
+    layers: tuple[str, ...]
+    exact: bool
+    views: Views = field(repr=False)  # name -> tensor dict -> the structure's tensors
+    structure: Structure = field(repr=False)  # over the keys `views` returns
+    model: nn.Module = field(repr=False)
+
+    def unit_terms(self, vectors: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-unit (c_k, ||v_k||, ||xi_k||), each (U,) (`symmetry.unit_terms`)."""
+        v, theta = self._views(vectors, params)
+        return symmetry.unit_terms(self.kind, v, theta, self.structure)
+
+    def deviation(self, vectors: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """The signed total sum_k c_k, a 0-d tensor (the study's measure is its magnitude)."""
+        return self.unit_terms(vectors, params)[0].sum(-1)
+
+    def measures(self, vectors: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """{'total', 'unit', 'rel'} as `symmetry.measures` (|signed total|, sum_k |c_k|, scale-free)."""
+        v, theta = self._views(vectors, params)
+        return symmetry.measures(self.kind, v, theta, self.structure)
+
+    def _views(self, vectors, params):
+        if params is None:
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+        return (self.views(_require(vectors, self.params, "vectors")),
+                self.views(_require(params, self.params, "params")))
+
+
+def _require(tensors: Mapping[str, torch.Tensor], names: Iterable[str], what: str) -> Mapping[str, torch.Tensor]:
+    """`tensors`, checked to hold every name in `names`."""
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise L2OError(f"{what} lack {', '.join(missing)}; valid: a dict keyed by the model's parameter names")
+    return tensors
+
+
+def record(symmetries: Sequence[Symmetry], vectors: Mapping[str, torch.Tensor],
+           params: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The study's metrics over all detected symmetries of each kind, as `symmetry.record`
+    on the zoo: '{prefix}{kind}_deviation' (|sum of c_k over every unit of that kind|),
+    '_unit', '_rel' -> 0-d tensors. Empty when nothing was detected."""
+    if not symmetries:
+        return {}
+    names = list(dict.fromkeys(n for s in symmetries for n in s.params))
+    views, structure = _combined(symmetries)
+    vectors, params = _require(vectors, names, "vectors"), _require(params, names, "params")
+    kinds = tuple(k for k in symmetry.KINDS if any(s.kind == k for s in symmetries))
+    return symmetry.record(views(vectors), views(params), structure, prefix, kinds)
+
+
+def _combined(symmetries: Sequence[Symmetry]) -> tuple[Views, Structure]:
+    """One structure holding every symmetry's layers (their view keys are distinct)."""
+    hidden = tuple(layer for s in symmetries for layer in s.structure.hidden)
+    logits = [s.structure for s in symmetries if s.kind == "translation"]
+    structure = Structure(hidden, logits[0].logits_weight if logits else "", logits[0].logits_bias if logits else "")
+
+    def views(tensors):
+        return {k: t for s in symmetries for k, t in s.views(tensors).items()}
+
+    return views, structure
+
+
+# ---- views of parameters in the zoo's layouts ---------------------------------------------------
+def _rows(name: str) -> Callable:
+    """(U, *fan_in) weight -> (U, fan_in): row k = w_k."""
+    return lambda d: d[name].reshape(d[name].shape[0], -1)
+
+
+def _gamma(name: str) -> Callable:
+    """A norm's per-unit gamma (U,) -> (U, 1)."""
+    return lambda d: d[name].unsqueeze(-1)
+
+
+def _vector(name: str | None, like: str, units: int) -> Callable:
+    """A bias (U,), or zeros where the layer has none."""
+    if name is None:
+        return lambda d: d[like].new_zeros(units)
+    return lambda d: d[name]
+
+
+def _linear_columns(name: str, units: int, block: int) -> Callable:
+    """Linear weight (F, U * block), unit k's inputs k*block .. (k+1)*block - 1 (channel-major
+    flatten) -> (F * block, U): column k = a_k."""
+    if block == 1:
+        return lambda d: d[name]
+    return lambda d: d[name].reshape(-1, units, block).transpose(-1, -2).reshape(-1, units)
+
+
+def _conv_columns(name: str, units: int) -> Callable:
+    """Conv weight (C_out, U, *kernel) -> (C_out * prod kernel, U): column k = a_k."""
+    return lambda d: d[name].transpose(0, 1).reshape(units, -1).T
+
+
+def _whole_layer(weight: str, bias: str | None) -> Callable:
+    """A layer scaled as one unit: (1, numel(W) + numel(b))."""
+    def view(d):
+        parts = [d[weight].reshape(-1)] + ([d[bias]] if bias is not None else [])
+        return torch.cat(parts).unsqueeze(0)
+    return view
+
+
+def _make(kind: str, key: str, parts: dict[str, Callable], layer: HiddenLayer | None, params, layers, exact,
+          model) -> Symmetry:
+    """A Symmetry whose views are `parts` under keys '{key}.{part}': one hidden layer of the
+    zoo's structure (rescale, scale), or the logits' 'w', 'b' (translation, layer None)."""
+    if layer is None:
+        structure = Structure((), f"{key}.w", f"{key}.b")
+    else:
+        structure = Structure((layer,), "", "")
+    views = lambda d: {f"{key}.{k}": f(d) for k, f in parts.items()}  # noqa: E731
+    return Symmetry(kind, tuple(dict.fromkeys(params)), tuple(layers), exact, views, structure, model)
+
+
+# ---- tracing ------------------------------------------------------------------------------------
+@dataclass
+class _Graph:
+    nodes: list[fx.Node]
+    modules: dict[str, nn.Module]
+    unusable: set[str]  # module names never to build a symmetry on
+    param_names: dict[str, str]  # "<module>.<attr>" -> the same (only names that exist)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def usable(self, node: fx.Node, types) -> bool:
+        m = self.module(node)
+        return isinstance(m, types) and node.target not in self.unusable
+
+    def param(self, node: fx.Node, attr: str) -> str | None:
+        """Parameter name of module attribute `attr`, None if the module has none."""
+        return self.param_names.get(f"{node.target}.{attr}")
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _trace(model: nn.Module, example_input) -> _Graph:
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    twin = copy.deepcopy(model)  # shape propagation runs forward: BN statistics change here only
+    try:
+        gm = fx.symbolic_trace(twin)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise L2OError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {first[:160]}); "
+                       "symmetry detection needs a forward without data-dependent control flow "
+                       "(attach(..., symmetries=[]) still probes the noise)") from None
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:  # whatever the model raises on this input (ShapeProp wraps it)
+        e = e.__cause__ or e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise L2OError(f"{type(model).__name__} failed on example_input ({type(e).__name__}: {first[:160]}); "
+                       "give an input the model accepts (a batch of at least 2 with BatchNorm)") from None
+    modules = dict(gm.named_modules())
+    names: dict[int, list[str]] = defaultdict(list)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(n)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    unusable = set()
+    for ns in names.values():  # shared or frozen parameters: their modules are out
+        if len(ns) > 1 or ns[0] in frozen:
+            unusable.update(n.rpartition(".")[0] for n in ns)
+    calls = defaultdict(int)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] += 1
+        elif node.op == "get_attr":
+            unusable.add(node.target.rpartition(".")[0])
+            unusable.add(node.target)
+    unusable.update(t for t, c in calls.items() if c > 1)
+    param_names = {n: n for ns in names.values() for n in ns}
+    return _Graph(list(gm.graph.nodes), modules, unusable, param_names)
+
+
+def _size_query(node: fx.Node, source: fx.Node) -> bool:
+    """`node` reads only the shape of `source` (x.shape, x.size(), x.shape[0]), not its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[:2] == (source, "shape")
+    if node.op == "call_method" and node.target == "size":
+        return node.args[0] is source
+    return node.op == "call_function" and node.target is operator.getitem \
+        and isinstance(node.args[0], fx.Node) and _size_query(node.args[0], source)
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _size_query(u, node)]
+
+
+def _single_input(node: fx.Node, source: fx.Node) -> bool:
+    """`node`'s first argument is `source` and it reads no other values."""
+    return bool(node.args) and node.args[0] is source and all(
+        n is source or _size_query(n, source) for n in node.all_input_nodes)
+
+
+# ---- the path between producer and consumer -------------------------------------------------------
+@dataclass(frozen=True)
+class _Path:
+    axis: int  # dim of the units in the current tensor
+    block: int  # entries per unit after a channel-major flatten (1 = not flattened)
+    ops: tuple[str, ...]
+
+
+def _homogeneous_step(g: _Graph, node: fx.Node, source: fx.Node, path: _Path) -> _Path | None:
+    """How `node` (reading only `source`) moves the units, or None if it is not a
+    recognised positively homogeneous per-unit map."""
+    if not _single_input(node, source):
+        return None
+    shape_in, shape_out = _shape(source), _shape(node)
+    if shape_in is None or shape_out is None:
+        return None
+    module = g.module(node)
+    name = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+    elementwise = (type(module) in _ELEMENTWISE_MODULES  # exact types: a subclass may change forward
+                   or node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS
+                   or node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+    if elementwise:
+        return _Path(path.axis, path.block, path.ops + (name,)) if shape_out == shape_in else None
+    pool = (type(module) in _POOL_MODULES and not getattr(module, "return_indices", False)
+            or node.op == "call_function" and node.target in _POOL_FUNCTIONS
+            and not node.kwargs.get("return_indices", False))
+    if pool:  # over the spatial dims, channel by channel
+        ok = path.axis == 1 and path.block == 1 and len(shape_in) >= 3 and shape_out[:2] == shape_in[:2]
+        return _Path(1, 1, path.ops + (name,)) if ok else None
+    flatten = (isinstance(module, nn.Flatten)
+               or node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS
+               or node.op == "call_method" and node.target in _FLATTEN_METHODS)
+    if flatten and path.axis == 1 and path.block == 1 and len(shape_in) >= 2 \
+            and shape_out == (shape_in[0], math.prod(shape_in[1:])):
+        return _Path(1, math.prod(shape_in[2:]), path.ops + (name,))
+    return None
+
+
+def _consumer_columns(g: _Graph, node: fx.Node, source: fx.Node, path: _Path, units: int) -> Callable | None:
+    shape = _shape(source)
+    if shape is None or not _single_input(node, source) or len(node.args) != 1 or node.kwargs:
+        return None
+    module, weight = g.module(node), g.param(node, "weight")
+    if weight is None:
+        return None
+    if g.usable(node, _LINEAR) and path.axis == len(shape) - 1 and module.in_features == units * path.block:
+        return _linear_columns(weight, units, path.block)
+    if g.usable(node, _CONV) and path.axis == 1 and path.block == 1 and module.groups == 1 \
+            and module.in_channels == units and len(shape) == module.weight.dim():
+        return _conv_columns(weight, units)
+    return None
+
+
+# ---- detection --------------------------------------------------------------------------------------
+def _producer(g: _Graph, node: fx.Node) -> tuple[str, Callable, Callable, int, int] | None:
+    """(incoming weight name, its rows view, bias view, units, unit axis) of a rescale producer."""
+    shape = _shape(node)
+    module, weight = g.module(node), g.param(node, "weight")
+    if shape is None or weight is None:
+        return None
+    bias = g.param(node, "bias")
+    if g.usable(node, _LINEAR):
+        u = module.out_features
+        return weight, _rows(weight), _vector(bias, weight, u), u, len(shape) - 1
+    if g.usable(node, _CONV):
+        u = module.out_channels
+        return weight, _rows(weight), _vector(bias, weight, u), u, 1
+    if g.usable(node, _BATCHNORM) and module.affine:
+        u = module.num_features
+        return weight, _gamma(weight), _vector(bias, weight, u), u, 1
+    if g.usable(node, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
+        u = module.normalized_shape[0]
+        return weight, _gamma(weight), _vector(bias, weight, u), u, len(shape) - 1
+    return None
+
+
+def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
+    prod = _producer(g, node)
+    if prod is None:
+        return None
+    weight, rows, bias_view, units, axis = prod
+    path, cur = _Path(axis, 1, ()), node
+    while True:
+        users = _value_users(cur)
+        if len(users) != 1:
+            return None
+        nxt = users[0]
+        columns = _consumer_columns(g, nxt, cur, path, units)
+        if columns is not None:
+            bias = g.param(node, "bias")
+            out = g.param(nxt, "weight")
+            layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", "->".join(path.ops) or "identity", True)
+            return _make("rescale", key, {"w": rows, "b": bias_view, "a": columns}, layer,
+                         [weight] + ([bias] if bias else []) + [out], [node.target, nxt.target], True, model)
+        path = _homogeneous_step(g, nxt, cur, path)
+        if path is None:
+            return None
+        cur = nxt
+
+
+def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
+    users = _value_users(node)
+    if not (g.usable(node, _LINEAR) or g.usable(node, _CONV)) or len(users) != 1:
+        return None
+    norm = users[0]
+    shape, module = _shape(node), g.module(node)
+    m, weight, bias = g.module(norm), g.param(node, "weight"), g.param(node, "bias")
+    if shape is None or weight is None or m is None or norm.target in g.unusable or not _single_input(norm, node):
+        return None
+    units = shape[1] if isinstance(module, _CONV) else shape[-1]
+    if isinstance(m, _BATCHNORM) and (m.training or m.running_mean is None) and m.num_features == units \
+            and (isinstance(module, _CONV) or len(shape) == 2):
+        parts = {"w": _rows(weight), "b": _vector(bias, weight, units)}
+    elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (
+            tuple(shape[1:]) if isinstance(module, _CONV) else (units,)):
+        parts = {"w": _whole_layer(weight, bias), "b": lambda d: d[weight].new_zeros(1)}
+    else:
+        return None
+    layer = HiddenLayer(f"{key}.w", f"{key}.b", "", type(m).__name__, False, bn_weight=norm.target,
+                        bn_bias=norm.target)  # a normalisation follows: the scale branch of symmetry.py
+    return _make("scale", key, parts, layer, [weight] + ([bias] if bias else []), [node.target, norm.target],
+                 m.eps == 0, model)
+
+
+def _translation(g: _Graph, key: str, loss: str | None, model) -> Symmetry | None:
+    out = next(n for n in g.nodes if n.op == "output")
+    node = out.args[0]
+    if not isinstance(node, fx.Node) or len(_value_users(node)) != 1:
+        return None
+    shape = _shape(node)
+    if shape is not None and _is_softmax(g, node, len(shape)) and isinstance(node.args[0], fx.Node):
+        logits = node.args[0]
+        if len(_value_users(logits)) != 1 or not _single_input(node, logits):
+            return None
+    elif loss == "cross_entropy":
+        logits = node
+    else:
+        return None
+    weight, bias = g.param(logits, "weight"), g.param(logits, "bias")
+    if not g.usable(logits, _LINEAR) or weight is None or len(logits.args) != 1 or logits.kwargs:
+        return None
+    units = g.module(logits).out_features
+    parts = {"w": lambda d: d[weight], "b": _vector(bias, weight, units)}
+    return _make("translation", key, parts, None, [weight] + ([bias] if bias else []), [logits.target], True, model)
+
+
+def _is_softmax(g: _Graph, node: fx.Node, ndim: int) -> bool:
+    module = g.module(node)
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        dim = module.dim
+    elif node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS \
+            or node.op == "call_method" and node.target in _SOFTMAX_METHODS:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    else:
+        return False
+    return isinstance(dim, int) and dim % ndim == ndim - 1
+
+
+def find_symmetries(model: nn.Module, example_input, loss: str | None = None) -> list[Symmetry]:
+    """Every symmetry of `model` the module docstring recognises, in graph order
+    (rescale, scale per layer, then the translation of the logits). `example_input`:
+    a tensor or a tuple of the forward's inputs. `loss="cross_entropy"`: the output is
+    logits of a softmax cross-entropy over its last dim (otherwise only an explicit
+    softmax in the model gives the translation symmetry)."""
+    if loss is not None and loss not in LOSSES:
+        raise L2OError(f"unknown loss {loss!r}; valid: None, {', '.join(LOSSES)}")
+    g = _trace(model, example_input)
+    found: list[Symmetry] = []
+    for node in g.nodes:
+        for detect in (_rescale, _scale):
+            s = detect(g, node, str(len(found)), model)
+            if s is not None:
+                found.append(s)
+    t = _translation(g, str(len(found)), loss, model)
+    return found + ([t] if t is not None else [])
+
+
+# ---- frozen copies ------------------------------------------------------------------------------
+def _optimizer_copy(optimizer: torch.optim.Optimizer, scratch: Mapping[int, torch.Tensor]):
+    """A copy of `optimizer` stepping the `scratch` tensors (keyed by id of the originals):
+    its own state (deep copy) and param groups, no hooks; hyper-parameters and anything
+    else it holds (an L2O's network) are shared read-only."""
+    clone = object.__new__(type(optimizer))
+    clone.__dict__.update(optimizer.__dict__)
+    clone.param_groups = [{**{k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
+                           "params": [scratch[id(p)] for p in group["params"]]}
+                          for group in optimizer.param_groups]
+    clone.state = defaultdict(dict, {scratch[id(p)]: copy.deepcopy(s) for p, s in optimizer.state.items()})
+    clone._optimizer_step_pre_hooks = OrderedDict()
+    clone._optimizer_step_post_hooks = OrderedDict()
+    return clone
+
+
+def _rng_devices(model: nn.Module) -> list:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def minibatch_gradients(model: nn.Module, names: Sequence[str], loader: Iterable, loss_fn: Callable,
+                        max_batches: int | None = None) -> tuple[torch.Tensor, set[str]]:
+    """Gradients of loss_fn(model(x), y) for each (x, y) of `loader`, on a copy of the model:
+    (M, P) flattened in `names` order, and the names that got no gradient (zeros in G)."""
+    frozen = copy.deepcopy(model)
+    params = dict(frozen.named_parameters())
+    rows, unused = [], set()
+    with torch.enable_grad():
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            loss = loss_fn(frozen(x), y)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            unused.update(n for n, gr in zip(names, grads) if gr is None)
+            rows.append(torch.cat([(torch.zeros_like(params[n]) if gr is None else gr).reshape(-1)
+                                   for n, gr in zip(names, grads)]))
+    if len(rows) < 2:
+        raise L2OError(f"the noise probe needs at least 2 minibatches; the loader gave {len(rows)}")
+    return torch.stack(rows), unused
+
+
+def frozen_updates(optimizer: torch.optim.Optimizer, model: nn.Module, names: Sequence[str], G: torch.Tensor,
+                   unused: set[str] = frozenset()) -> torch.Tensor:
+    """u_i = theta' - theta after one step of a copy of the optimizer (state s_t) from
+    theta with gradient row i of G (M, P, `names` order): (M, P). Names in `unused` step
+    with no gradient, as in the real loop."""
+    params = dict(model.named_parameters())
+    originals = [p for group in optimizer.param_groups for p in group["params"]]
+    scratch = {id(p): nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in originals}
+    sizes = [params[n].numel() for n in names]
+    rows = []
+    with torch.no_grad():
+        for g in G:
+            clone = _optimizer_copy(optimizer, scratch)
+            for p in originals:
+                scratch[id(p)].copy_(p)
+                scratch[id(p)].grad = None
+            for n, gn in zip(names, g.split(sizes)):
+                if id(params[n]) in scratch and n not in unused:
+                    scratch[id(params[n])].grad = gn.view_as(params[n]).clone()
+            type(clone).step(clone)  # the class's step: an instance-level wrapper may hold the original
+            rows.append(torch.cat([(scratch[id(params[n])] - params[n]).reshape(-1) if id(params[n]) in scratch
+                                   else torch.zeros(params[n].numel(), dtype=G.dtype, device=G.device)
+                                   for n in names]))
+    return torch.stack(rows)
+
+
+# ---- the probe ----------------------------------------------------------------------------------------
+class ModelProbe:
+    """Rides on a training loop through the optimizer's step hooks; see `attach`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, example_input, out, *,
+                 every: int = 1, loss: str | None = None, symmetries: Sequence[Symmetry] | None = None,
+                 experiment: str = "probe", optimizee: str | None = None, optimizer_name: str | None = None,
+                 seed: int = 0, overwrite: bool = False) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise L2OError(f"every={every!r}; valid: an integer >= 1 (record every that many steps)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise L2OError(f"optimizer is a {type(optimizer).__name__}; valid: a torch.optim.Optimizer")
+        self.optimizer, self.model, self.every = optimizer, model, every
+        self.symmetries = list(find_symmetries(model, example_input, loss) if symmetries is None else symmetries)
+        self.out = prepare_out_dir(out, overwrite)
+        self.log = MetricLog(experiment, optimizee or type(model).__name__,
+                             optimizer_name or type(optimizer).__name__.lower(), [seed])
+        self.config = {"experiment": experiment, "optimizee": self.log.optimizee, "optimizer": self.log.optimizer,
+                       "seed": seed, "every": every, "loss": loss, "optimizer_class": type(optimizer).__name__,
+                       "optimizer_defaults": {k: repr(v) for k, v in optimizer.defaults.items()},
+                       "symmetries": [{"kind": s.kind, "params": list(s.params), "layers": list(s.layers),
+                                       "exact": s.exact} for s in self.symmetries]}
+        self.step = 0  # optimizer steps taken since attaching
+        self._watched = list(dict.fromkeys(n for s in self.symmetries for n in s.params))
+        self._before: dict[str, torch.Tensor] | None = None
+        self._grads: dict[str, torch.Tensor] = {}
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step),
+                         optimizer.register_step_post_hook(self._post_step)]
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self.step % self.every or not self._watched:
+            return
+        params = dict(self.model.named_parameters())
+        self._before = {n: params[n].detach().clone() for n in self._watched}
+        self._grads = {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.detach().clone()
+                       for n in self._watched}
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._before is not None:
+            params = dict(self.model.named_parameters())
+            updates = {n: params[n].detach() - before for n, before in self._before.items()}
+            metrics = {**record(self.symmetries, updates, self._before),
+                       **record(self.symmetries, self._grads, self._before, prefix="grad_")}
+            for name, value in metrics.items():
+                self.log.add(name, self.step, value)
+            self._before, self._grads = None, {}
+        self.step += 1
+
+    def log_metric(self, metric: str, value) -> None:
+        """Add a scalar (a training loss, an accuracy) at the current step (before its update)."""
+        self.log.add(metric, self.step, float(value.detach() if isinstance(value, torch.Tensor) else value))
+
+    def noise_samples(self, loader: Iterable, loss_fn: Callable, max_batches: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(G, U, names): minibatch gradients and frozen-state updates, (M, P) each, at the
+        current point; model, optimizer and random generators are left as they were."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=_rng_devices(self.model)):
+            G, unused = minibatch_gradients(self.model, names, loader, loss_fn, max_batches)
+            U = frozen_updates(self.optimizer, self.model, names, G, unused)
+        return G, U, names
+
+    def noise(self, loader: Iterable, loss_fn: Callable, *, max_batches: int | None = None,
+              estimators: Sequence[str] = noise_mod.DEFAULT_ESTIMATORS) -> dict[str, float]:
+        """Tail indices of gradient and update noise (`noise.noise_alphas`, every estimator
+        in `estimators`) over the loader's minibatches, and cov_max_eig / cov_trace / cov_n
+        of the update covariance over all of them; logged at the current step and written."""
+        G, U, _ = self.noise_samples(loader, loss_fn, max_batches)
+        metrics = noise_mod.noise_alphas(G, U, estimators)
+        cov = tail.top_eigenvalue_gram(U)
+        metrics.update(cov_max_eig=float(cov["max_eig"]), cov_trace=float(cov["trace"]), cov_n=float(cov["n"]))
+        for name, value in metrics.items():
+            self.log.add(name, self.step, value)
+        self.write()
+        return metrics
+
+    def write(self) -> None:
+        """metrics.csv and config.json under `out` (atomic)."""
+        write_run(self.out, self.config, self.log.rows())
+
+    def close(self) -> None:
+        """Remove the hooks and write the results."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.write()
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module, example_input, out, every: int = 1,
+           **kwargs: Any) -> ModelProbe:
+    """Probe a training loop: detect `model`'s symmetries on `example_input` and record each
+    `every`-th step's update deviations to `out`/metrics.csv. Keywords: loss, symmetries,
+    experiment, optimizee, optimizer_name, seed, overwrite (see `ModelProbe`)."""
+    return ModelProbe(optimizer, model, example_input, out, every=every, **kwargs)
+
+
+__all__ = ["Symmetry", "ModelProbe", "attach", "find_symmetries", "record", "minibatch_gradients",
+           "frozen_updates"]

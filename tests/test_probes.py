@@ -1,0 +1,529 @@
+"""Symmetry detection on nn.Modules and the training-loop probe (l2o_dynamics.probes)."""
+import copy
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lion_pytorch import Lion
+from torch import nn
+
+from l2o_dynamics import learned, probes, symmetry
+from l2o_dynamics.optimizees import ZOO, Optimizee
+from l2o_dynamics.results import Table
+from l2o_dynamics.utils import L2OError
+from tolerance import reduction_atol
+
+IMG = (1, 12, 12)  # small images keep the convolutional models fast
+# A norm's eps breaks its scale symmetry by O(eps / var); torch refuses eps = 0 for BatchNorm in
+# training, and 1e-30 puts the breaking far below float64 rounding.
+TINY = 1e-30
+
+
+# ---- hand-built models with known answers -----------------------------------------------------------
+class Residual(nn.Module):
+    """fc1's output feeds fc2 through ReLU *and* the skip: scaling fc1's units changes h."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.out(self.fc2(F.relu(h)) + h)
+
+
+class Shared(nn.Module):
+    """One Linear called twice (weight sharing across layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.fc(self.inp(x))))))
+
+
+class BiasAfterNorm(nn.Module):
+    """A bias added after BatchNorm: not scaled with (gamma, beta), so no rescale through BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(6, 5), nn.BatchNorm1d(5, eps=TINY), nn.Linear(5, 3)
+        self.shift = nn.Parameter(torch.linspace(-1, 1, 5))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.bn(self.fc1(x)) + self.shift))
+
+
+class FunctionalCNN(nn.Module):
+    """Functional relu / max-pool and a view flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.c1(x)), 2)
+        h = self.c2(h).relu()
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class Block(nn.Module):
+    """Transformer-style block on (N, T, D): LN -> Linear -> ReLU -> Linear, residual; mean-pool head."""
+
+    def __init__(self, d=6, hidden=8, classes=3):
+        super().__init__()
+        self.ln = nn.LayerNorm(d, eps=TINY)
+        self.fc1, self.fc2, self.head = nn.Linear(d, hidden), nn.Linear(hidden, d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+        return self.head(x.mean(1))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def mlp(*act, d=6, h=5):
+    return nn.Sequential(nn.Linear(d, h), *act, nn.Linear(h, 3))
+
+
+def cnn(*mid, pool=()):
+    side = 5 if pool else 10  # 12 -> conv(3) -> 10 -> [pool 2 -> 5] -> conv(3, padding 1) keeps it
+    return nn.Sequential(nn.Conv2d(1, 3, 3), *mid, *pool, nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * side * side, 10))
+
+
+def frozen_first():
+    m = mlp(nn.ReLU())
+    m[0].bias.requires_grad_(False)
+    return m
+
+
+def evaluated(m):
+    return m.eval()
+
+
+R, S, T = "rescale", "scale", "translation"
+# name: (builder, input shape, loss hint, expected {(kind, modules)})
+MODELS = {
+    "relu_mlp": (lambda: mlp(nn.ReLU()), (6,), "cross_entropy", {(R, ("0", "2")), (T, ("2",))}),
+    "leaky_dropout_mlp": (lambda: mlp(nn.LeakyReLU(0.2), nn.Dropout(0.3)), (6,), "cross_entropy",
+                          {(R, ("0", "3")), (T, ("3",))}),
+    "bias_free_mlp": (lambda: nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3, bias=False)),
+                      (6,), "cross_entropy", {(R, ("0", "2")), (T, ("2",))}),
+    "identity_mlp": (lambda: mlp(), (6,), None, {(R, ("0", "1"))}),
+    "tanh_mlp": (lambda: mlp(nn.Tanh()), (6,), "cross_entropy", {(T, ("2",))}),
+    "sigmoid_mlp": (lambda: mlp(nn.Sigmoid()), (6,), "cross_entropy", {(T, ("2",))}),
+    "gelu_mlp": (lambda: mlp(nn.GELU()), (6,), "cross_entropy", {(T, ("2",))}),
+    "relu6_mlp": (lambda: mlp(nn.ReLU6()), (6,), None, set()),
+    "softmax_head": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(-1)),
+                     (6,), None, {(T, ("2",))}),
+    "softmax_over_batch": (lambda: nn.Sequential(nn.Linear(6, 3), nn.Softmax(0)), (6,), None, set()),
+    "linear_bn_mlp": (lambda: mlp(nn.BatchNorm1d(5, eps=TINY), nn.ReLU()), (6,), "cross_entropy",
+                      {(S, ("0", "1")), (R, ("1", "3")), (T, ("3",))}),
+    "linear_bn_eval": (lambda: evaluated(mlp(nn.BatchNorm1d(5), nn.ReLU())), (6,), None, {(R, ("1", "3"))}),
+    "layernorm_mlp": (lambda: mlp(nn.LayerNorm(5, eps=TINY), nn.ReLU()), (6,), None,
+                      {(S, ("0", "1")), (R, ("1", "3"))}),
+    "bias_after_bn": (BiasAfterNorm, (6,), None, {(S, ("fc1", "bn"))}),
+    "residual": (Residual, (6,), None, set()),
+    "weight_sharing": (Shared, (6,), None, set()),
+    "frozen_bias": (frozen_first, (6,), None, set()),
+    "cnn": (lambda: cnn(nn.ReLU()), IMG, "cross_entropy", {(R, ("0", "2")), (R, ("2", "5")), (T, ("5",))}),
+    "cnn_maxpool": (lambda: cnn(nn.ReLU(), pool=(nn.MaxPool2d(2),)), IMG, None, {(R, ("0", "3")), (R, ("3", "6"))}),
+    "cnn_avgpool": (lambda: cnn(nn.ReLU(), pool=(nn.AvgPool2d(2),)), IMG, None, {(R, ("0", "3")), (R, ("3", "6"))}),
+    "cnn_tanh": (lambda: cnn(nn.Tanh()), IMG, None, {(R, ("2", "5"))}),
+    "conv_bn": (lambda: cnn(nn.BatchNorm2d(3, eps=TINY), nn.ReLU()), IMG, "cross_entropy",
+                {(S, ("0", "1")), (R, ("1", "3")), (R, ("3", "6")), (T, ("6",))}),
+    "conv_layernorm": (lambda: cnn(nn.LayerNorm([3, 10, 10], eps=TINY), nn.ReLU()), IMG, None,
+                       {(S, ("0", "1")), (R, ("3", "6"))}),
+    "conv_bn_eval": (lambda: evaluated(cnn(nn.BatchNorm2d(3), nn.ReLU())), IMG, None,
+                     {(R, ("1", "3")), (R, ("3", "6"))}),
+    "functional_cnn": (FunctionalCNN, IMG, "cross_entropy", {(R, ("c1", "c2")), (R, ("c2", "fc")), (T, ("fc",))}),
+    "transformer_block": (Block, (4, 6), "cross_entropy", {(R, ("ln", "fc1")), (R, ("fc1", "fc2")), (T, ("head",))}),
+}
+
+
+def build(name, dtype=torch.float64, n=16):
+    make, shape, loss, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, *shape, generator=g, dtype=dtype)
+    y = torch.randint(0, 10 if shape == IMG else 3, (n,), generator=g)
+    return model, x, y, loss
+
+
+def gradient(model, x, y):
+    loss = F.cross_entropy(model(x), y)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return dict(zip([n for n, _ in named], torch.autograd.grad(loss, [p for _, p in named])))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_detection_finds_exactly_the_known_symmetries(name):
+    model, x, _, loss = build(name)
+    found = {(s.kind, s.layers) for s in probes.find_symmetries(model, x, loss)}
+    assert found == MODELS[name][3]
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if MODELS[n][3]])
+def test_the_loss_gradient_lies_on_every_detected_constraint(name):
+    """In float64, rel = sum_k |c_k| / sum_k ||g_k|| ||xi_k|| of the gradient is rounding
+    (each c_k is a reduction over at most P terms, P = #parameters); a random vector is far off."""
+    model, x, y, loss = build(name)
+    grads = gradient(model, x, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in params.values()), 1.0)
+    g = torch.Generator().manual_seed(2)
+    rand = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+    for s in probes.find_symmetries(model, x, loss):
+        c, vnorm, xnorm = s.unit_terms(grads)
+        assert float((vnorm * xnorm).sum()) > 0  # the bound is not trivially zero
+        assert float(s.measures(grads)["rel"]) < tol, (s.kind, s.layers)
+        assert float(s.measures(rand)["rel"]) > 1e-3, (s.kind, s.layers)
+
+
+# a rejected model, and a twin with the same parameters whose symmetries the rejected one lacks
+TWINS = {
+    "tanh_mlp": "relu_mlp", "sigmoid_mlp": "relu_mlp", "gelu_mlp": "relu_mlp", "cnn_tanh": "cnn",
+    "linear_bn_eval": "linear_bn_mlp", "residual": None,
+}
+
+
+def _residual_without_skip():
+    class NoSkip(Residual):
+        def forward(self, x):
+            return self.out(self.fc2(F.relu(self.fc1(x))))
+
+    return NoSkip
+
+
+@pytest.mark.parametrize("rejected", list(TWINS))
+def test_constraints_the_detector_rejects_are_violated_by_the_gradient(rejected):
+    """Evaluate the twin's extra constraints on the rejected model's gradient (same parameters):
+    far from zero, so reporting them would be a false positive."""
+    model, x, y, loss = build(rejected)
+    if TWINS[rejected] is None:
+        twin = _residual_without_skip()().double()
+    else:
+        twin = build(TWINS[rejected])[0]
+    twin.load_state_dict(model.state_dict())
+    twin.train(model.training)
+    if rejected == "linear_bn_eval":
+        twin.train()  # detected in training mode, evaluated on the eval-mode model
+    kept = {(s.kind, s.layers) for s in probes.find_symmetries(model, x, loss)}
+    extra = [s for s in probes.find_symmetries(twin, x, loss) if (s.kind, s.layers) not in kept]
+    assert extra
+    grads = gradient(model, x, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert all(float(s.measures(grads, params)["rel"]) > 1e-3 for s in extra), [s.layers for s in extra]
+
+
+def test_batchnorm_eps_makes_the_scale_symmetry_inexact():
+    model = mlp(nn.BatchNorm1d(5), nn.ReLU()).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    found = {s.kind: s.exact for s in probes.find_symmetries(model, x)}
+    assert found == {"scale": False, "rescale": True}
+
+
+def test_an_untraceable_model_gets_a_one_line_error():
+    with pytest.raises(L2OError, match=r"cannot trace Branchy with torch.fx") as e:
+        probes.find_symmetries(Branchy(), torch.randn(4, 6))
+    assert "\n" not in str(e.value)
+
+
+def test_detection_leaves_the_model_untouched():
+    model, x, _, _ = build("conv_bn")
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    probes.find_symmetries(model, x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_signed_deviation_by_hand_on_a_tiny_network():
+    """The numbers of test_symmetry.test_measures_by_hand_on_a_tiny_layer, found by detection."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    theta = {"0.weight": torch.tensor([[1., 2., 0.], [0., 1., 1.]]), "0.bias": torch.tensor([1., -1.]),
+             "2.weight": torch.tensor([[1., 0.], [2., 1.]]), "2.bias": torch.tensor([0., 0.])}
+    v = {"0.weight": torch.tensor([[1., 0., 0.], [0., 0., 1.]]), "0.bias": torch.tensor([1., 4.]),
+         "2.weight": torch.tensor([[0., 3.], [1., 0.]]), "2.bias": torch.tensor([1., 2.])}
+    model.load_state_dict(theta)
+    rescale, translation = probes.find_symmetries(model, torch.zeros(2, 3), "cross_entropy")
+    # unit 0: 1 + 1 - <(0, 1), (1, 2)> = 0;  unit 1: 1 - 4 - <(3, 0), (0, 1)> = -3
+    assert rescale.deviation(v).item() == -3.0 and rescale.measures(v)["total"].item() == 3.0
+    # output-weight columns sum to 1 and 3, the bias to 3
+    assert translation.deviation(v, theta).item() == 7.0
+
+
+def test_a_batchnorm_model_given_one_example_gets_a_one_line_error():
+    with pytest.raises(L2OError, match=r"on example_input \(ValueError: Expected more than 1 value.*at least 2"):
+        probes.find_symmetries(mlp(nn.BatchNorm1d(5)), torch.zeros(1, 6))
+
+
+def test_vectors_missing_a_parameter_are_an_error():
+    model, x, y, loss = build("relu_mlp")
+    s = probes.find_symmetries(model, x, loss)[0]
+    with pytest.raises(L2OError, match="vectors lack 2.weight"):
+        s.deviation({"0.weight": torch.zeros(5, 6), "0.bias": torch.zeros(5)})
+
+
+# ---- the probe's numbers equal the zoo's declared-structure numbers --------------------------------------
+class ZooNet(nn.Module):
+    """An optimizees.Optimizee as an nn.Module with the same parameter names."""
+
+    def __init__(self, spec: Optimizee):
+        super().__init__()
+        self.spec = spec
+        sizes = spec.sizes
+        for i in range(len(sizes) - 1):
+            setattr(self, f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1]))
+            if spec.batchnorm and i < len(sizes) - 2:
+                setattr(self, f"bn{i + 1}", nn.BatchNorm1d(sizes[i + 1], eps=spec.bn_eps))
+        self.act = {"relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid()}[spec.activation]
+
+    def forward(self, x):
+        n = len(self.spec.hidden_sizes)
+        for i in range(1, n + 1):
+            x = getattr(self, f"fc{i}")(x)
+            if self.spec.batchnorm:
+                x = getattr(self, f"bn{i}")(x)
+            x = self.act(x)
+        return getattr(self, f"fc{n + 1}")(x)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "bn_relu", "sigmoid_2x20", "relu_100x100"])
+def test_probe_numbers_equal_the_zoo_on_our_mlps(name):
+    spec = ZOO[name]
+    params = spec.init(torch.Generator().manual_seed(3), dtype=torch.float64)
+    net = ZooNet(spec).double()
+    net.load_state_dict(params, strict=False)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(32, 784, generator=g, dtype=torch.float64), torch.randint(0, 10, (32,), generator=g)
+    _, zoo_grads, _ = spec.loss_and_grad(params, x, y)
+    grads = gradient(net, x, y)
+    syms = probes.find_symmetries(net, x, "cross_entropy")
+    assert tuple(dict.fromkeys(s.kind for s in sorted(syms, key=lambda s: symmetry.KINDS.index(s.kind)))) \
+        == symmetry.applicable(spec.structure)
+    tol = reduction_atol(torch.float64, spec.num_params, 1.0)
+    for n in params:  # the module is the zoo's model
+        assert torch.allclose(grads[n], zoo_grads[n], rtol=0, atol=tol)
+    updates = {n: 0.01 * grads[n] + 1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+               for n, p in params.items()}  # an update off the constraints
+    ours = probes.record(syms, updates, params)
+    zoo = symmetry.record(updates, params, spec.structure)
+    assert ours.keys() == zoo.keys()
+    for k in zoo:
+        assert torch.allclose(ours[k], zoo[k], rtol=tol, atol=0), (k, ours[k], zoo[k])
+
+
+# ---- the probe on a training loop, with every optimizer -----------------------------------------------
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "lion": lambda ps: Lion(ps, lr=1e-3, weight_decay=0.1),
+    "l2o": lambda ps: learned.L2OOptimizer(ps, learned.pretrained("leaky_relu")),
+}
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(3 * 5 * 5, 10))
+
+
+def batches(n=6, size=8, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *IMG, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data, probe=None):
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if probe is not None:
+            probe.log_metric("train_loss", loss)
+        opt.step()
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_the_probe_records_every_step_without_changing_the_training(opt, tmp_path):
+    data = batches()
+    plain, probed = small_cnn(), small_cnn()
+    opt_plain, opt_probed = OPTIMIZERS[opt](plain.parameters()), OPTIMIZERS[opt](probed.parameters())
+    train(plain, opt_plain, data)
+    probe = probes.attach(opt_probed, probed, data[0][0], tmp_path / "run", every=2, loss="cross_entropy")
+    train(probed, opt_probed, data, probe)
+    probe.close()
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(a, b)
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    for kind in ("rescale", "scale", "translation"):
+        assert list(t.where(metric=f"{kind}_deviation").matrix()[0]) == [0, 2, 4]
+        assert len(t.where(metric=f"grad_{kind}_deviation_rel")) == 3
+    assert len(t.where(metric="train_loss")) == len(data)
+
+
+@pytest.mark.parametrize("opt,on", [("sgd", True), ("adam", False)])
+def test_recorded_updates_lie_on_the_constraints_for_sgd_only(opt, on, tmp_path):
+    """SGD without momentum applies -lr * g, on every constraint (float64); Adam's are off them."""
+    model = small_cnn().double()
+    data = [(x.double(), y) for x, y in batches(3)]
+    probe = probes.attach(OPTIMIZERS[opt](model.parameters()), model, data[0][0], tmp_path / opt,
+                          loss="cross_entropy")
+    train(model, probe.optimizer, data)
+    probe.close()
+    t = Table.read(tmp_path / opt / "metrics.csv")
+    # BatchNorm's eps breaks the scale symmetry by O(eps / var): check rescale and translation
+    rel = max(t.where(metric=[f"{k}_deviation_rel" for k in ("rescale", "translation")]).cols["value"])
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in model.parameters()), 1.0)
+    assert (rel < tol) if on else (rel > 1e-3), rel
+
+
+def _snapshot(model, opt):
+    return (copy.deepcopy(model.state_dict()), {n: p.grad.clone() for n, p in model.named_parameters()},
+            copy.deepcopy(opt.state_dict()), torch.get_rng_state())
+
+
+def _equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_the_noise_probe_leaves_model_optimizer_and_rng_bit_identical(opt, tmp_path):
+    model = small_cnn()
+    model[4] = nn.Sequential(nn.Dropout(0.2), nn.Flatten())  # the probe's forward passes draw random masks
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    data = batches(8)
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "run")
+    train(model, optimizer, data[:3], probe)  # optimizer state is non-trivial now, grads are set
+    before = _snapshot(model, optimizer)
+    probe.noise(data, lambda out, y: F.cross_entropy(out, y))
+    after = _snapshot(model, optimizer)
+    assert all(_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_frozen_updates_equal_a_real_step_from_the_same_state(opt, tmp_path):
+    model = small_cnn()
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    data = batches(5)
+    train(model, optimizer, data[:2])
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "run")
+    G, U, names = probe.noise_samples(data[2:], lambda out, y: F.cross_entropy(out, y))
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    before = {n: params[n].detach().clone() for n in names}
+    for n, gn in zip(names, G[1].split(sizes)):  # the real optimizer, given minibatch 1's gradient
+        params[n].grad = gn.view_as(params[n]).clone()
+    optimizer.step()
+    real = torch.cat([(params[n].detach() - before[n]).reshape(-1) for n in names])
+    assert torch.equal(real, U[1])
+
+
+def test_sgd_frozen_updates_are_minus_lr_times_the_minibatch_gradients(tmp_path):
+    model = small_cnn().double()
+    data = [(x.double(), y) for x, y in batches(4)]
+    probe = probes.attach(torch.optim.SGD(model.parameters(), lr=0.1), model, data[0][0], tmp_path / "run")
+    G, U, _ = probe.noise_samples(data, lambda out, y: F.cross_entropy(out, y))
+    # theta - 0.1 g - theta rounds once in float64 per coordinate
+    assert torch.allclose(U, -0.1 * G, rtol=0, atol=reduction_atol(torch.float64, 2, 1.0))
+    # the gradients are those of each minibatch at the frozen point
+    x, y = data[2]
+    ref = gradient(model, x, y)
+    assert torch.allclose(G[2], torch.cat([g.reshape(-1) for g in ref.values()]), rtol=0,
+                          atol=reduction_atol(torch.float64, 8 * 100, 1.0))
+
+
+def test_noise_metrics_are_written_and_the_covariance_eigenvalue_matches_a_dense_one(tmp_path):
+    model = small_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(12)
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "run")
+    train(model, optimizer, data[:2], probe)
+    loss_fn = lambda out, y: F.cross_entropy(out, y)  # noqa: E731
+    metrics = probe.noise(data, loss_fn)
+    _, U, _ = probe.noise_samples(data, loss_fn)
+    U = U.double()
+    dense = torch.linalg.eigvalsh(torch.cov(U.T, correction=0))[-1]  # K = (1/N) sum (u - mean)(u - mean)^T
+    assert metrics["cov_max_eig"] == pytest.approx(float(dense), rel=1e-6)
+    assert {"alpha_grad_pub", "alpha_grad", "alpha_grad_std", "alpha_update_pub", "alpha_update",
+            "alpha_update_std", "cov_trace", "cov_n"} <= metrics.keys()
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    assert set(t.where(step=2).unique("metric")) == set(metrics)
+
+
+def test_probe_output_plots_with_the_projects_plot_command(tmp_path):
+    from l2o_dynamics.plotting import plot_dir
+
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(3)
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "runs" / "sgd")
+    train(model, optimizer, data, probe)
+    probe.close()
+    assert plot_dir(tmp_path / "runs").stat().st_size > 0
+
+
+def test_bad_probe_arguments_are_one_line_errors(tmp_path):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(L2OError, match="every=0; valid: an integer >= 1"):
+        probes.attach(opt, model, batches(1)[0][0], tmp_path / "a", every=0)
+    with pytest.raises(L2OError, match="unknown loss 'mse'"):
+        probes.attach(opt, model, batches(1)[0][0], tmp_path / "b", loss="mse")
+    probe = probes.attach(opt, model, batches(1)[0][0], tmp_path / "c")
+    with pytest.raises(L2OError, match="at least 2 minibatches"):
+        probe.noise(batches(1), lambda out, y: F.cross_entropy(out, y))
+
+
+# ---- the README section and the examples run as written ---------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_probe_section_runs(tmp_path, monkeypatch):
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+              if "probes.attach" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    t = Table.read(tmp_path / "runs" / "mine" / "metrics.csv")
+    assert {"rescale_deviation", "translation_deviation", "train_loss", "cov_max_eig"} <= set(t.unique("metric"))
+    assert namespace["noise"]["alpha_update_pub"] > 0
+
+
+@pytest.mark.parametrize("example", ["mnist_cnn", "tiny_transformer"])
+def test_examples_run_and_write_metrics_and_figures(example, tmp_path, mnist):
+    """Each example at a few steps (the defaults take ~20-40 s; README)."""
+    mod = runpy.run_path(str(ROOT / "examples" / f"{example}.py"), run_name="example")
+    parser = mod["common"].parser("test", steps=4)
+    args = parser.parse_args(["--out", str(tmp_path / "out"), "--steps", "4", "--noise-every", "2",
+                              "--noise-batches", "4", "--batch-size", "16"])
+    mod["run"](args)
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*"))
+    runs = [f for f in files if f.endswith("metrics.csv")]
+    assert len(runs) == (6 if example == "mnist_cnn" else 3)
+    assert {"loss.png", "deviations.png", "noise.png"} <= set(files)
+    t = Table.read([tmp_path / "out" / r for r in runs])
+    assert list(t.where(metric="cov_max_eig", optimizer="l2o").matrix()[0])[:3] == [0, 2, 4]
