@@ -25,7 +25,6 @@ import errno
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -33,7 +32,7 @@ from typing import Callable, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
-from .utils import LOCK_NAME, L2OError, fresh_path, locked_dir, resolve_device
+from .utils import LOCK_NAME, L2OError, die_with_parent, fresh_path, locked_dir, resolve_device
 
 DONE_MARKER = "job.json"
 WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
@@ -116,47 +115,11 @@ def _worker_init(threads: int, fusion: str, ignore_sigint: bool = False, driver_
     from . import learned
 
     if driver_pid is not None:
-        _die_with(driver_pid)
+        die_with_parent(driver_pid)  # LocalExecutor.run starts and waits for its pool in one thread
     if ignore_sigint:  # Ctrl-C reaches the whole process group; the driver stops the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     learned.set_fusion(fusion)
-
-
-def _die_with(driver_pid: int) -> None:
-    """End this pool worker when its driver (`driver_pid`, its parent) dies, kill -9 included,
-    so no orphan keeps writing into the store. Linux: PR_SET_PDEATHSIG sends SIGKILL when
-    the *thread* that started this process exits; LocalExecutor.run starts its pool's
-    processes from the thread that then waits for them (ProcessPoolExecutor spawns on
-    submit; its manager thread would respawn only under max_tasks_per_child, unused), so
-    that thread outlives them. Elsewhere a daemon thread polls the parent pid. Either way,
-    a driver that died before this ran is seen at once (this process was re-parented).
-    multiprocessing's resource tracker exits by itself once the driver and workers are
-    gone: they hold the write ends of its pipe."""
-    if not _set_parent_death_signal():
-        def watch() -> None:
-            while os.getppid() == driver_pid:
-                time.sleep(0.5)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="l2o-watch-driver", daemon=True).start()
-    if os.getppid() != driver_pid:
-        os._exit(1)
-
-
-def _set_parent_death_signal() -> bool:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; False where unavailable."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return False
 
 
 def _execute(job: Job, deps: Mapping[str, Files], workdir: str | None) -> Files:
