@@ -2,6 +2,7 @@
 die with their driver, one writer per output directory, the store never removes a
 finished job, atomic files get the umask's permissions, and what killed runs leave behind
 is swept at start-up."""
+import contextlib
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def test_kill_9_of_a_reproduce_driver_with_two_workers_leaves_no_process_of_it(t
         _wait(lambda: not _alive_in_session(driver.pid), 10,
               f"left running: {_alive_in_session(driver.pid)}")
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
 
 
@@ -86,7 +87,7 @@ def test_a_worker_watching_its_parent_without_prctl_exits_when_the_parent_dies()
         driver.wait()
         _wait(lambda: not _alive_in_session(driver.pid), 5, f"worker {worker_pid} outlived its driver")
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
 
 
@@ -134,6 +135,14 @@ def test_a_failed_run_removes_the_directories_its_lock_created_and_keeps_existin
         with locked_dir(tmp_path / "old", "run"):
             raise L2OError("bad input")
     assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
+
+
+def test_a_file_in_place_of_the_directory_is_refused_with_a_one_line_error(tmp_path):
+    (tmp_path / "out").write_text("results?")
+    with pytest.raises(L2OError, match="--out .* exists and is not a directory"):
+        with locked_dir(tmp_path / "out", "run"):
+            pass
+    assert (tmp_path / "out").read_text() == "results?"
 
 
 def _job_files(label: str) -> dict[str, bytes]:

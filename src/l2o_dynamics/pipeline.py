@@ -10,7 +10,7 @@ Under the lock, start-up sweeps what killed runs left (temporary files and job
 directories, the work directories of finished jobs). Pool workers die with the driver,
 however it dies.
 
-Executors share one interface, `run(pending, deps, on_done)`:
+Executors share one interface, `run(pending, store, on_start, on_done)`:
     LocalExecutor(workers=0)   in this process, one job after another
     LocalExecutor(workers=N)   a pool of N processes (concurrent.futures)
     RayExecutor(address)       Ray tasks; each job's files are returned to the

@@ -97,6 +97,8 @@ def locked_dir(path: str | os.PathLike, command: str, option: str = "--out") -> 
     directory it created and left empty, that directory (and the parents created with it)
     is removed again."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise L2OError(f"{option} {path} exists and is not a directory; give a new or empty directory")
     top = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # first to create
     try:
         path.mkdir(parents=True, exist_ok=True)
