@@ -83,7 +83,10 @@ def _train_one(args: tuple) -> dict:
 def train_all(work: list[tuple], jobs: int) -> list[dict]:
     """`_train_one` over `work`, `jobs` processes at a time (one thread each)."""
     if jobs > 1:
-        with mp.get_context("spawn").Pool(jobs) as pool:
+        from l2o_dynamics.utils import die_with_parent
+
+        # workers end with this process, even on kill -9 (no orphans training on)
+        with mp.get_context("spawn").Pool(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             return pool.map(_train_one, work, chunksize=1)
     return [_train_one(w) for w in work]
 

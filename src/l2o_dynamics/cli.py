@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .utils import L2OError
+from .utils import L2OError, entries, locked_dir
 
 PROG = "l2o-dynamics"
 
@@ -254,9 +254,10 @@ def cmd_meta_train(args) -> int:
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     cfg = recipe(args.recipe, **given).validate()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if entries(out):  # main() holds the lock on `out`
         if args.overwrite and not args.resume:
-            shutil.rmtree(out)
+            for p in entries(out):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif not args.resume:
             raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
                            "--overwrite to start over, or choose a new directory")
@@ -278,13 +279,22 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot}
+LOCKED = ("meta-test", "meta-train")  # one writer per --out; reproduce/experiment lock in pipeline
+
+
+def run_command(args) -> int:
+    """The command's handler; a run directory's commands hold its lock (utils.locked_dir)
+    throughout, and a failed run leaves no directory it created."""
+    handler = COMMANDS.get(args.command) or args.handler
+    if args.command not in LOCKED:
+        return handler(args)
+    with locked_dir(args.out, args.command):
+        return handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        handler = COMMANDS.get(args.command) or args.handler
-        return handler(args)
+        return run_command(build_parser().parse_args(argv))
     except L2OError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -4,7 +4,13 @@ Jobs are content-addressed by their config (`Job.key`); a finished job's files
 live in `STORE/<key>/` (default `OUT/jobs/`), written atomically, so a re-run
 after a kill skips what is done and a larger profile reuses what it can.
 
-Executors share one interface, `run(pending, deps, on_done)`:
+One writer per directory: a run holds an exclusive lock on OUT (and on STORE when it
+lies outside OUT) for its whole life; a second run on either fails at once with exit 2.
+Under the lock, start-up sweeps what killed runs left (temporary files and job
+directories, the work directories of finished jobs). Pool workers die with the driver,
+however it dies.
+
+Executors share one interface, `run(pending, store, on_start, on_done)`:
     LocalExecutor(workers=0)   in this process, one job after another
     LocalExecutor(workers=N)   a pool of N processes (concurrent.futures)
     RayExecutor(address)       Ray tasks; each job's files are returned to the
@@ -14,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -25,9 +32,10 @@ from typing import Callable, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
-from .utils import L2OError, resolve_device
+from .utils import LOCK_NAME, L2OError, die_with_parent, fresh_path, locked_dir, resolve_device
 
 DONE_MARKER = "job.json"
+WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -49,18 +57,27 @@ class Store:
         return {f.name: f.read_bytes() for f in p.iterdir() if f.is_file()}
 
     def write(self, key: str, files: Files) -> Path:
-        """All files at once: into a temp dir, then renamed (the marker is inside)."""
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        """All files at once: into a temp dir `.KEY.*`, then renamed into place (the marker
+        is inside). A finished job is never replaced: when one is already there (another
+        writer came first; jobs are content-addressed) this copy is dropped, so a reader
+        never sees a finished job vanish. A directory without the marker is not a finished
+        job and is replaced."""
+        final = self.path(key)
+        tmp = fresh_path(self.root, f".{key}.", directory=True)
         try:
             for name, blob in files.items():
                 (tmp / name).write_bytes(blob)
-            final = self.path(key)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if final.exists() and not self.done(key):
+                aside = fresh_path(self.root, f".{key}.", directory=True)
+                os.rename(final, aside)  # onto an empty directory: atomic
+                shutil.rmtree(aside)
+            try:
+                os.rename(tmp, final)  # fails on a non-empty `final`, unlike rmtree + replace
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.done(key):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # still there unless renamed
         return final
 
     def info(self, key: str) -> dict:
@@ -68,19 +85,37 @@ class Store:
 
     def workdir(self, key: str) -> Path:
         """Scratch space that survives a kill (a meta-training's checkpoint)."""
-        p = self.root / ".work" / key
+        p = self.root / WORK / key
         p.mkdir(parents=True, exist_ok=True)
         return p
 
+    def drop_workdir(self, key: str) -> None:
+        shutil.rmtree(self.root / WORK / key, ignore_errors=True)
+
+    def sweep(self) -> list[Path]:
+        """Remove what killed runs left: temporary job directories `.KEY.*` and the work
+        directories of finished jobs (an unfinished job's keeps its checkpoint for resume);
+        returns them. Only while holding `locked_dir` on the store, which has already swept
+        the temporary files."""
+        removed = [p for p in self.root.iterdir()
+                   if p.name.startswith(".") and p.name not in (WORK, LOCK_NAME) and p.is_dir()]
+        if (self.root / WORK).is_dir():
+            removed += [p for p in (self.root / WORK).iterdir() if self.done(p.name)]
+        for p in removed:
+            shutil.rmtree(p, ignore_errors=True)
+        return removed
+
 
 # ---- executors ------------------------------------------------------------------------------------
-def _worker_init(threads: int, fusion: str, ignore_sigint: bool = False) -> None:
+def _worker_init(threads: int, fusion: str, ignore_sigint: bool = False, driver_pid: int | None = None) -> None:
     import signal
 
     import torch
 
     from . import learned
 
+    if driver_pid is not None:
+        die_with_parent(driver_pid)  # LocalExecutor.run starts and waits for its pool in one thread
     if ignore_sigint:  # Ctrl-C reaches the whole process group; the driver stops the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -115,7 +150,8 @@ class LocalExecutor:
         import multiprocessing as mp
 
         pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                      initializer=_worker_init, initargs=(self.threads, self.fusion, True))
+                                      initializer=_worker_init,
+                                      initargs=(self.threads, self.fusion, True, os.getpid()))
         waiting = list(pending)
         running: dict[cf.Future, Job] = {}
         try:
@@ -210,6 +246,7 @@ def run_jobs(jobs: list[Job], store: Store, executor, progress: bool = True,
     def on_done(job, files):
         nonlocal n_done
         store.write(job.key, files)
+        store.drop_workdir(job.key)
         active.pop(job.key, None)
         times[job.key] = store.info(job.key)["wall_time_s"]
         n_done += 1
@@ -261,24 +298,34 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
     out = Path(out)
-    store_obj = None if dry_run else Store(store or out / "jobs")
+    store_root = Path(store or out / "jobs")
     if dry_run:
-        root = Path(store or out / "jobs")
-        done = {j.key for j in jobs if (root / j.key / DONE_MARKER).is_file()}
+        done = {j.key for j in jobs if (store_root / j.key / DONE_MARKER).is_file()}
         echo(format_plan(jobs, done, profile))
         return {"jobs": jobs, "done": done}
-    total = sum(j.estimate_s for j in jobs)
-    echo(f"l2o-dynamics reproduce: profile {profile.name}, {len(jobs)} jobs, "
-         f"estimated {_hms(total)} of compute on a 2-core CPU; results in {out}")
+    # everything that can refuse the run comes before the first directory is created
     data_mod.load_mnist(verbose=progress)  # fetch once, before any worker needs it
     executor = make_executor(workers, ray_address, fusion, threads)
-    echo(f"running on {executor.describe()} ({dev})")
-    started = time.time()
-    run_jobs(jobs, store_obj, executor, progress=progress)
-    summary = write_outputs(out, profile, jobs, store_obj, experiments, device=dev,
-                            wall_time_s=time.time() - started, executor=executor.describe(), docs=docs)
+    with contextlib.ExitStack() as held:
+        held.enter_context(locked_dir(out, f"reproduce --profile {profile.name}"))
+        if not _inside(store_root, out):
+            held.enter_context(locked_dir(store_root, f"reproduce --profile {profile.name}", "--store"))
+        store_obj = Store(store_root)
+        store_obj.sweep()
+        total = sum(j.estimate_s for j in jobs)
+        echo(f"l2o-dynamics reproduce: profile {profile.name}, {len(jobs)} jobs, "
+             f"estimated {_hms(total)} of compute on a 2-core CPU; results in {out}")
+        echo(f"running on {executor.describe()} ({dev})")
+        started = time.time()
+        run_jobs(jobs, store_obj, executor, progress=progress)
+        summary = write_outputs(out, profile, jobs, store_obj, experiments, device=dev,
+                                wall_time_s=time.time() - started, executor=executor.describe(), docs=docs)
     echo(summary["text"])
     return summary
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def format_plan(jobs: list[Job], done: set[str], profile) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .utils import L2OError, atomic_write_json, atomic_write_text, environment
+from .utils import L2OError, atomic_write_json, atomic_write_text, entries, environment
 
 COLUMNS = ("experiment", "optimizee", "optimizer", "beta", "seed", "step", "metric", "value")
 Row = tuple  # (experiment, optimizee, optimizer, beta, seed, step, metric, value)
@@ -111,7 +111,7 @@ def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise L2OError(f"--out {out} exists and is not a directory; give a new or empty directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and entries(out) and not overwrite:
         raise L2OError(f"--out {out} exists and is not empty; pass --overwrite or choose a new directory")
     try:
         out.mkdir(parents=True, exist_ok=True)

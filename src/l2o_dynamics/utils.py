@@ -1,4 +1,5 @@
-"""Small shared helpers: errors, atomic file writes, seeds, devices, environment."""
+"""Small shared helpers: errors, atomic file writes, directory locks, workers that die with
+their parent, seeds, devices, environment."""
 from __future__ import annotations
 
 import contextlib
@@ -6,12 +7,18 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+
+LOCK_NAME = ".lock"  # in a directory held by `locked_dir`
+TEMP_SUFFIX = ".tmp"  # of `atomic_path`'s temporary files
 
 
 class L2OError(ValueError):
@@ -28,15 +35,32 @@ def cache_dir() -> Path:
     return Path(base) / "l2o-dynamics"
 
 
+def fresh_path(parent: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
+    """Create a new file (or directory) with a unique name in `parent` and return its path.
+
+    Unlike tempfile.mkstemp/mkdtemp (mode 0600/0700) it is created with mode 0666/0777
+    less the umask, so a file later renamed into place gets the usual permissions (0644)."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`
-    (atomic on POSIX), on error it is removed. Readers never see a partial file."""
+    """Yield a temporary path `.NAME.*.tmp` beside `path`; on success it is renamed onto
+    `path` (atomic on POSIX), on error it is removed. Readers never see a partial file.
+    A kill leaves the temporary file behind; `sweep_temp_files` removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = fresh_path(path.parent, f".{path.name}.", TEMP_SUFFIX)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -44,6 +68,136 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def sweep_temp_files(root: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `atomic_path` leaves behind when killed (`.*.tmp`)
+    anywhere under `root`; returns them. Call it only while holding `locked_dir(root)`:
+    another live writer's temporary files look the same."""
+    removed = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed.append(Path(dirpath) / name)
+    return removed
+
+
+@contextlib.contextmanager
+def locked_dir(path: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on directory `path` (created if missing) for the block.
+
+    The lock is `flock` on `path/.lock`, which records the holder's pid, command and start
+    time and is removed on release. The kernel drops the lock when the holder exits however
+    it exits (kill -9 included), so a lock file left by a kill never blocks a later run. A
+    second process fails at once with an L2OError naming the holder. The descriptor is not
+    inherited by child processes. On entry, with no other writer possible, it removes the
+    temporary files that killed writers left under `path`; if the block fails in a
+    directory it created and left empty, that directory (and the parents created with it)
+    is removed again."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise L2OError(f"{option} {path} exists and is not a directory; give a new or empty directory")
+    top = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # first to create
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path / LOCK_NAME)
+    except OSError as e:
+        raise L2OError(f"{option} {path} is not writable ({e.strerror}); choose a writable directory") from None
+    if fd is None:
+        raise L2OError(f"{option} {path} is in use by {_lock_holder(path / LOCK_NAME)}; wait for it to "
+                       f"finish or use another {option}")
+    try:
+        holder = {"pid": os.getpid(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(holder).encode())
+        sweep_temp_files(path)
+        try:
+            yield path
+        except BaseException:
+            if top is not None and not entries(path):
+                with contextlib.suppress(OSError):
+                    (path / LOCK_NAME).unlink()
+                    for p in [path, *path.parents][:len(path.parts) - len(top.parts) + 1]:
+                        p.rmdir()
+            raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (path / LOCK_NAME).unlink()  # before the lock is released: nobody can hold it
+        os.close(fd)
+
+
+def _lock(lock_file: Path) -> int | None:
+    """An empty, locked `lock_file` as an open descriptor, or None if another process holds it.
+    A file unlinked by its holder between our open and our flock is not the lock any more:
+    then try again on the new one."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)
+
+
+def entries(path: str | os.PathLike) -> list[Path]:
+    """A directory's entries other than its lock file (what a run has put there); [] if
+    there is no such directory."""
+    path = Path(path)
+    return [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+
+
+def _lock_holder(lock_file: Path) -> str:
+    try:
+        h = json.loads(lock_file.read_text())
+        return f"pid {h['pid']} ({h['command']}, started {h['started']})"
+    except (ValueError, KeyError, TypeError, OSError):  # the holder has not written it yet
+        return "another process"
+
+
+def die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
+    """Make this process (a pool worker) end when its parent `parent_pid` dies, kill -9
+    included, so no orphan keeps computing and writing after its driver is gone.
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL). The signal fires when the *thread* that
+    started this process exits, so the parent must start its workers from a thread that
+    outlives them (the thread that then waits for the pool). Elsewhere (or with
+    use_prctl=False) a daemon thread polls the parent pid twice a second. A parent that died
+    before this ran is seen at once: this process has been re-parented. multiprocessing's
+    resource tracker then exits by itself: the parent and workers held its pipe open."""
+    if not (use_prctl and _set_parent_death_signal()):
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="l2o-watch-parent", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _set_parent_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; False where unavailable."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

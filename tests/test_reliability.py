@@ -1,0 +1,222 @@
+"""Processes and files under kills and concurrency (issue 11, items 1, 4, 6): pool workers
+die with their driver, one writer per output directory, the store never removes a
+finished job, atomic files get the umask's permissions, and what killed runs leave behind
+is swept at start-up."""
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l2o_dynamics import pipeline
+from l2o_dynamics.experiments import build_jobs, get_profile
+from l2o_dynamics.utils import L2OError, LOCK_NAME, atomic_torch_save, atomic_write_text, locked_dir
+
+SRC = str(Path(pipeline.__file__).resolve().parents[1])
+
+
+def _python(code: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "L2O_DYNAMICS_FUSION": "eager", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, **kw)
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    return _python(f"import sys; from l2o_dynamics.cli import main; sys.exit(main({list(args)!r}))",
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _alive_in_session(sid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of session `sid`, read from /proc."""
+    alive = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+            cmdline = (stat_file.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # exited meanwhile
+            continue
+        state, _, _, session = text[text.rindex(")") + 2:].split()[:4]  # fields 3..6 of proc(5)
+        if int(session) == sid and state != "Z":
+            alive.append(cmdline)
+    return alive
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+
+
+# ---- item 1: no orphaned workers ---------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_kill_9_of_a_reproduce_driver_with_two_workers_leaves_no_process_of_it(tmp_path, mnist):
+    out = tmp_path / "out"
+    driver = _cli("reproduce", "--profile", "smoke", "--workers", "2", "--out", str(out), "--no-progress",
+                  start_new_session=True)  # its session id is its pid; workers and tracker inherit it
+    try:
+        # a finished job proves the workers run jobs (their initializer has run)
+        _wait(lambda: driver.poll() is not None or any(out.glob("jobs/*/job.json")), 240, "no job finished")
+        assert driver.poll() is None, driver.communicate()[1]
+        assert len(_alive_in_session(driver.pid)) >= 4, "driver, resource tracker and two workers"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _wait(lambda: not _alive_in_session(driver.pid), 10,
+              f"left running: {_alive_in_session(driver.pid)}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+def test_a_worker_watching_its_parent_without_prctl_exits_when_the_parent_dies():
+    # the portable path of die_with_parent: a driver starts a "worker" that watches it with
+    # the polling thread only, then sleeps; killing the driver must end the worker
+    worker = ("import os, sys, time; from l2o_dynamics.utils import die_with_parent; "
+              "die_with_parent(int(sys.argv[1]), use_prctl=False); print(os.getpid(), flush=True); time.sleep(60)")
+    driver = _python(f"import os, subprocess, sys, time; "
+                     f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); time.sleep(60)",
+                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker_pid = int(driver.stdout.readline())
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        _wait(lambda: not _alive_in_session(driver.pid), 5, f"worker {worker_pid} outlived its driver")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+# ---- item 4: one writer per output directory ---------------------------------------------------
+@pytest.mark.parametrize("command", [
+    ["reproduce", "--profile", "smoke", "--no-progress"],
+    ["experiment", "noise", "--scale", "smoke", "--no-progress"],
+    ["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0.1", "--steps", "2", "--seeds", "1",
+     "--overwrite", "--no-progress"],
+    ["meta-train", "--epochs", "1", "--runs", "1", "--resume", "--no-progress"],
+])
+def test_a_second_run_on_a_locked_out_exits_2_naming_the_holder_and_writes_nothing(command, tmp_path, mnist):
+    out = tmp_path / "out"
+    with locked_dir(out, "the first run"):
+        before = sorted(p.name for p in out.iterdir())
+        second = _cli(*command, "--out", str(out))
+        _, err = second.communicate(timeout=120)
+        assert sorted(p.name for p in out.iterdir()) == before == [LOCK_NAME]
+    assert second.returncode == 2, err
+    assert err.count("\n") == 1 and f"is in use by pid {os.getpid()} (the first run, started" in err, err
+
+
+def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
+    out = tmp_path / "out"
+    holder = _python(f"from l2o_dynamics.utils import locked_dir; import time\n"
+                     f"with locked_dir({str(out)!r}, 'holder'):\n    print('held', flush=True); time.sleep(60)",
+                     stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(L2OError, match="in use by pid"):
+        with locked_dir(out, "second"):
+            pass
+    holder.kill()
+    holder.wait()
+    with locked_dir(out, "third"):  # the kernel dropped the lock with the process
+        assert json.loads((out / LOCK_NAME).read_text())["command"] == "third"
+
+
+def test_a_failed_run_removes_the_directories_its_lock_created_and_keeps_existing_ones(tmp_path):
+    with pytest.raises(L2OError, match="bad input"):
+        with locked_dir(tmp_path / "new" / "out", "run"):
+            raise L2OError("bad input")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(L2OError):
+        with locked_dir(tmp_path / "old", "run"):
+            raise L2OError("bad input")
+    assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
+
+
+def test_a_file_in_place_of_the_directory_is_refused_with_a_one_line_error(tmp_path):
+    (tmp_path / "out").write_text("results?")
+    with pytest.raises(L2OError, match="--out .* exists and is not a directory"):
+        with locked_dir(tmp_path / "out", "run"):
+            pass
+    assert (tmp_path / "out").read_text() == "results?"
+
+
+def _job_files(label: str) -> dict[str, bytes]:
+    return {"job.json": json.dumps({"label": label, "wall_time_s": 1.0}).encode(), "result.json": b"{}"}
+
+
+def test_store_write_never_replaces_a_finished_job(tmp_path):
+    store = pipeline.Store(tmp_path)
+    store.write("k", _job_files("first"))
+    store.write("k", _job_files("second"))  # a concurrent writer that came second
+    assert store.info("k")["label"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["k"], "the second copy's temp dir is gone"
+
+
+def test_store_write_replaces_a_directory_without_the_done_marker(tmp_path):
+    store = pipeline.Store(tmp_path)
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "partial").write_text("left by hand")
+    store.write("k", _job_files("real"))
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["job.json", "result.json"]
+
+
+# ---- item 6: file hygiene ----------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_and_stored_jobs_get_the_umasks_permissions(umask, tmp_path):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        atomic_torch_save({"a": 1}, tmp_path / "l2o.pt")
+        job = pipeline.Store(tmp_path / "jobs").write("k", _job_files("j"))
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "report.md") == mode(tmp_path / "l2o.pt") == mode(job / "job.json") == 0o666 & ~umask
+    assert mode(job) == 0o777 & ~umask
+
+
+def test_taking_the_lock_sweeps_temporary_files_that_killed_writers_left(tmp_path):
+    out = tmp_path / "out"
+    stale = [out / ".metrics.csv.1a2b3c4d.tmp", out / "figures" / ".noise.png.5e6f7a8b.tmp",
+             out / "jobs" / ".work" / "k" / ".checkpoint.pt.9c0d1e2f.tmp"]
+    kept = [out / "metrics.csv", out / "jobs" / ".work" / "k" / "checkpoint.pt", out / "notes.tmp"]
+    for p in stale + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("")
+    with locked_dir(out, "run"):
+        assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+def test_store_sweep_removes_temp_job_dirs_and_finished_jobs_work_dirs_only(tmp_path):
+    store = pipeline.Store(tmp_path)
+    store.write("done", _job_files("done"))
+    (tmp_path / ".done.1a2b3c4d").mkdir()  # a write killed before its rename
+    (tmp_path / ".done.1a2b3c4d" / "job.json").write_text("{}")
+    (store.workdir("done") / "checkpoint.pt").write_text("")  # stored, then killed before the drop
+    (store.workdir("running") / "checkpoint.pt").write_text("")  # resumes from this
+    store.sweep()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".work", "done"]
+    assert [p.name for p in (tmp_path / ".work").iterdir()] == ["running"]
+
+
+def test_run_jobs_removes_a_jobs_work_dir_once_it_is_stored(tmp_path):
+    jobs = build_jobs(get_profile("smoke"), ("symmetry-breaking",))[:2]
+    store = pipeline.Store(tmp_path)
+    seen = []
+
+    class Executor:  # writes a checkpoint into each job's work dir, as a meta-training does
+        def run(self, pending, store, on_start, on_done):
+            for job in pending:
+                on_start(job)
+                (store.workdir(job.key) / "checkpoint.pt").write_text("")
+                seen.append(store.workdir(job.key).is_dir())
+                on_done(job, _job_files(job.label))
+
+    pipeline.run_jobs(jobs, store, Executor(), progress=False)
+    assert seen == [True, True] and all(store.done(j.key) for j in jobs)
+    assert list((tmp_path / ".work").iterdir()) == []
