@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,7 +14,7 @@ from typing import Any, Iterable
 from . import analysis, plotting
 from .experiments import Job, Profile
 from .results import COLUMNS, Table
-from .utils import atomic_write_json, atomic_write_text, environment
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, environment
 
 VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",
@@ -290,7 +289,7 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
         docs = Path(docs)
         (docs / "figures").mkdir(parents=True, exist_ok=True)
         for name, path in figures.items():
-            shutil.copyfile(path, docs / "figures" / name)
+            atomic_write_bytes(docs / "figures" / name, path.read_bytes())
         header, rows = findings_table(findings)
         atomic_write_text(docs / "findings.md", to_markdown([
             ("p", f"Profile `{profile.name}`, {profile.seeds} seeds, {wall_time_s / 60:.1f} min on {executor} "
