@@ -324,6 +324,6 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     meta_test(opt, cfg["optimizee"], train, cfg["seeds"], cfg["steps"], eval_set=ds.split("test"),
               eval_every=cfg["eval_every"], probes=probes, log=log, device=device, progress=progress,
               desc=f"{cfg['experiment']}: {name} on {cfg['optimizee']}")
-    config = {"kind": "meta-test", **cfg, "lr": lr, "optimizer_config": opt.config()}
+    config = {"kind": "meta-test", **cfg, "lr": lr, "optimizer_config": opt.config(), "data_digest": ds.digest}
     return {"metrics.csv": format_rows(log.rows()).encode(),
             "config.json": json.dumps(config, indent=2, sort_keys=True, default=str).encode()}
