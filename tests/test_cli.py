@@ -19,7 +19,7 @@ def run_cli(*args):
     (["meta-test", "--optimizer", "rmsprop", "--optimizee", "relu", "--out", "X"], "choose from 'sgd', 'adam'"),
     (["meta-test", "--optimizer", "adam", "--optimizee", "resnet", "--out", "X"], "choose from 'sigmoid'"),
     (["meta-test", "--optimizer", "adam", "--optimizee", "relu", "--steps", "0", "--out", "X"],
-     "must be a positive integer"),
+     "must be an integer in 1..1000000"),
     (["meta-train", "--optimizee", "leaky_relu", "--reg", "scale", "--beta", "1", "--out", "X"],
      "no scale symmetry"),
     (["meta-train", "--horizon", "30", "--unroll", "20", "--out", "X"], "multiple of unroll"),

@@ -69,7 +69,7 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     while not base.exists():
         base = base.parent
     if not base.is_dir():
-        raise L2OError(f"{flag} {path} cannot be created: {base} is a file; give a path under a directory")
+        raise L2OError(f"{flag} {path} is not writable: {base} is a file; give a path under a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise L2OError(f"{flag} {path} is not writable ({base}: permission denied); choose a writable directory")
     return p
