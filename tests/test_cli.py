@@ -73,6 +73,7 @@ def test_meta_test_meta_train_and_plot_end_to_end(tmp_path, mnist, capsys):
     assert {r[4] for r in rows[1:]} == {"0", "1"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["seeds"] == [0, 1] and "environment" in cfg
+    assert cfg["data_digest"] == mnist.digest
 
     mt = tmp_path / "l2o"
     assert main(["meta-train", "--optimizee", "leaky_relu", "--epochs", "1", "--runs", "1",
