@@ -385,7 +385,23 @@ def l2o_vs_adam(t: Table) -> Finding | None:
         "regularization.png")
 
 
+RUN = ("experiment", "optimizee", "optimizer", "beta", "seed")  # the columns naming one run
+
+
+def mask_diverged(t: Table) -> Table:
+    """Every value of a run flagged `diverged` = 1 (runner.meta_test) set to NaN, so
+    each statistic leaves that seed out and counts it, whichever window it reads
+    (a run may still look finite before it blew up)."""
+    flags = t.where(metric="diverged")
+    bad = {tuple(str(flags.cols[c][i]) for c in RUN) for i in np.flatnonzero(flags.cols["value"] != 0)}
+    if not bad:
+        return t
+    hit = np.array([tuple(str(t.cols[c][i]) for c in RUN) in bad for i in range(len(t))], dtype=bool)
+    return Table({**t.cols, "value": np.where(hit, math.nan, t.cols["value"])})
+
+
 def all_findings(t: Table) -> list[Finding]:
+    t = mask_diverged(t)
     out = []
     out += symmetry_findings(t)
     out += regularization_findings(t)
