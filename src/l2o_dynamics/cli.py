@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data import MNIST, N_TRAIN
 from .runner import LR_RANGE
 from .utils import L2OError, Range
 
@@ -56,7 +57,16 @@ def _lr(s: str) -> float | str:
 
 
 STEPS = Range(1, 1_000_000, integer=True)
+TRAIN_BATCH = Range(1, N_TRAIN - MNIST.val_size, integer=True)  # the images of MNIST's training split
 SEEDS = Range(1, 1000, integer=True)
+
+
+def ray_address(s: str) -> str:
+    """An argparse `type`: auto, local, or [ray://]HOST:PORT."""
+    host, _, port = s.removeprefix("ray://").rpartition(":")
+    if s in ("auto", "local") or (host and port.isdigit() and 0 < int(port) < 65536):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, local or HOST:PORT (e.g. 10.0.0.1:6379), got {s!r}")
 
 
 def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=ranged(STEPS), default=10, help="test-set evaluation interval")
     t.add_argument("--record-symmetry", type=ranged(STEPS), default=None, metavar="K",
                    help="record symmetry deviations of updates and gradients every K steps")
-    t.add_argument("--batch-size", type=ranged(RANGES["batch_size"]), default=128)
+    t.add_argument("--batch-size", type=ranged(TRAIN_BATCH), default=128)
     t.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     t.add_argument("--out", required=True, help="results directory")
     t.add_argument("--overwrite", action="store_true")

@@ -181,7 +181,8 @@ class MetaTrainConfig:
 _COUNT = Range(1, 1_000_000, integer=True)
 RANGES: dict[str, Range] = {
     "epochs": _COUNT, "runs": _COUNT, "horizon": _COUNT, "unroll": _COUNT, "val_runs": Range(1, 10_000, integer=True),
-    "batch_size": Range(1, data_mod.N_TRAIN, integer=True), "tasks": Range(1, 10_000, integer=True),
+    # validation runs draw minibatches from the validation split (MNIST.val_size images)
+    "batch_size": Range(1, data_mod.MNIST.val_size, integer=True), "tasks": Range(1, 10_000, integer=True),
     **NET_RANGES, "seed": Range(0, 2**63 - 1, integer=True),
     "meta_lr": Range(0, 1, lo_open=True), "clip_grad": Range(0, 1e6, lo_open=True),
     "beta": Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True), "rollback_cut": Range(0, 1, lo_open=True),

@@ -304,11 +304,11 @@ WORKERS = Range(0, 256, integer=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .cli import ranged
+    from .cli import ranged, ray_address
 
     p.add_argument("--out", required=True, help="results directory (re-running it continues)")
     p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
+    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
                    help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
