@@ -5,16 +5,19 @@ The cases run in-process through `cli.main` (each fails at validation, well unde
 second); a few run as real processes to prove the exit-code path. MNIST loading is
 replaced by a guard that raises, so a case that slips past validation into real work
 fails loudly instead of passing slowly."""
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from l2o_dynamics import cli, data, learned
 from l2o_dynamics.meta import recipe
+from l2o_dynamics.utils import Range
 
 FILE = "afile"  # an existing regular file in the working directory
 
@@ -235,3 +238,13 @@ def test_a_real_process_exits_2_with_one_line_and_no_traceback(argv, expect, tmp
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE]
+
+
+@pytest.mark.parametrize("valid,inside,outside", [
+    (Range(0, 1, lo_open=True), [1e-300, 0.5, 1, np.float32(0.5)], [0, -1, 1.0000001, math.inf, math.nan, True, "0.5"]),
+    (Range(0, 1, hi_open=True), [0, 0.999], [1, -1e-300, -math.inf]),
+    (Range(1, 10, integer=True), [1, 10, np.int64(3)], [0, 11, 3.0, 2.5, math.nan, False]),
+], ids=["(0, 1]", "[0, 1)", "1..10"])
+def test_a_range_admits_exactly_its_finite_interval(valid, inside, outside):
+    assert all(valid.contains(v) for v in inside)
+    assert not any(valid.contains(v) for v in outside)

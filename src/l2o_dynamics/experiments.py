@@ -299,7 +299,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     from .learned import l2o_from_checkpoint
     from .optimizers import make_baseline
     from .results import MetricLog, format_rows
-    from .runner import meta_test
+    from .runner import LR_RANGE, meta_test
 
     device = _device(cfg)
     ds = load_mnist(verbose=False)
@@ -308,7 +308,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
         name = "l2o" if cfg["trained_on"] in (None, cfg["optimizee"]) else f"l2o({cfg['trained_on']})"
         lr = None
     else:
-        lr = json.loads(source["result.json"])["lr"]
+        lr = LR_RANGE.check("the searched learning rate", json.loads(source["result.json"])["lr"])
         opt = make_baseline(cfg["optimizer"], lr=lr)
         name = cfg["optimizer"]
     probes = [symmetry.probe(cfg["symmetry_every"])] if cfg.get("symmetry_every") else []

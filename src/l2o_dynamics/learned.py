@@ -380,6 +380,8 @@ class L2OOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, checkpoint: str | os.PathLike | L2O, eta: float | None = None):
         l2o = checkpoint if isinstance(checkpoint, L2O) else l2o_from_checkpoint(checkpoint)
+        if eta is not None:
+            NET_RANGES["eta"].check("eta", eta)
         super().__init__(params, {"eta": l2o.eta if eta is None else eta})
         self.l2o = l2o
 

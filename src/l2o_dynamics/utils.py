@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import platform
 import subprocess
@@ -35,9 +36,9 @@ class Range:
                 f"{self.hi:g}{')' if self.hi_open else ']'}")
 
     def contains(self, v) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy scalars are Real too
             return False
-        if self.integer and not isinstance(v, int):
+        if self.integer and not isinstance(v, numbers.Integral):
             return False
         above = v > self.lo if self.lo_open else v >= self.lo
         below = v < self.hi if self.hi_open else v <= self.hi
