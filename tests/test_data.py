@@ -443,8 +443,7 @@ class Reconstructs:
         self.args = args
 
     def __reduce__(self):
-        from numpy._core.multiarray import _reconstruct  # noqa: PLC0415
-        return _reconstruct, self.args
+        return data._reconstruct_fn(), self.args
 
 
 @pytest.mark.parametrize("args,match", [
