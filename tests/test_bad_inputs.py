@@ -24,11 +24,12 @@ FILE = "afile"  # an existing regular file in the working directory
 # (argv, a fragment the one-line error must contain)
 CASES = [
     # meta-test: every numeric option non-finite, out of range, malformed
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "inf", "--out", "o"], "(0, 100], got inf"),
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "nan", "--out", "o"], "got nan"),
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "-1", "--out", "o"], "got -1"),
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0", "--out", "o"], "got 0"),
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "3e38", "--out", "o"], "got 3e38"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "inf", "--out", "o"],
+     "'auto' or a finite number in (0, 100], got 'inf'"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "nan", "--out", "o"], "got 'nan'"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "-1", "--out", "o"], "got '-1'"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0", "--out", "o"], "got '0'"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "3e38", "--out", "o"], "got '3e38'"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "fast", "--out", "o"], "'fast'"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--steps", "1000000000000", "--out", "o"],
      "--steps: must be an integer in 1..1000000"),
@@ -224,7 +225,7 @@ def test_an_unwritable_out_dir_is_refused(cwd, capsys):
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "inf", "--out", "o"], "got inf"),
+    (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "inf", "--out", "o"], "got 'inf'"),
     (["meta-train", "--optimizee", ",", "--out", "o"], "comma-separated list"),
     (["meta-test", "--optimizer", "l2o", "--optimizee", "relu", "--checkpoint", FILE, "--out", "o"],
      "cannot read checkpoint"),

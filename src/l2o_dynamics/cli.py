@@ -52,8 +52,8 @@ def _lr(s: str) -> float | str:
         return s
     try:
         return LR_RANGE.parse(s)
-    except L2OError as e:
-        raise argparse.ArgumentTypeError(f"{e} or 'auto'") from None
+    except L2OError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or {LR_RANGE}, got {s!r}") from None
 
 
 STEPS = Range(1, 1_000_000, integer=True)
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--meta-loss", choices=META_LOSSES, default=None)
     m.add_argument("--loss-index", choices=LOSS_INDICES, default=None,
                    help="next: sum L(theta_s+1..s+K) (both recipes); current: the authors' L(theta_s..s+K-1)")
-    m.add_argument("--clip-grad", type=ranged(RANGES["clip_grad"]), default=None, help="max global norm of the meta-gradient")
+    m.add_argument("--clip-grad", type=ranged(RANGES["clip_grad"]), default=None,
+                   help="max global norm of the meta-gradient")
     m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
     m.add_argument("--short-runs", type=ranged(RANGES["short_runs"]), default=None, metavar="SHARE",
                    help="share of runs cut to their first unroll")

@@ -98,9 +98,9 @@ class MetaTrainConfig:
                 valid.check(name, value)
         if self.horizon % self.unroll:
             raise L2OError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-        if self.epochs * self.runs * (self.horizon // self.unroll) > MAX_META_STEPS:
-            raise L2OError(f"epochs x runs x horizon / unroll = {self.epochs * self.runs * self.horizon // self.unroll} "
-                           f"meta-steps; valid: at most {MAX_META_STEPS:,}")
+        steps = self.epochs * self.runs * (self.horizon // self.unroll)
+        if steps > MAX_META_STEPS:
+            raise L2OError(f"epochs x runs x horizon / unroll = {steps:,} meta-steps; valid: at most {MAX_META_STEPS:,}")
         if self.meta_loss not in META_LOSSES:
             raise L2OError(f"unknown meta-loss {self.meta_loss!r}; valid: {', '.join(META_LOSSES)}")
         if self.lr_schedule not in SCHEDULES:
