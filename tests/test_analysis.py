@@ -164,3 +164,15 @@ def test_views_and_pooled_table_keep_each_l2o_apart():
     assert pooled.unique("optimizer") == ["adam", "l2o"] and len(pooled) == len(t)
     assert sorted(set(pooled.where(optimizer="l2o").cols["seed"].tolist())) == [
         k * analysis.SEED_STRIDE + s for k in range(3) for s in range(2)]
+
+
+def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():
+    # seed 1's loss is finite throughout (it blew up only in its parameters at the end),
+    # but runner.meta_test flagged it: its early-window mean must not be used
+    loss = _table({("l2o", None): np.array([[2.0, 2.0], [1.0, 1.5]])})
+    flags = _table({("l2o", None): np.array([[0.0, 1.0]])}, metric="diverged")
+    t = Table({c: np.concatenate([loss.cols[c], flags.cols[c]]) for c in loss.cols})
+    early = per_seed(analysis.mask_diverged(t).where(metric="train_loss"), steps=(0, 0))
+    assert early[0] == 2.0 and math.isnan(early[1])
+    assert per_seed(t.where(metric="train_loss"), steps=(0, 0)) == {0: 2.0, 1: 2.0}  # unmasked: it would count
+    assert paired(early, {0: 1.0, 1: 1.0}).diverged == 1

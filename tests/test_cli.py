@@ -19,7 +19,7 @@ def run_cli(*args):
     (["meta-test", "--optimizer", "rmsprop", "--optimizee", "relu", "--out", "X"], "choose from 'sgd', 'adam'"),
     (["meta-test", "--optimizer", "adam", "--optimizee", "resnet", "--out", "X"], "choose from 'sigmoid'"),
     (["meta-test", "--optimizer", "adam", "--optimizee", "relu", "--steps", "0", "--out", "X"],
-     "must be a positive integer"),
+     "must be an integer in 1..1000000"),
     (["meta-train", "--optimizee", "leaky_relu", "--reg", "scale", "--beta", "1", "--out", "X"],
      "no scale symmetry"),
     (["meta-train", "--horizon", "30", "--unroll", "20", "--out", "X"], "multiple of unroll"),
@@ -73,6 +73,7 @@ def test_meta_test_meta_train_and_plot_end_to_end(tmp_path, mnist, capsys):
     assert {r[4] for r in rows[1:]} == {"0", "1"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["seeds"] == [0, 1] and "environment" in cfg
+    assert cfg["data_digest"] == mnist.digest
 
     mt = tmp_path / "l2o"
     assert main(["meta-train", "--optimizee", "leaky_relu", "--epochs", "1", "--runs", "1",

@@ -20,6 +20,10 @@ from l2o_dynamics.utils import L2OError, generator
 # label counts of the official MNIST (LeCun et al.), train and test
 OFFICIAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 OFFICIAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+NOT_REFERENCE = "differs from the reference MNIST"
+
+# most tests load small made-up data, which is (rightly) warned about; the tests of that warning use pytest.warns
+pytestmark = pytest.mark.filterwarnings(f"ignore:MNIST from .*{NOT_REFERENCE}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -235,11 +239,47 @@ def test_full_size_data_unlike_the_reference_warns(tmp_path):
         data.load_mnist(d, cache=tmp_path / "cache", verbose=False)
 
 
-def test_small_data_does_not_warn(tmp_path):
+def test_a_subset_is_warned_about_from_the_source_and_from_the_cache(tmp_path):
     d = write_idx_dir(tmp_path / "idx", small_arrays())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=f"20 training \\+ 10 test images.*{NOT_REFERENCE}"):
         data.load_mnist(d, cache=tmp_path / "cache", verbose=False)
+    data._MEMO.clear()
+    with pytest.warns(UserWarning, match=f"from cache .*{NOT_REFERENCE}"):
+        data.load_mnist(cache=tmp_path / "cache", verbose=False)
+
+
+def test_mnist_carries_the_content_digest_of_its_arrays(tmp_path):
+    a = small_arrays(seed=5)
+    ds = data.load_mnist(write_idx_dir(tmp_path / "idx", a), cache=tmp_path / "cache", verbose=False)
+    h = hashlib.sha256()  # independent of content_digest: the four arrays' bytes in order
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(a[k].tobytes())
+    assert ds.digest == h.hexdigest() and not ds.is_reference
+    built = data.MNIST(ds.train_x, ds.train_y, ds.test_x, ds.test_y, "made here")  # digest computed
+    assert built.digest == h.hexdigest()
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_an_explicit_idx_dir_that_fails_is_fatal_and_nothing_is_downloaded(tmp_path, monkeypatch, via):
+    d = write_idx_dir(tmp_path / "idx", small_arrays())
+    (d / "t10k-labels-idx1-ubyte").write_bytes(b"garbage")
+    tried = []
+    monkeypatch.setattr(data, "_pip_download", lambda dest: tried.append("pypi"))
+    monkeypatch.setattr(data, "_fetch_url", lambda url: tried.append(url))
+    if via == "environment":
+        monkeypatch.setenv(data.ENV_DIR, str(d))
+    flag = "--idx-dir" if via == "argument" else data.ENV_DIR
+    with pytest.raises(L2OError, match=f"^{flag} .*t10k-labels.*too short") as e:
+        data.load_mnist(d if via == "argument" else None, cache=tmp_path / "cache", verbose=False)
+    assert "\n" not in str(e.value) and tried == []
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fetch_with_a_missing_idx_dir_fails_even_when_a_cache_exists(tmp_path):
+    cache = tmp_path / "cache"
+    data.load_mnist(write_idx_dir(tmp_path / "idx", small_arrays()), cache=cache, verbose=False)
+    with pytest.raises(L2OError, match="--idx-dir: idx dir .*nowhere does not exist"):
+        data.fetch(tmp_path / "nowhere", cache=cache, verbose=False)
 
 
 def test_split():
@@ -284,27 +324,37 @@ def test_all_sources_failing_online(tmp_path, monkeypatch):
     cache.mkdir()
     no_pip(monkeypatch)
     with pytest.raises(L2OError) as e:
-        data.load_mnist(tmp_path / "nowhere", cache=cache, verbose=False)
+        data.load_mnist(cache=cache, verbose=False)
     msg = str(e.value)
     assert "\n" not in msg and "Traceback" not in msg
-    assert "does not exist" in msg and "no network in this test" in msg
+    assert "no network in this test" in msg
     assert all(f"mirror: {m}" in msg for m in data.MIRRORS) and "network disabled" in msg
     assert os.listdir(cache) == []
 
 
-def test_failed_cache_write_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_cache_write_warns_returns_the_data_and_leaves_nothing(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
-    d = write_idx_dir(tmp_path / "idx", small_arrays())
+    a = small_arrays()
+    d = write_idx_dir(tmp_path / "idx", a)
 
     def boom(f, **arrays):
         f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(data.np, "savez", boom)
-    with pytest.raises(OSError, match="disk full"):
-        data.load_mnist(d, cache=cache, verbose=False)
+    with pytest.warns(UserWarning, match="could not write the MNIST cache .*disk full"):
+        ds = data.load_mnist(d, cache=cache, verbose=False)
+    np.testing.assert_array_equal(ds.test_y.numpy(), a["test_y"])
     assert os.listdir(cache) == []
+
+
+def test_a_cache_path_under_a_file_warns_and_the_data_still_loads(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="could not write the MNIST cache"):
+        ds = data.load_mnist(write_idx_dir(tmp_path / "idx", small_arrays()), cache=blocker / "c", verbose=False)
+    assert len(ds.train_x) == 20 and blocker.read_text() == ""
 
 
 # ----------------------------------------------------------------------------- PyPI wheel checks
@@ -364,6 +414,50 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path, kind):
 def test_restricted_unpickler_refuses_other_numpy_globals():
     blob = pickle.dumps(np.float32(1.5), protocol=3)  # scalars need numpy.core.multiarray.scalar
     with pytest.raises(data.IntegrityError, match="scalar"):
+        data.restricted_loads(blob)
+
+
+class CallsNdarray:
+    """Pickles as numpy.ndarray(shape, dtype, buffer, offset): a read at any offset."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __reduce__(self):
+        return np.ndarray, ((4,), "u1", b"abcd", self.offset)
+
+
+def test_restricted_unpickler_refuses_a_direct_ndarray_call_with_an_offset():
+    blob = pickle.dumps((np.arange(3), CallsNdarray(1 << 20)), protocol=3)
+    with pytest.raises(TypeError, match="buffer is too small"):  # the plain unpickler does call ndarray
+        pickle.loads(blob)
+    with pytest.raises(data.IntegrityError, match="calls numpy.ndarray directly"):
+        data.restricted_loads(blob)
+    blob = pickle.dumps(CallsNdarray(0), protocol=3)
+    with pytest.raises(data.IntegrityError, match="calls numpy.ndarray directly"):
+        data.restricted_loads(blob)
+
+
+class Reconstructs:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return data._reconstruct_fn(), self.args
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.ndarray, (1 << 40,), b"b"), r"_reconstruct.*not the reconstruction of a plain array"),
+    ((np.ndarray, (0,), b"O"), r"_reconstruct.*not the reconstruction of a plain array"),
+])
+def test_restricted_unpickler_admits_only_the_plain_array_reconstruction(args, match):
+    with pytest.raises(data.IntegrityError, match=match):
+        data.restricted_loads(pickle.dumps(Reconstructs(*args), protocol=3))
+
+
+def test_restricted_unpickler_refuses_object_arrays():
+    blob = pickle.dumps(np.array([1, "a"], dtype=object), protocol=3)
+    with pytest.raises(data.IntegrityError, match=r"dtype\('O8'"):
         data.restricted_loads(blob)
 
 

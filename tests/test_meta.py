@@ -1,9 +1,10 @@
+import json
 import math
 
 import pytest
 import torch
 
-from l2o_dynamics import optimizees
+from l2o_dynamics import meta, optimizees
 from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
@@ -219,6 +220,28 @@ def test_config_validation_messages():
         MetaTrainConfig(meta_loss="max").validate()
     with pytest.raises(L2OError, match="needs --reg"):
         MetaTrainConfig(beta=0.5).validate()
+
+
+@pytest.mark.parametrize("field,value", [("meta_lr", math.inf), ("meta_lr", 3e38), ("eta", math.inf),
+                                         ("eta", math.nan), ("p", math.nan), ("beta", -1.0), ("epochs", 0),
+                                         ("hidden", 2.5), ("optimizee", ","), ("optimizee", "relu,")])
+def test_config_refuses_non_finite_and_out_of_range_values(field, value):
+    with pytest.raises(L2OError, match="must be|comma-separated"):
+        MetaTrainConfig(**{field: value}).validate()
+
+
+def test_no_l2o_is_exported_when_no_epoch_validated(tmp_path, synthetic, monkeypatch):
+    # every validation run diverged (scored inf): the phi was never validated, so nothing is exported
+    monkeypatch.setattr(meta, "validation_scores", lambda *a: {"val_score": math.inf, "val_early": math.inf})
+    with pytest.raises(L2OError, match="no epoch of 1 validated.*refusing to export"):
+        meta_train(_tiny_cfg(epochs=1, runs=1), tmp_path, data=synthetic, progress=False)
+    assert not (tmp_path / "l2o.pt").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_meta_training_records_the_data_digest(tmp_path, synthetic):
+    meta_train(_tiny_cfg(epochs=1, runs=1, val_runs=1), tmp_path, data=synthetic, progress=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["data_digest"] == synthetic.digest and len(synthetic.digest) == 64
 
 
 def test_rollback_restores_the_best_phi_and_halves_the_meta_lr(synthetic, monkeypatch):

@@ -53,6 +53,14 @@ def test_smoke_profile_produces_every_output(smoke):
     assert "Findings of the study" in summary["text"]
 
 
+def test_every_run_of_reproduce_records_the_data_digest(smoke, mnist):
+    out, _, _ = smoke
+    configs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*/config.json")]
+    runs = [c for c in configs if c.get("kind") in ("meta-test", "meta-train")]
+    assert {c["kind"] for c in runs} == {"meta-test", "meta-train"}
+    assert all(c["data_digest"] == mnist.digest for c in runs)
+
+
 def test_rerun_redoes_nothing(smoke, monkeypatch):
     out, _, _ = smoke
 

@@ -74,3 +74,31 @@ def test_lr_search_picks_the_best_rate_on_the_validation_split_and_caches(synthe
     assert len(files) == 1 and json.loads(files[0].read_text())["lr"] == found.lr
     again = search_lr("adam", "leaky_relu", synthetic, 15, grid=grid, seeds=(1, 2))
     assert again.cached and again.lr == found.lr and len(seen) == 1
+
+
+def test_a_diverging_run_is_flagged_and_warned_about(synthetic):
+    rates = torch.tensor([0.1, 1e30])  # one rate per seed: seed 0 trains, seed 1 blows up
+    with pytest.warns(UserWarning, match="1 of 2 runs of sgd on relu diverged"):
+        log = meta_test(SGD(lr=rates), "relu", synthetic.split("train"), [0, 1], 6)
+    losses = log.curve("train_loss")  # (T, S), the independent evidence
+    assert np.isfinite(losses[:, 0]).all() and not np.isfinite(losses[:, 1]).all()
+    assert log.curve("diverged").tolist() == [[0.0, 1.0]]
+    assert {s for m, s, _ in log.entries if m == "diverged"} == {6}
+
+
+@pytest.mark.parametrize("poison", ['{"lr": NaN, "scores": {"0.1": 1.0}}', '{"lr": Infinity, "scores": {}}',
+                                    '{"lr": -0.1, "scores": {}}', '{"lr": 5.0, "scores": {"5.0": 1.0}}',
+                                    '{"lr": "0.1", "scores": {}}', '{"lr": 0.1, "scores": {"0.1": NaN}}',
+                                    '{"lr": 0.1}', "not json"],
+                         ids=["lr NaN", "lr inf", "lr negative", "lr off the grid", "lr a string", "score NaN",
+                              "no scores", "garbage"])
+def test_a_poisoned_lr_cache_is_ignored_with_a_warning_and_recomputed(poison, synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv("L2O_DYNAMICS_CACHE", str(tmp_path))
+    grid = (1e-2, 0.1)
+    found = search_lr("sgd", "relu", synthetic, 5, grid=grid, seeds=(1,))
+    [path] = (tmp_path / "lr_search").glob("*.json")
+    path.write_text(poison)
+    with pytest.warns(UserWarning, match="ignoring the learning-rate cache"):
+        again = search_lr("sgd", "relu", synthetic, 5, grid=grid, seeds=(1,))
+    assert not again.cached and again.lr == found.lr
+    assert json.loads(path.read_text())["lr"] == found.lr  # the cache is healed

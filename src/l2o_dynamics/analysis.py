@@ -396,6 +396,21 @@ def l2o_vs_adam(t: Table) -> Finding | None:
         "eighth and the last 10 iterations", stats, tests, "regularization.png")
 
 
+RUN = ("experiment", "optimizee", "optimizer", "beta", "seed")  # the columns naming one run
+
+
+def mask_diverged(t: Table) -> Table:
+    """Every value of a run flagged `diverged` = 1 (runner.meta_test) set to NaN, so
+    each statistic leaves that seed out and counts it, whichever window it reads
+    (a run may still look finite before it blew up)."""
+    flags = t.where(metric="diverged")
+    bad = {tuple(str(flags.cols[c][i]) for c in RUN) for i in np.flatnonzero(flags.cols["value"] != 0)}
+    if not bad:
+        return t
+    hit = np.array([tuple(str(t.cols[c][i]) for c in RUN) in bad for i in range(len(t))], dtype=bool)
+    return Table({**t.cols, "value": np.where(hit, math.nan, t.cols["value"])})
+
+
 def findings_of_one(t: Table) -> list[Finding]:
     """Every finding, for tables with one L2O per setting (label `l2o`)."""
     out = []
@@ -410,7 +425,7 @@ def findings_of_one(t: Table) -> list[Finding]:
 
 def all_findings(t: Table) -> list[Finding]:
     """Every finding; with several meta-training seeds, intervals over the L2Os."""
-    return across_l2os([findings_of_one(v) for v in l2o_views(t)])
+    return across_l2os([findings_of_one(v) for v in l2o_views(mask_diverged(t))])
 
 
 # ---- several meta-training seeds ---------------------------------------------------------------

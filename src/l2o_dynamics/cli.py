@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .utils import L2OError, entries, locked_dir
+from .data import MNIST, N_TRAIN
+from .runner import LR_RANGE
+from .utils import L2OError, Range, entries, locked_dir
 
 PROG = "l2o-dynamics"
 
@@ -20,57 +23,78 @@ class _Parser(argparse.ArgumentParser):
         raise L2OError(f"{self.prog.split(' ', 1)[-1] if ' ' in self.prog else PROG}: {message}")
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def ranged(valid: Range):
+    """An argparse `type` that parses a number and checks it against `valid` (finite,
+    in range); the error says what is valid."""
+    def parse(s: str):
+        try:
+            return valid.parse(s)
+        except L2OError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = str(valid)  # argparse names the type in some messages
+    return parse
 
 
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
+def _int_list(valid: Range):
+    """An argparse `type` for comma-separated integers, each checked against `valid`."""
+    item = ranged(valid)
 
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {s}")
-    return v
-
-
-def _int_list(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    def parse(s: str) -> tuple[int, ...]:
+        parts = [x.strip() for x in s.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 20,100,200), got {s!r}")
+        return tuple(item(x) for x in parts)
+    return parse
 
 
 def _lr(s: str) -> float | str:
     if s == "auto":
         return s
     try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive or 'auto', got {s}")
-    return v
+        return LR_RANGE.parse(s)
+    except L2OError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or {LR_RANGE}, got {s!r}") from None
+
+
+STEPS = Range(1, 1_000_000, integer=True)
+TRAIN_BATCH = Range(1, N_TRAIN - MNIST.val_size, integer=True)  # the images of MNIST's training split
+SEEDS = Range(1, 1000, integer=True)
+
+
+def ray_address(s: str) -> str:
+    """An argparse `type`: auto, local, or [ray://]HOST:PORT."""
+    host, _, port = s.removeprefix("ray://").rpartition(":")
+    if s in ("auto", "local") or (host and port.isdigit() and 0 < int(port) < 65536):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, local or HOST:PORT (e.g. 10.0.0.1:6379), got {s!r}")
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output directory before anything is created: an existing directory, or a new
+    one whose nearest existing ancestor is a writable directory."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise L2OError(f"{flag} {path} exists and is not a directory; give a new or existing directory")
+    base = p
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise L2OError(f"{flag} {path} is not writable: {base} is a file; give a path under a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise L2OError(f"{flag} {path} is not writable ({base}: permission denied); choose a writable directory")
+    return p
+
+
+def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
+    """`check_out_dir`, and an existing non-empty one needs `overwrite`."""
+    p = check_out_dir(path, flag)
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise L2OError(f"{flag} {path} exists and is not empty; pass --overwrite or choose a new directory")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RECIPES, REGS, SCHEDULES
+    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPES, REGS, SCHEDULES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -88,16 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("meta-test", help="run an optimizer on an optimizee over several seeds")
     t.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
     t.add_argument("--optimizee", required=True, choices=list(ZOO))
-    t.add_argument("--steps", type=_positive_int, default=200)
-    t.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..S-1)")
+    t.add_argument("--steps", type=ranged(STEPS), default=200)
+    t.add_argument("--seeds", type=ranged(SEEDS), default=3, help="number of seeds (0..S-1)")
     t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
     t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:NAME (e.g. pretrained:leaky_relu, "
                    "pretrained:bn_relu/beta=0.5) "
                    "(for --optimizer l2o)")
-    t.add_argument("--eval-every", type=_positive_int, default=10, help="test-set evaluation interval")
-    t.add_argument("--record-symmetry", type=_positive_int, default=None, metavar="K",
+    t.add_argument("--eval-every", type=ranged(STEPS), default=10, help="test-set evaluation interval")
+    t.add_argument("--record-symmetry", type=ranged(STEPS), default=None, metavar="K",
                    help="record symmetry deviations of updates and gradients every K steps")
-    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--batch-size", type=ranged(TRAIN_BATCH), default=128)
     t.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     t.add_argument("--out", required=True, help="results directory")
     t.add_argument("--overwrite", action="store_true")
@@ -108,41 +132,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: measured to train a fast starter (docs/meta_training.md); published: "
                         "the studied work's settings. Options given below override the recipe's.")
     m.add_argument("--optimizee", default="leaky_relu", help="zoo name, or a comma-separated mixture")
-    m.add_argument("--epochs", type=_positive_int, default=None, help="(published: 50)")
-    m.add_argument("--runs", type=_positive_int, default=None, help="optimizee runs per epoch (published: 20)")
-    m.add_argument("--horizon", type=_positive_int, default=None, help="optimizee steps per run (200)")
-    m.add_argument("--unroll", type=_positive_int, default=None, help="truncation length (20)")
-    m.add_argument("--tasks", type=_positive_int, default=None, help="optimizee runs meta-trained together")
-    m.add_argument("--batch-size", type=_positive_int, default=None)
-    m.add_argument("--meta-lr", type=_positive_float, default=None, help="(published: 1e-3)")
+    m.add_argument("--epochs", type=ranged(RANGES["epochs"]), default=None, help="(published: 50)")
+    m.add_argument("--runs", type=ranged(RANGES["runs"]), default=None, help="optimizee runs per epoch (published: 20)")
+    m.add_argument("--horizon", type=ranged(RANGES["horizon"]), default=None, help="optimizee steps per run (200)")
+    m.add_argument("--unroll", type=ranged(RANGES["unroll"]), default=None, help="truncation length (20)")
+    m.add_argument("--tasks", type=ranged(RANGES["tasks"]), default=None, help="optimizee runs meta-trained together")
+    m.add_argument("--batch-size", type=ranged(RANGES["batch_size"]), default=None)
+    m.add_argument("--meta-lr", type=ranged(RANGES["meta_lr"]), default=None, help="(published: 1e-3)")
     m.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
     m.add_argument("--meta-loss", choices=META_LOSSES, default=None)
     m.add_argument("--loss-index", choices=LOSS_INDICES, default=None,
                    help="next: sum L(theta_s+1..s+K) (both recipes); current: the authors' L(theta_s..s+K-1)")
-    m.add_argument("--clip-grad", type=_positive_float, default=None, help="max global norm of the meta-gradient")
+    m.add_argument("--clip-grad", type=ranged(RANGES["clip_grad"]), default=None,
+                   help="max global norm of the meta-gradient")
     m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
-    m.add_argument("--short-runs", type=_nonneg_float, default=None, metavar="SHARE",
+    m.add_argument("--short-runs", type=ranged(RANGES["short_runs"]), default=None, metavar="SHARE",
                    help="share of runs cut to their first unroll")
-    m.add_argument("--curriculum", type=_int_list, default=None, metavar="H1,H2,..",
+    m.add_argument("--curriculum", type=_int_list(RANGES["horizon"]), default=None, metavar="H1,H2,..",
                    help="run horizons growing over equal shares of the epochs")
     m.add_argument("--reg", choices=REGS, default=None, help="symmetry-breaking penalty")
-    m.add_argument("--beta", type=_nonneg_float, default=None, help="penalty weight")
+    m.add_argument("--beta", type=ranged(RANGES["beta"]), default=None, help="penalty weight")
     m.add_argument("--reg-measure", choices=("total", "rel"), default=None)
-    m.add_argument("--val-runs", type=_positive_int, default=None)
-    m.add_argument("--rollback", type=_positive_float, default=None, metavar="F",
+    m.add_argument("--val-runs", type=ranged(RANGES["val_runs"]), default=None)
+    m.add_argument("--rollback", type=ranged(RANGES["rollback"]), default=None, metavar="F",
                    help="restore the best phi when an epoch's validation score is worse than F x the best")
-    m.add_argument("--rollback-cut", type=_positive_float, default=None, metavar="C",
+    m.add_argument("--rollback-cut", type=ranged(RANGES["rollback_cut"]), default=None, metavar="C",
                    help="multiply the meta-lr by C at every rollback (published: 0.5)")
-    m.add_argument("--collapse", type=_positive_float, default=None, metavar="D",
+    m.add_argument("--collapse", type=ranged(RANGES["collapse"]), default=None, metavar="D",
                    help="flag a collapse when the update drift |mean u|/mean|u| stays above D while the "
                         "optimizee dies; roll back to the best validated phi")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained L2O (an l2o.pt, or pretrained:NAME) instead of a fresh init")
-    m.add_argument("--seed", type=int, default=None)
-    m.add_argument("--hidden", type=_positive_int, default=None)
-    m.add_argument("--layers", type=_positive_int, default=None)
-    m.add_argument("--p", type=_positive_float, default=None, help="gradient preprocessing constant (10)")
-    m.add_argument("--eta", type=_positive_float, default=None, help="output scale of the L2O's update (0.1)")
+    m.add_argument("--seed", type=ranged(RANGES["seed"]), default=None)
+    m.add_argument("--hidden", type=ranged(RANGES["hidden"]), default=None)
+    m.add_argument("--layers", type=ranged(RANGES["layers"]), default=None)
+    m.add_argument("--p", type=ranged(RANGES["p"]), default=None, help="gradient preprocessing constant (10)")
+    m.add_argument("--eta", type=ranged(RANGES["eta"]), default=None, help="output scale of the L2O's update (0.1)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto",
                    help="fuse the LSTM cell's element-wise ops with torch.compile")
@@ -171,6 +196,8 @@ def cmd_data(args) -> int:
 
     if args.data_command == "fetch":
         ds = data.fetch(args.idx_dir, force=args.force)
+        if not ds.is_reference:
+            print(f"note: this is not the reference MNIST (digest {ds.digest[:16]}...)", file=sys.stderr)
         print(f"MNIST ready: {len(ds.train_x)} training + {len(ds.test_x)} test images; source: {ds.source}")
     else:
         print(json.dumps(data.info(), indent=2))
@@ -208,6 +235,7 @@ def check_optimizer_args(name: str, checkpoint: str | None) -> None:
 def cmd_meta_test(args) -> int:
     from . import data as data_mod
     from . import symmetry
+    from .learned import l2o_from_checkpoint
     from .optimizees import get_optimizee
     from .results import MetricLog, prepare_out_dir, write_run
     from .runner import meta_test
@@ -216,11 +244,14 @@ def cmd_meta_test(args) -> int:
     started = time.time()
     device = resolve_device(args.device)
     check_optimizer_args(args.optimizer, args.checkpoint)
-    out = prepare_out_dir(args.out, args.overwrite)
+    check_new_out_dir(args.out, args.overwrite)
+    if args.optimizer == "l2o":
+        l2o_from_checkpoint(args.checkpoint)  # a malformed checkpoint fails here, before any work
     ds = data_mod.load_mnist()
     model = get_optimizee(args.optimizee)
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
+    out = prepare_out_dir(args.out, args.overwrite)
     seeds = list(range(args.seeds))
     probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
@@ -230,7 +261,7 @@ def cmd_meta_test(args) -> int:
     config = {"kind": "meta-test", "optimizer": opt.config(), "optimizee": model.name,
               "steps": args.steps, "seeds": seeds, "batch_size": args.batch_size,
               "eval_every": args.eval_every, "record_symmetry": args.record_symmetry,
-              "data_source": ds.source, **info}
+              "data_source": ds.source, "data_digest": ds.digest, **info}
     write_run(out, config, log.rows(), device=device, started=started)
     final = [r[7] for r in log.rows() if r[6] == "test_loss" and r[5] == args.steps]
     print(f"{opt.name} on {model.name}: final test loss {sum(final) / len(final):.4f} "
@@ -247,32 +278,44 @@ CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "ba
 def cmd_meta_train(args) -> int:
     import shutil
 
+    from . import data as data_mod
     from . import learned
-    from .meta import recipe, meta_train
+    from .meta import meta_train, read_checkpoint, recipe
+    from .results import prepare_out_dir
 
     learned.set_fusion(args.fusion)
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     cfg = recipe(args.recipe, **given).validate()
-    out = Path(args.out)
-    if entries(out):  # main() holds the lock on `out`
-        if args.overwrite and not args.resume:
-            for p in entries(out):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif not args.resume:
-            raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
-                           "--overwrite to start over, or choose a new directory")
-    from .results import prepare_out_dir
+    out = check_out_dir(args.out)
+    if entries(out) and not (args.resume or args.overwrite):  # main() holds the lock on `out`
+        raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
+                       "--overwrite to start over, or choose a new directory")
+    if args.resume and (out / "checkpoint.pt").exists():
+        read_checkpoint(out / "checkpoint.pt", cfg)  # a damaged one fails here, before any work
+    data = data_mod.load_mnist()
+    if args.overwrite and not args.resume:
+        for p in entries(out):  # what is inside: the lock file stays
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     prepare_out_dir(out, overwrite=True)
-    res = meta_train(cfg, out, resume=args.resume, progress=args.progress)
+    res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
     print(f"meta-trained L2O on {cfg.optimizee}: best validation score {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
           f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
     return 0
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
 def cmd_plot(args) -> int:
     from .plotting import plot_dir
 
+    if args.out is not None:
+        if Path(args.out).suffix.lower() not in FIGURE_SUFFIXES or Path(args.out).is_dir():
+            raise L2OError(f"--out {args.out} must be a file path ending in {', '.join(FIGURE_SUFFIXES)}")
+        check_out_dir(Path(args.out).absolute().parent, "--out's directory")
+    else:
+        check_out_dir(Path(args.dir) if Path(args.dir).is_dir() else Path(args.dir).absolute().parent, "DIR")
     path = plot_dir(args.dir, args.out)
     print(f"wrote {path}")
     return 0
@@ -302,7 +345,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; finished results are kept, nothing half-written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `l2o-dynamics data info | head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

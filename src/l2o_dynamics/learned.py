@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .utils import L2OError
+from .utils import L2OError, Range
 
 Params = dict[str, torch.Tensor]
 
@@ -161,6 +161,20 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 # ---- meta-parameters ---------------------------------------------------------------
+def phi_shapes(hidden: int, layers: int) -> dict[str, tuple[int, ...]]:
+    """The meta-parameter names and shapes of a network (as `init_phi` makes them)."""
+    shapes = {}
+    for layer in range(layers):
+        fan_in = 2 if layer == 0 else hidden
+        shapes[f"lstm{layer}.weight_ih"] = (4 * hidden, fan_in)
+        shapes[f"lstm{layer}.weight_hh"] = (4 * hidden, hidden)
+        shapes[f"lstm{layer}.bias_ih"] = (4 * hidden,)
+        shapes[f"lstm{layer}.bias_hh"] = (4 * hidden,)
+    shapes["out.weight"] = (1, hidden)
+    shapes["out.bias"] = (1,)
+    return shapes
+
+
 def init_phi(generator: torch.Generator | None = None, hidden: int = 20, layers: int = 2,
              dtype: torch.dtype = torch.float32, device=None) -> Params:
     """PyTorch defaults: LSTMCell and Linear(H -> 1) weights and biases ~ U(+-1/sqrt(H))."""
@@ -169,15 +183,7 @@ def init_phi(generator: torch.Generator | None = None, hidden: int = 20, layers:
     def u(*shape):
         return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
-    phi: Params = {}
-    for layer in range(layers):
-        fan_in = 2 if layer == 0 else hidden
-        phi[f"lstm{layer}.weight_ih"] = u(4 * hidden, fan_in)
-        phi[f"lstm{layer}.weight_hh"] = u(4 * hidden, hidden)
-        phi[f"lstm{layer}.bias_ih"] = u(4 * hidden)
-        phi[f"lstm{layer}.bias_hh"] = u(4 * hidden)
-    phi["out.weight"] = u(1, hidden)
-    phi["out.bias"] = u(1)
+    phi: Params = {k: u(*shape) for k, shape in phi_shapes(hidden, layers).items()}  # drawn in this order
     return {k: v.to(dtype=dtype, device=device) for k, v in phi.items()}
 
 
@@ -291,26 +297,73 @@ def available_pretrained() -> list[str]:
     return out
 
 
-def l2o_from_checkpoint(source, device=None) -> L2O:
-    """Load the selected phi of an `l2o.pt` (or a meta-training `checkpoint.pt`) from a
-    path or from its bytes; 'pretrained:NAME' loads a shipped one (`pretrained`)."""
-    if isinstance(source, str) and source.startswith("pretrained:"):
-        source = pretrained(source.split(":", 1)[1])
+# Valid network settings (of a checkpoint, and of meta-training: `meta.RANGES`). p: e^p
+# must stay finite in float32 (p < 88); eta scales an output of order 1.
+NET_RANGES = {"hidden": Range(1, 4096, integer=True), "layers": Range(1, 16, integer=True),
+              "p": Range(0, 50, lo_open=True), "eta": Range(0, 10, lo_open=True)}
+MAX_ABS_WEIGHT = 1e4  # trained weights are O(1); beyond this the LSTM saturates into garbage
+
+
+def check_net(net, name: str) -> dict:
+    """`net` = {hidden, layers, p, eta} of a checkpoint, each in NET_RANGES."""
+    if not isinstance(net, dict) or set(NET_RANGES) - set(net):
+        raise L2OError(f"checkpoint {name}: 'net' must hold {', '.join(NET_RANGES)}; got {net!r:.80}")
+    for key, valid in NET_RANGES.items():
+        try:
+            valid.check(f"net {key}", net[key])
+        except L2OError as e:
+            raise L2OError(f"checkpoint {name}: {e}") from None
+    return net
+
+
+def check_phi(phi, hidden: int, layers: int, name: str) -> dict[str, torch.Tensor]:
+    """`phi` must be a dict of finite floating tensors with exactly the names and shapes
+    of a (hidden, layers) network, every |weight| <= MAX_ABS_WEIGHT."""
+    expected = phi_shapes(hidden, layers)
+    if not isinstance(phi, dict) or not all(isinstance(v, torch.Tensor) for v in phi.values()):
+        raise L2OError(f"checkpoint {name}: phi must be a dict of tensors, got {type(phi).__name__}")
+    if set(phi) != set(expected):
+        missing, extra = sorted(set(expected) - set(phi)), sorted(set(phi) - set(expected))
+        raise L2OError(f"checkpoint {name}: phi does not match a {layers}-layer network of hidden size {hidden} "
+                       f"(missing {missing or 'none'}, unexpected {extra or 'none'})")
+    for k, shape in expected.items():
+        v = phi[k]
+        if tuple(v.shape) != shape or not v.is_floating_point():
+            raise L2OError(f"checkpoint {name}: phi[{k!r}] is {v.dtype} {tuple(v.shape)}; expected floating {shape}")
+        if not bool(torch.isfinite(v).all()) or float(v.abs().max()) > MAX_ABS_WEIGHT:
+            raise L2OError(f"checkpoint {name}: phi[{k!r}] has non-finite or huge (> {MAX_ABS_WEIGHT:g}) weights; "
+                           "refused")
+    return phi
+
+
+def read_torch(source, what: str = "checkpoint"):
+    """(name, object) of a torch.save file or its bytes, loaded with weights_only;
+    L2OError (one line) for a missing, truncated or garbage one."""
     if isinstance(source, (bytes, bytearray)):
         name, fobj = "<bytes>", io.BytesIO(source)
     else:
         name = fobj = os.fspath(source)
-        if not os.path.exists(name):
-            raise L2OError(f"checkpoint {name!r} does not exist; pass the l2o.pt written by meta-train")
+        if not os.path.isfile(name):
+            raise L2OError(f"{what} {name!r} does not exist or is not a file; pass the l2o.pt written by meta-train")
     try:
-        blob = torch.load(fobj, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise L2OError(f"cannot read checkpoint {name!r}: {type(e).__name__}; "
+        return name, torch.load(fobj, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (pickle, zip, runtime) for a bad file
+        raise L2OError(f"cannot read {what} {name!r} ({type(e).__name__}); "
                        "expected an l2o.pt or checkpoint.pt written by meta-train") from None
+
+
+def l2o_from_checkpoint(source, device=None) -> L2O:
+    """Load the selected phi of an `l2o.pt` (or a meta-training `checkpoint.pt`) from a
+    path or from its bytes; 'pretrained:NAME' loads a shipped one (`pretrained`).
+    Malformed ones (missing keys, wrong shapes, non-finite weights) are refused."""
+    if isinstance(source, str) and source.startswith("pretrained:"):
+        source = pretrained(source.split(":", 1)[1])
+    name, blob = read_torch(source)
     if not isinstance(blob, dict) or "phi" not in blob or "net" not in blob:
         raise L2OError(f"{name!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
-    phi = blob.get("best_phi") or blob["phi"]
-    net = blob["net"]
+    net = check_net(blob["net"], repr(name))
+    phi = blob["best_phi"] if blob.get("best_phi") is not None else blob["phi"]
+    phi = check_phi(phi, net["hidden"], net["layers"], repr(name))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return L2O({k: v.to(dev) for k, v in phi.items()}, hidden=net["hidden"], layers=net["layers"],
                p=net["p"], eta=net["eta"], meta={"checkpoint": name})
@@ -327,6 +380,8 @@ class L2OOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, checkpoint: str | os.PathLike | L2O, eta: float | None = None):
         l2o = checkpoint if isinstance(checkpoint, L2O) else l2o_from_checkpoint(checkpoint)
+        if eta is not None:
+            NET_RANGES["eta"].check("eta", eta)
         super().__init__(params, {"eta": l2o.eta if eta is None else eta})
         self.l2o = l2o
 

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import symmetry
-from .learned import L2O, init_phi, l2o_from_checkpoint
+from .learned import L2O, NET_RANGES, check_phi, init_phi, l2o_from_checkpoint, read_torch
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
-from .utils import L2OError, atomic_torch_save, derive_seed, generator, resolve_device
+from .utils import L2OError, Range, atomic_torch_save, derive_seed, generator, resolve_device
 
 META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")
@@ -87,43 +87,39 @@ class MetaTrainConfig:
     dtype: str = "float32"
 
     def validate(self) -> "MetaTrainConfig":
+        names = [n.strip() for n in self.optimizee.split(",")] if isinstance(self.optimizee, str) else []
+        if not names or not all(names):
+            raise L2OError(f"optimizee {self.optimizee!r} is not a zoo name or a comma-separated list of them "
+                           f"(e.g. leaky_relu or leaky_relu,sigmoid)")
         models = self.models()
-        for name in ("epochs", "runs", "horizon", "unroll", "batch_size", "tasks", "val_runs",
-                     "hidden", "layers"):
-            if getattr(self, name) <= 0:
-                raise L2OError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name, valid in RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL:
+                valid.check(name, value)
         if self.horizon % self.unroll:
             raise L2OError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-        if not self.meta_lr > 0:
-            raise L2OError(f"meta_lr must be positive, got {self.meta_lr}")
-        if not (self.p > 0 and self.eta > 0):
-            raise L2OError(f"p and eta must be positive, got p={self.p}, eta={self.eta}")
+        steps = self.epochs * self.runs * (self.horizon // self.unroll)
+        if steps > MAX_META_STEPS:
+            raise L2OError(f"epochs x runs x horizon / unroll = {steps:,} meta-steps; valid: at most {MAX_META_STEPS:,}")
         if self.meta_loss not in META_LOSSES:
             raise L2OError(f"unknown meta-loss {self.meta_loss!r}; valid: {', '.join(META_LOSSES)}")
         if self.lr_schedule not in SCHEDULES:
             raise L2OError(f"unknown meta-lr schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise L2OError(f"clip_grad must be positive, got {self.clip_grad}")
-        if self.rollback is not None and not self.rollback > 1:
-            raise L2OError(f"rollback must be > 1 (a factor of the best validation score), got {self.rollback}")
-        if not 0 < self.rollback_cut <= 1:
-            raise L2OError(f"rollback_cut must be in (0, 1], got {self.rollback_cut}")
         if self.loss_index not in LOSS_INDICES:
             raise L2OError(f"unknown loss index {self.loss_index!r}; valid: {', '.join(LOSS_INDICES)}")
         if self.out_bias not in OUT_BIAS:
             raise L2OError(f"unknown output-bias init {self.out_bias!r}; valid: {', '.join(OUT_BIAS)}")
         if self.curriculum is not None:
-            self.curriculum = tuple(int(h) for h in self.curriculum)
+            self.curriculum = tuple(RANGES["horizon"].check("curriculum horizon", h) for h in self.curriculum)
             bad = [h for h in self.curriculum if h <= 0 or h % self.unroll or h > self.horizon]
             if not self.curriculum or bad:
                 raise L2OError(f"curriculum horizons must be positive multiples of unroll ({self.unroll}) "
                                f"and at most horizon ({self.horizon}), got {list(self.curriculum)}")
-        if not 0 <= self.short_runs < 1:
-            raise L2OError(f"short_runs must be a share in [0, 1), got {self.short_runs}")
-        if self.collapse is not None and not 0 < self.collapse < 1:
-            raise L2OError(f"collapse must be a drift threshold in (0, 1), got {self.collapse}")
-        if self.init_from is not None:
-            l2o_from_checkpoint(self.init_from)  # a missing or unreadable one fails here, before any work
+        if self.init_from is not None:  # a missing, malformed or mismatched one fails here, before any work
+            start = l2o_from_checkpoint(self.init_from)
+            if (start.hidden, start.layers) != (self.hidden, self.layers):
+                raise L2OError(f"--init-from {self.init_from} has hidden {start.hidden}, layers {start.layers}; "
+                               f"this config has hidden {self.hidden}, layers {self.layers}: make them equal")
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
@@ -131,8 +127,6 @@ class MetaTrainConfig:
                 raise L2OError(f"unknown --reg {self.reg!r}; valid: {', '.join(REGS)}")
             if self.reg_measure not in ("total", "rel"):
                 raise L2OError(f"unknown --reg-measure {self.reg_measure!r}; valid: total, rel")
-            if self.beta < 0:
-                raise L2OError(f"beta must be >= 0, got {self.beta}")
             for m in models:
                 if self.reg != "all" and self.reg not in symmetry.applicable(m.structure):
                     raise L2OError(f"optimizee {m.name} has no {self.reg} symmetry; valid --reg for it: "
@@ -181,6 +175,21 @@ class MetaTrainConfig:
         if d.get("curriculum") is not None:
             d["curriculum"] = tuple(d["curriculum"])
         return cls(**d)
+
+
+# Valid values of the numeric fields (the CLI parses its options with the same ranges).
+_COUNT = Range(1, 1_000_000, integer=True)
+RANGES: dict[str, Range] = {
+    "epochs": _COUNT, "runs": _COUNT, "horizon": _COUNT, "unroll": _COUNT, "val_runs": Range(1, 10_000, integer=True),
+    # validation runs draw minibatches from the validation split (MNIST.val_size images)
+    "batch_size": Range(1, data_mod.MNIST.val_size, integer=True), "tasks": Range(1, 10_000, integer=True),
+    **NET_RANGES, "seed": Range(0, 2**63 - 1, integer=True),
+    "meta_lr": Range(0, 1, lo_open=True), "clip_grad": Range(0, 1e6, lo_open=True),
+    "beta": Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True), "rollback_cut": Range(0, 1, lo_open=True),
+    "short_runs": Range(0, 1, hi_open=True), "collapse": Range(0, 1, lo_open=True, hi_open=True),
+}
+OPTIONAL = ("clip_grad", "rollback", "collapse")
+MAX_META_STEPS = 10_000_000  # the published recipe takes 10,000
 
 
 # ---- recipes ---------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def validation_scores(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> d
     scores, early = [], []
     for model in cfg.models():
         log = meta_test(l2o, model, data.split("val"), seeds, cfg.horizon, batch_size=cfg.batch_size,
-                        dtype=cfg.torch_dtype, device=device)
+                        dtype=cfg.torch_dtype, device=device, warn_diverged=False)  # scored inf below
         per_run = log.total("train_loss") / cfg.horizon
         curve = log.curve("train_loss")  # (T, S)
         finite = bool(np.all(np.isfinite(curve)))
@@ -357,19 +366,20 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
           "best_phi": {k: v.detach().clone() for k, v in phi.items()}, "best_opt": None}
 
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if _resumable(ck["config"]) != _resumable(cfg.to_dict()):
-            raise L2OError(f"{ckpt_path} was written with a different config; use a new --out "
-                           "or the same options to resume")
-        with torch.no_grad():
-            for k in phi:
-                phi[k].copy_(ck["phi"][k])
-        opt.load_state_dict(ck["opt"])
-        st.update({k: ck[k] for k in _STATE_KEYS})
-        st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
-        st["best_opt"] = ck["best_opt"]
-        log.entries = [(m, s, v) for m, s, v in ck["log"]]
-        torch.set_rng_state(ck["rng"]["torch"])
+        ck = read_checkpoint(ckpt_path, cfg)
+        try:
+            with torch.no_grad():
+                for k in phi:
+                    phi[k].copy_(ck["phi"][k])
+            opt.load_state_dict(ck["opt"])
+            st.update({k: ck[k] for k in _STATE_KEYS})
+            st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
+            st["best_opt"] = ck["best_opt"]
+            log.entries = [(m, s, v) for m, s, v in ck["log"]]
+            torch.set_rng_state(ck["rng"]["torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise L2OError(f"{ckpt_path} is damaged ({type(e).__name__}); remove it, or pass --overwrite "
+                           "to start over") from None
     elif ckpt_path is not None and ckpt_path.exists() and not resume:
         raise L2OError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start over")
 
@@ -414,9 +424,14 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     result = MetaTrainResult(best, st["best_score"], st["best_epoch"], st["skipped"], out,
                              time.time() - started, log)
     if out is not None and st["epoch"] == cfg.epochs:
+        if st["best_epoch"] < 0:
+            raise L2OError(f"no epoch of {cfg.epochs} validated (every validation run diverged: "
+                           f"{st['skipped']} meta-steps skipped); refusing to export an untrained l2o.pt; "
+                           "try a smaller --eta or --meta-lr")
         export(best, cfg, st, out / "l2o.pt")
         write_run(out, {"kind": "meta-train", "config": cfg.to_dict(), "best_score": st["best_score"],
-                        "best_epoch": st["best_epoch"], "skipped": st["skipped"]},
+                        "best_epoch": st["best_epoch"], "skipped": st["skipped"],
+                        "data_source": data.source, "data_digest": data.digest},
                   log.rows(), device=device, started=started)
     return result
 
@@ -519,6 +534,29 @@ def _skip_rest_of_run(st, bar, left: int) -> None:
 _STATE_KEYS = ("epoch", "meta_step", "best_score", "best_epoch", "skipped", "rollbacks", "lr_scale")
 
 
+def read_checkpoint(path: Path, cfg: MetaTrainConfig) -> dict:
+    """A meta-training checkpoint.pt, checked before anything is restored: every entry
+    present, written with `cfg` (up to the device), phi and best_phi finite tensors of
+    its network. L2OError (one line) for a truncated, garbage or foreign file."""
+    name, ck = read_torch(path, "meta-training checkpoint")
+    keys = ("config", "phi", "best_phi", "opt", "best_opt", "rng", "log", *_STATE_KEYS)
+    missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
+    if missing:
+        raise L2OError(f"{name} is not a meta-training checkpoint (missing {', '.join(missing)}); remove it, "
+                       "or pass --overwrite to start over")
+    try:
+        same = _resumable(ck["config"]) == _resumable(cfg.to_dict())
+    except (TypeError, ValueError, AttributeError) as e:
+        raise L2OError(f"{name} has an unreadable config ({type(e).__name__}); remove it, or pass "
+                       "--overwrite to start over") from None
+    if not same:
+        raise L2OError(f"{name} was written with a different config; use a new --out "
+                       "or the same options to resume")
+    for key in ("phi", "best_phi"):
+        check_phi(ck[key], cfg.hidden, cfg.layers, f"{name} ({key})")
+    return ck
+
+
 def _resumable(config: dict) -> dict:
     """The config a checkpoint must match to be resumed (fields added later at their defaults)."""
     full = MetaTrainConfig.from_dict(config).to_dict()
@@ -528,7 +566,8 @@ def _resumable(config: dict) -> dict:
 def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
     tensors = [*phi.values(), *st["best_phi"].values()]
     if not _finite(tensors):
-        raise RuntimeError("refusing to checkpoint non-finite meta-parameters")
+        raise L2OError("the meta-parameters became non-finite; refusing to checkpoint them; "
+                       "try a smaller --meta-lr or --clip-grad")
     atomic_torch_save({
         "config": cfg.to_dict(),
         "net": _net(cfg),

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
-from .utils import LOCK_NAME, L2OError, die_with_parent, fresh_path, locked_dir, resolve_device
+from .utils import LOCK_NAME, L2OError, Range, die_with_parent, fresh_path, locked_dir, resolve_device
 
 DONE_MARKER = "job.json"
 WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
@@ -347,10 +347,15 @@ def _hms(seconds: float) -> str:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
+WORKERS = Range(0, 256, integer=True)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    from .cli import ranged, ray_address
+
     p.add_argument("--out", required=True, help="results directory (re-running it continues)")
-    p.add_argument("--workers", type=int, default=0, help="local worker processes (0: this process)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
+    p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
+    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
                    help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
@@ -360,6 +365,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
+    from .cli import SEEDS, ranged
+
     r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
     r.add_argument("--profile", choices=list(PROFILES), default="quick")
     r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
@@ -371,17 +378,33 @@ def add_parser(sub) -> None:
     e = sub.add_parser("experiment", help="run one experiment of the study")
     e.add_argument("name", choices=EXPERIMENTS)
     e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=int, default=None, help="meta-test seeds (default 5; smoke: 2)")
+    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
     e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
     e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
     _common(e)
     e.set_defaults(handler=_cmd_experiment)
 
 
+def _check_paths(args) -> None:
+    """--out, --store and --docs are (or can be made) writable directories, and MNIST
+    loads, before reproduce creates anything."""
+    from . import data as data_mod
+    from .cli import check_out_dir
+
+    check_out_dir(args.out)
+    for flag, value in (("--store", args.store), ("--docs", getattr(args, "docs", None))):
+        if value is not None:
+            check_out_dir(value, flag)
+    resolve_device(args.device)
+    if not args.dry_run:
+        data_mod.load_mnist(verbose=args.progress)
+
+
 def _cmd_reproduce(args) -> int:
     from . import learned
 
     learned.set_fusion(args.fusion)
+    _check_paths(args)
     reproduce(args.profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
               docs=args.docs, fusion=args.fusion, l2os=args.l2os)
@@ -396,12 +419,11 @@ def _cmd_experiment(args) -> int:
     learned.set_fusion(args.fusion)
     base = get_profile(args.scale)
     seeds = args.seeds if args.seeds is not None else (base.seeds if base.name == "smoke" else 5)
-    if seeds < 1:
-        raise L2OError(f"--seeds must be positive, got {seeds}")
     base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
     if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
     profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)
+    _check_paths(args)
     reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
               ray_address=args.ray_address, device=args.device, store=args.store,
               dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)

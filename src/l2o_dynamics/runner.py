@@ -5,11 +5,17 @@ parameter and state tensor). Each seed has its own init and its own data order.
 Probes record analyses (symmetry deviations, noise) at chosen steps; they see
 the run's tensors but cannot change its trajectory: optimizers are pure and the
 data order is owned by each run's own generator.
+
+A run diverged when its minibatch loss at some step, or its final parameters, are
+not finite (a non-finite update shows in the next step's loss or in the final
+parameters). Each run's flag (1.0 diverged, 0.0 not) is logged as the metric
+`diverged` at step T, with a warning, instead of leaving silent NaN rows.
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,9 +27,10 @@ from . import data as data_mod
 from .optimizees import Optimizee, Params, accuracy, cross_entropy, get_optimizee, stack_params
 from .optimizers import Optimizer, make_baseline
 from .results import MetricLog
-from .utils import L2OError, atomic_write_json, cache_dir, generator, stable_hash
+from .utils import L2OError, Range, atomic_write_json, cache_dir, generator, stable_hash
 
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
+LR_RANGE = Range(0, 100, lo_open=True)  # valid baseline learning rates (the grid spans 1e-4..3)
 SEARCH_SEEDS = (10_000, 10_001)  # held out from every meta-test seed (0, 1, 2, ...)
 
 
@@ -60,12 +67,15 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
               seeds: Sequence[int], steps: int, *, batch_size: int = 128,
               eval_set: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 10,
               probes: Sequence[Probe] = (), log: MetricLog | None = None,
-              dtype=torch.float32, device=None, progress: bool = False, desc: str = "") -> MetricLog:
+              dtype=torch.float32, device=None, progress: bool = False, desc: str = "",
+              warn_diverged: bool = True) -> MetricLog:
     """Train S optimizees (one per seed) with `optimizer` for `steps` steps.
 
     Logs, per seed: `train_loss`, `train_acc` of the minibatch at every step
-    (before the update), and `test_loss`, `test_acc` on `eval_set` at steps
-    0, k, 2k, ... and after the last update (step = steps)."""
+    (before the update), `test_loss`, `test_acc` on `eval_set` at steps
+    0, k, 2k, ... and after the last update (step = steps), and `diverged` (0 or 1)
+    at step = steps, warned about unless `warn_diverged` is False (a learning-rate
+    search diverges on purpose)."""
     model = get_optimizee(model)
     if steps <= 0:
         raise L2OError(f"steps must be positive, got {steps}")
@@ -79,11 +89,13 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
         ey = eval_set[1].to(device)
     with torch.no_grad():
         state = optimizer.init(params, batch_ndim=1)
+        diverged = torch.zeros(len(seeds), dtype=torch.bool, device=device)  # (S,)
         for t in tqdm(range(steps), desc=desc or f"{optimizer.name} on {model.name}",
                       disable=not progress, leave=False):
             x, y = data_mod.stack_batches(batchers)
             loss, grads, acc = model.loss_and_grad(params, x.to(dtype), y)
             log.add("train_loss", t, loss)
+            diverged |= ~torch.isfinite(loss)
             log.add("train_acc", t, acc)
             if eval_set is not None and t % eval_every == 0:
                 _evaluate(model, params, ex, ey, t, log)
@@ -98,6 +110,13 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
             state = new_state
         if eval_set is not None:
             _evaluate(model, params, ex, ey, steps, log)
+        for v in params.values():  # (S, ...) -> (S,)
+            diverged |= ~torch.isfinite(v.reshape(len(seeds), -1)).all(dim=1)
+    log.add("diverged", steps, diverged.to(torch.float64))
+    n = int(diverged.sum())
+    if n and warn_diverged:
+        warnings.warn(f"{n} of {len(seeds)} runs of {optimizer.name} on {model.name} diverged (non-finite loss "
+                      "or parameters); flagged by the metric 'diverged'", stacklevel=2)
     return log
 
 
@@ -141,19 +160,43 @@ def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon
            "seeds": list(seeds), "batch_size": batch_size, "version": 1}
     path = cache_dir() / "lr_search" / f"{name}-{model.name}-{horizon}-{stable_hash(key)}.json"
     if use_cache and path.exists():
-        blob = json.loads(path.read_text())
-        return LRSearch(name, model.name, horizon, blob["lr"],
-                        {float(k): v for k, v in blob["scores"].items()}, cached=True)
+        cached = _read_lr_cache(path, grid)
+        if cached is not None:
+            return LRSearch(name, model.name, horizon, *cached, cached=True)
     rates = torch.tensor([lr for lr in grid for _ in seeds], dtype=torch.float32)
     run_seeds = [s for _ in grid for s in seeds]
     opt = make_baseline(name, lr=rates.to(device or "cpu"))
     log = meta_test(opt, model, data.split("val"), run_seeds, horizon, batch_size=batch_size,
-                    device=device, progress=progress, desc=f"lr search {name} on {model.name}")
+                    device=device, progress=progress, desc=f"lr search {name} on {model.name}",
+                    warn_diverged=False)
     totals = log.total("train_loss").reshape(len(grid), len(seeds))
     scores = {float(lr): (float(row.mean()) if np.all(np.isfinite(row)) else math.inf)
               for lr, row in zip(grid, totals)}
     best = min(scores, key=lambda lr: (scores[lr], lr))
     result = LRSearch(name, model.name, horizon, best, scores)
     if use_cache:
-        atomic_write_json(path, {**key, **result.to_dict()})
+        try:
+            atomic_write_json(path, {**key, **result.to_dict()})
+        except OSError as e:
+            warnings.warn(f"could not cache the learning-rate search in {path.parent} ({e.strerror or e}); "
+                          "continuing without it", stacklevel=2)
     return result
+
+
+def _read_lr_cache(path, grid: Sequence[float]) -> tuple[float, dict[float, float]] | None:
+    """(lr, scores) of a cached search, or None (with a warning) when the file is
+    unreadable or poisoned: lr not one of the grid's finite positive rates, or a
+    score that is NaN or negative (inf marks a diverged rate)."""
+    try:
+        blob = json.loads(path.read_text())
+        lr = blob["lr"]
+        scores = {float(k): float(v) for k, v in blob["scores"].items()}
+        ok = (isinstance(lr, (int, float)) and math.isfinite(lr) and lr in grid
+              and all(v >= 0 for v in scores.values()))  # False for NaN
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn(f"ignoring the learning-rate cache {path}: unreadable or not a valid search result "
+                      "(lr must be a finite rate of the grid); searching again", stacklevel=3)
+        return None
+    return float(lr), scores
