@@ -59,6 +59,7 @@ def test_every_run_of_reproduce_records_the_data_digest(smoke, mnist):
     runs = [c for c in configs if c.get("kind") in ("meta-test", "meta-train")]
     assert {c["kind"] for c in runs} == {"meta-test", "meta-train"}
     assert all(c["data_digest"] == mnist.digest for c in runs)
+    assert json.loads((out / "config.json").read_text())["data_digests"] == [mnist.digest]
 
 
 def test_rerun_redoes_nothing(smoke, monkeypatch):

@@ -186,7 +186,7 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
               "other direction, interval excludes 0; 'n/a': fewer than 3 usable seeds. Seeds whose run "
               "diverged are left out and counted. " + interval_note(table)),
     ]
-    table = analysis.pool_l2os(table)  # the tables below: all L2Os' runs together
+    table = analysis.pool_l2os(analysis.mask_diverged(table))  # the tables below: all L2Os' runs together
     for f in findings:
         blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
                    ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
@@ -269,6 +269,16 @@ def summary_text(findings, out: Path, figures: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def data_digests(store, jobs: Iterable[Job]) -> list[str]:
+    """The MNIST digests the jobs recorded (one, the reference, unless data was substituted)."""
+    found = set()
+    for job in jobs:
+        f = store.path(job.key) / "config.json"
+        if f.is_file():
+            found.add(json.loads(f.read_text()).get("data_digest"))
+    return sorted(d for d in found if d)
+
+
 def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experiments, *, device,
                   wall_time_s: float, executor: str, docs=None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +292,7 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
     atomic_write_text(out / "report.html", to_html(blocks))
     atomic_write_json(out / "config.json", {
         "kind": "reproduce", "profile": profile.to_dict(), "experiments": list(experiments),
+        "data_digests": data_digests(store, jobs),
         "jobs": [{"key": j.key, "kind": j.kind, "label": j.label, "config": dict(j.config)} for j in jobs],
         "environment": env, "wall_time_s": round(wall_time_s, 1), "executor": executor,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
