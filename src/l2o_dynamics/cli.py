@@ -88,7 +88,7 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
     """`check_out_dir`, and an existing non-empty one needs `overwrite`."""
     p = check_out_dir(path, flag)
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
+    if entries(p) and not overwrite:  # the lock file main() holds is not content
         raise L2OError(f"{flag} {path} exists and is not empty; pass --overwrite or choose a new directory")
     return p
 
@@ -331,7 +331,7 @@ def run_command(args) -> int:
     handler = COMMANDS.get(args.command) or args.handler
     if args.command not in LOCKED:
         return handler(args)
-    with locked_dir(args.out, args.command):
+    with locked_dir(check_out_dir(args.out), args.command):
         return handler(args)
 
 
