@@ -26,7 +26,7 @@ from . import data as data_mod
 from . import tail
 from .optimizees import Optimizee, Params, flatten, unflatten
 from .optimizers import Optimizer, tree_index
-from .runner import Probe
+from .hooks import Probe
 from .utils import L2OError, generator
 
 COV_UNITS = ("minibatch", "sample")
@@ -212,7 +212,7 @@ def full_batch_gradient(model: Optimizee, params: Params, x: torch.Tensor, y: to
 def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], *, every: int,
                 batch_size: int = 128, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                 cov_unit: str = "minibatch", cov_center: str = "mean", cov_n: int | None = None):
-    """A runner.Probe computing `checkpoint_noise` for every run of a batched meta-test."""
+    """A hooks.Probe computing `checkpoint_noise` for every run of a batched meta-test."""
     def fn(ctx) -> Mapping[str, torch.Tensor]:
         per_run = []
         for i, seed in enumerate(seeds):

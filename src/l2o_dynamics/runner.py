@@ -17,13 +17,14 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from .hooks import Probe, StepContext
 from .optimizees import Optimizee, Params, accuracy, cross_entropy, get_optimizee, stack_params
 from .optimizers import Optimizer, make_baseline
 from .results import MetricLog
@@ -37,30 +38,6 @@ SEARCH_SEEDS = (10_000, 10_001)  # held out from every meta-test seed (0, 1, 2, 
 def init_params(model: Optimizee, seeds: Sequence[int], dtype=torch.float32, device=None) -> Params:
     """A stack of S parameter sets (S, ...), one per seed, each from its own generator."""
     return stack_params([model.init(generator("init", s), dtype=dtype, device=device) for s in seeds])
-
-
-@dataclass
-class StepContext:
-    """What a probe sees at step t (before the update is applied)."""
-
-    step: int
-    params: Params
-    grads: Params
-    updates: Params
-    state: Any  # optimizer state the update was computed from
-    optimizer: Optimizer
-    model: Optimizee
-
-
-@dataclass
-class Probe:
-    """Calls `fn(ctx) -> {metric: (S,) tensor}` every `every` steps (and at the last)."""
-
-    fn: Callable[[StepContext], Mapping[str, torch.Tensor]]
-    every: int = 1
-
-    def due(self, step: int, steps: int) -> bool:
-        return step % self.every == 0 or step == steps - 1
 
 
 def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.Tensor, torch.Tensor],

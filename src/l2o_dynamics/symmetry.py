@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 
 from .optimizees import Structure
-from .runner import Probe
+from .hooks import Probe
 from .utils import L2OError
 
 KINDS = ("rescale", "scale", "translation")
@@ -115,7 +115,7 @@ def deviation(kind: str, v, theta, structure: Structure, measure: str = "total")
 
 
 def probe(every: int = 1):
-    """A runner.Probe recording the deviations of the applied updates and, as a control,
+    """A hooks.Probe recording the deviations of the applied updates and, as a control,
     of the gradients ('grad_' prefix) every `every` steps."""
     def fn(ctx) -> dict[str, torch.Tensor]:
         return {**record(ctx.updates, ctx.params, ctx.model.structure),
