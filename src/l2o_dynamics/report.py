@@ -263,7 +263,7 @@ def summary_text(findings, out: Path, figures: dict[str, Path]) -> str:
     lines = ["", "=" * width, "Findings of the study, tested in this run", "=" * width]
     for f in findings:
         claim = f.claim if len(f.claim) <= width - 26 else f.claim[:width - 29] + "..."
-        lines.append(f"{VERDICT[f.verdict]:<22}  {claim}")
+        lines.append(f"{f.verdict:<22}  {claim}")  # the short verdict: one column wide
     lines += ["-" * width, f"report:  {out / 'report.md'}  (and report.html)",
               f"metrics: {out / 'metrics.csv'}", f"figures: {out / 'figures'}/ ({len(figures)} files)", "=" * width]
     return "\n".join(lines)
