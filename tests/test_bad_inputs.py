@@ -23,6 +23,9 @@ FILE = "afile"  # an existing regular file in the working directory
 
 # (argv, a fragment the one-line error must contain)
 CASES = [
+    (["reproduce", "--meta-seeds", "3", "--out", "o"], "--meta-seeds 3 needs --l2os train"),
+    (["reproduce", "--l2os", "train", "--meta-seeds", "0", "--out", "o"], "--meta-seeds"),
+    (["reproduce", "--l2os", "train", "--meta-seeds", "1.5", "--out", "o"], "--meta-seeds"),
     # meta-test: every numeric option non-finite, out of range, malformed
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "inf", "--out", "o"],
      "'auto' or a finite number in (0, 100], got 'inf'"),
@@ -31,6 +34,8 @@ CASES = [
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0", "--out", "o"], "got '0'"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "3e38", "--out", "o"], "got '3e38'"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "fast", "--out", "o"], "'fast'"),
+    (["meta-test", "--optimizer", "l2o", "--checkpoint", "pretrained:leaky_relu", "--optimizee", "relu",
+      "--lr", "0.1", "--out", "o"], "--lr applies to the baselines"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--steps", "1000000000000", "--out", "o"],
      "--steps: must be an integer in 1..1000000"),
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--steps", "1e12", "--out", "o"], "'1e12'"),

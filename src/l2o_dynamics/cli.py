@@ -211,7 +211,7 @@ def make_optimizer(name: str, optimizee, steps: int, lr, checkpoint: str | None,
     from .optimizers import make_baseline
     from .runner import search_lr
 
-    check_optimizer_args(name, checkpoint)
+    check_optimizer_args(name, checkpoint, lr)
     if name == "l2o":
         return l2o_from_checkpoint(checkpoint, device), {"checkpoint": str(checkpoint)}
     info: dict = {}
@@ -222,8 +222,11 @@ def make_optimizer(name: str, optimizee, steps: int, lr, checkpoint: str | None,
     return make_baseline(name, lr=lr), info
 
 
-def check_optimizer_args(name: str, checkpoint: str | None) -> None:
+def check_optimizer_args(name: str, checkpoint: str | None, lr="auto") -> None:
     if name == "l2o":
+        if lr != "auto":
+            raise L2OError("--lr applies to the baselines (sgd, adam, lion) only; an L2O's step size is "
+                           "its output scale, stored in its checkpoint")
         if not checkpoint:
             raise L2OError("--optimizer l2o needs --checkpoint PATH (the l2o.pt written by meta-train)")
         if not checkpoint.startswith("pretrained:") and not Path(checkpoint).is_file():
@@ -243,7 +246,7 @@ def cmd_meta_test(args) -> int:
 
     started = time.time()
     device = resolve_device(args.device)
-    check_optimizer_args(args.optimizer, args.checkpoint)
+    check_optimizer_args(args.optimizer, args.checkpoint, args.lr)
     check_new_out_dir(args.out, args.overwrite)
     if args.optimizer == "l2o":
         l2o_from_checkpoint(args.checkpoint)  # a malformed checkpoint fails here, before any work

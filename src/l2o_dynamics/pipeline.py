@@ -279,21 +279,33 @@ def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", t
     return LocalExecutor(workers, threads=threads, fusion=fusion)
 
 
+def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None) -> Profile:
+    """The profile with where its L2Os come from and how many per setting replaced."""
+    from dataclasses import replace
+
+    if l2os is not None:
+        profile = replace(profile, l2os=l2os)
+    if meta_seeds is not None:
+        if meta_seeds > 1 and profile.l2os == "pretrained":
+            raise L2OError(f"--meta-seeds {meta_seeds} needs --l2os train: the shipped set has one L2O per "
+                           "optimizee and beta")
+        profile = replace(profile, meta_seeds=meta_seeds)
+    return profile
+
+
 def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiments: Iterable[str] = EXPERIMENTS,
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
-              l2os: str | None = None, echo=print) -> dict:
+              l2os: str | None = None, meta_seeds: int | None = None, echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
-    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from."""
-    from dataclasses import replace
-
+    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from, and
+    `meta_seeds` how many L2Os it meta-trains per setting."""
     from . import data as data_mod
     from .report import write_outputs
 
-    profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
-    if l2os is not None:
-        profile = replace(profile, l2os=l2os)
+    profile = override(profile_name if isinstance(profile_name, Profile) else get_profile(profile_name),
+                       l2os, meta_seeds)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
@@ -348,6 +360,7 @@ def _hms(seconds: float) -> str:
 
 # ---- CLI -----------------------------------------------------------------------------------------
 WORKERS = Range(0, 256, integer=True)
+META_SEEDS = Range(1, 20, integer=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -372,6 +385,9 @@ def add_parser(sub) -> None:
     r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
                    help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
                         "here (paper's and smoke's default)")
+    r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
+                   help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
+                        "findings' intervals over them (default: the profile's; paper 3, quick 1)")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _common(r)
     r.set_defaults(handler=_cmd_reproduce)
@@ -404,10 +420,11 @@ def _cmd_reproduce(args) -> int:
     from . import learned
 
     learned.set_fusion(args.fusion)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
     _check_paths(args)
-    reproduce(args.profile, args.out, workers=args.workers, ray_address=args.ray_address,
+    reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
-              docs=args.docs, fusion=args.fusion, l2os=args.l2os)
+              docs=args.docs, fusion=args.fusion)
     return 0
 
 
