@@ -94,7 +94,7 @@ def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPES, REGS, SCHEDULES, VAL_OBJECTIVES
+    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPES, REGS, SCHEDULES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -146,9 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clip-grad", type=ranged(RANGES["clip_grad"]), default=None,
                    help="max global norm of the meta-gradient")
     m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
-    m.add_argument("--val-objective", choices=VAL_OBJECTIVES, default=None,
-                   help="what validation scores: the mean loss, or (with --beta) the meta-objective, "
-                        "penalty included")
     m.add_argument("--short-runs", type=ranged(RANGES["short_runs"]), default=None, metavar="SHARE",
                    help="share of runs cut to their first unroll")
     m.add_argument("--curriculum", type=_int_list(RANGES["horizon"]), default=None, metavar="H1,H2,..",
@@ -278,7 +275,7 @@ def cmd_meta_test(args) -> int:
 CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
                 "lr_schedule", "meta_loss", "loss_index", "clip_grad", "out_bias", "short_runs",
                 "curriculum", "reg", "beta", "reg_measure", "val_runs", "rollback", "rollback_cut",
-                "collapse", "init_from", "val_objective", "seed", "hidden", "layers", "p", "eta", "device")
+                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "device")
 
 
 def cmd_meta_train(args) -> int:

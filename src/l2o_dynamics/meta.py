@@ -34,14 +34,12 @@ from . import symmetry
 from .learned import L2O, NET_RANGES, check_phi, init_phi, l2o_from_checkpoint, read_torch
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
-from .hooks import Probe
 from .runner import init_params, meta_test
 from .utils import L2OError, Range, atomic_torch_save, derive_seed, generator, resolve_device
 
 META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")
 OUT_BIAS = ("default", "zero")
-VAL_OBJECTIVES = ("loss", "meta")
 SCHEDULES = ("constant", "cosine", "step")
 REGS = ("rescale", "scale", "translation", "all")
 # A collapse: for COLLAPSE_UNROLLS consecutive unrolls the updates drift (|mean u| / mean |u|
@@ -80,9 +78,6 @@ class MetaTrainConfig:
     short_runs: float = 0.0  # share of runs cut to their first unroll (steps 1..K get more weight)
     collapse: float | None = None  # drift above this while the optimizee dies: roll back (see _one_run)
     init_from: str | None = None  # start from a trained L2O (l2o.pt path or pretrained:NAME)
-    # what validation scores (selection, rollback): the mean training loss, or, for a penalised
-    # L2O, the meta-objective itself on the validation runs (see validation_scores)
-    val_objective: str = "loss"
     seed: int = 0
     hidden: int = 20
     layers: int = 2
@@ -114,8 +109,6 @@ class MetaTrainConfig:
             raise L2OError(f"unknown loss index {self.loss_index!r}; valid: {', '.join(LOSS_INDICES)}")
         if self.out_bias not in OUT_BIAS:
             raise L2OError(f"unknown output-bias init {self.out_bias!r}; valid: {', '.join(OUT_BIAS)}")
-        if self.val_objective not in VAL_OBJECTIVES:
-            raise L2OError(f"unknown validation objective {self.val_objective!r}; valid: {', '.join(VAL_OBJECTIVES)}")
         if self.curriculum is not None:
             self.curriculum = tuple(RANGES["horizon"].check("curriculum horizon", h) for h in self.curriculum)
             bad = [h for h in self.curriculum if h <= 0 or h % self.unroll or h > self.horizon]
@@ -295,44 +288,19 @@ def validation_score(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> fl
 
 def validation_scores(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> dict[str, float]:
     """`val_score` (see `validation_score`) and `val_early`: the same runs' mean loss
-    over steps 1..EARLY_STEPS (the fast start), each averaged over the optimizees.
-
-    With `cfg.val_objective == 'meta'` and a penalty (beta > 0), `val_score` is instead
-    the meta-objective on the validation runs: per unroll of K steps,
-    log(sum_t L_t) + beta * sum_t |deviation(dtheta_t)|, averaged over the unrolls and
-    runs (`val_loss` keeps the mean loss). Scoring the loss alone would select, and roll
-    back to, the phi that the penalty has moved least."""
+    over steps 1..EARLY_STEPS (the fast start), each averaged over the optimizees."""
     seeds = [VAL_SEEDS + i for i in range(cfg.val_runs)]
     device = resolve_device(cfg.device)
-    penalised = cfg.val_objective == "meta" and cfg.reg is not None and cfg.beta > 0
-    scores, early, losses = [], [], []
+    scores, early = [], []
     for model in cfg.models():
-        probes = [_penalty_probe(cfg)] if penalised else []
         log = meta_test(l2o, model, data.split("val"), seeds, cfg.horizon, batch_size=cfg.batch_size,
-                        dtype=cfg.torch_dtype, device=device, probes=probes,
-                        warn_diverged=False)  # scored inf below
+                        dtype=cfg.torch_dtype, device=device, warn_diverged=False)  # scored inf below
+        per_run = log.total("train_loss") / cfg.horizon
         curve = log.curve("train_loss")  # (T, S)
         finite = bool(np.all(np.isfinite(curve)))
-        losses.append(float(np.mean(log.total("train_loss") / cfg.horizon)) if finite else math.inf)
+        scores.append(float(np.mean(per_run)) if finite else math.inf)
         early.append(float(curve[1:EARLY_STEPS + 1].mean()) if finite else math.inf)
-        if penalised and finite:
-            K, S = cfg.unroll, curve.shape[1]
-            dev = log.curve("penalty")  # (T, S)
-            per_unroll = (np.log(curve.reshape(-1, K, S).sum(1)) + cfg.beta * dev.reshape(-1, K, S).sum(1))
-            scores.append(float(per_unroll.mean()) if np.all(np.isfinite(per_unroll)) else math.inf)
-        else:
-            scores.append(losses[-1])
-    return {"val_score": float(np.mean(scores)), "val_early": float(np.mean(early)),
-            "val_loss": float(np.mean(losses))}
-
-
-def _penalty_probe(cfg: MetaTrainConfig) -> Probe:
-    """Every step: the penalty's deviation of the applied update (as in `_unroll`)."""
-    def fn(ctx) -> dict[str, torch.Tensor]:
-        return {"penalty": symmetry.deviation(cfg.reg, ctx.updates, ctx.params, ctx.model.structure,
-                                              cfg.reg_measure)}
-
-    return Probe(fn, every=1)
+    return {"val_score": float(np.mean(scores)), "val_early": float(np.mean(early))}
 
 
 # ---- the outer loop --------------------------------------------------------------------------
@@ -433,8 +401,6 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             score = scores["val_score"]
             log.add("val_score", st["meta_step"], score)
             log.add("val_early", st["meta_step"], scores["val_early"])
-            if scores.get("val_loss", score) != score:  # the meta-objective was scored
-                log.add("val_loss", st["meta_step"], scores["val_loss"])
             if score < st["best_score"]:
                 st["best_score"], st["best_epoch"] = score, epoch
                 st["best_phi"] = {k: v.detach().clone() for k, v in phi.items()}
