@@ -434,12 +434,21 @@ def meta_seeds(t: Table) -> int:
     return 1 + max((split_label(o)[1] for o in t.unique("optimizer")), default=0)
 
 
+def _split_labels(t: Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the optimizer's plain label and its meta-training seed (split once per
+    distinct label)."""
+    labels, row = np.unique(t.cols["optimizer"].astype(str), return_inverse=True)
+    names, ks = zip(*map(split_label, labels)) if len(labels) else ((), ())
+    return np.asarray(names, dtype=object)[row], np.asarray(ks, dtype=np.int64)[row]
+
+
 def l2o_views(t: Table) -> list[Table]:
     """One table per meta-training seed k: the runs of the L2Os of seed k under their plain
     label (`l2o`, `l2o(trained_on)`), every other run as it is."""
-    names, ks = zip(*(split_label(o) for o in t.cols["optimizer"])) if len(t) else ((), ())
-    names, ks = np.asarray(names, dtype=object), np.asarray(ks, dtype=np.int64)
-    is_l2o = np.asarray([n.startswith("l2o") for n in names], dtype=bool)
+    if meta_seeds(t) == 1:
+        return [t]
+    names, ks = _split_labels(t)
+    is_l2o = np.char.startswith(names.astype(str), "l2o")
     views = []
     for k in range(meta_seeds(t)):
         keep = ~is_l2o | (ks == k)
@@ -455,9 +464,8 @@ def pool_l2os(t: Table) -> Table:
     seed of its own: curves and summary tables over all L2Os (never paired statistics)."""
     if meta_seeds(t) == 1:
         return t
-    names, ks = zip(*(split_label(o) for o in t.cols["optimizer"]))
-    return Table({**t.cols, "optimizer": np.asarray(names, dtype=object),
-                  "seed": t.cols["seed"] + SEED_STRIDE * np.asarray(ks, dtype=np.int64)})
+    names, ks = _split_labels(t)
+    return Table({**t.cols, "optimizer": names, "seed": t.cols["seed"] + SEED_STRIDE * ks})
 
 
 def across_l2os(per_l2o: list[list[Finding]]) -> list[Finding]:
