@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from l2o_dynamics import meta, optimizees
-from l2o_dynamics.learned import L2O, init_phi
+from l2o_dynamics.learned import L2O, init_phi, l2o_from_checkpoint, preprocess
 from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
 from l2o_dynamics.utils import L2OError, generator
@@ -292,8 +292,8 @@ PUBLISHED_PHI_SUMS = {
 PUBLISHED_META_LOSSES = [2.444444040954462, 2.4506211759930285, 2.443193431564752, 2.4569132941131926]
 
 
-def test_published_recipe_reproduces_the_recorded_meta_training(synthetic):
-    cfg = recipe("published", optimizee="leaky_relu", epochs=2, runs=1, horizon=10, unroll=5,
+def test_plain_recipe_reproduces_the_recorded_meta_training(synthetic):
+    cfg = recipe("plain", optimizee="leaky_relu", epochs=2, runs=1, horizon=10, unroll=5,
                  val_runs=1, dtype="float64", seed=3)
     res = meta_train(cfg, data=synthetic, progress=False)
     losses = [float(v) for m, _, v in res.log.entries if m == "meta_loss"]
@@ -304,14 +304,52 @@ def test_published_recipe_reproduces_the_recorded_meta_training(synthetic):
         assert float(res.l2o.phi[k].sum()) == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
-def test_published_recipe_is_the_studied_setting():
-    cfg = recipe("published")
+def test_plain_recipe_is_the_papers_formulas():
+    cfg = recipe("plain")
     assert (cfg.epochs, cfg.runs, cfg.horizon, cfg.unroll, cfg.batch_size) == (50, 20, 200, 20, 128)
     assert (cfg.meta_lr, cfg.meta_loss, cfg.clip_grad, cfg.rollback) == (1e-3, "logsum", None, None)
     assert (cfg.hidden, cfg.layers, cfg.p, cfg.eta, cfg.out_bias) == (20, 2, 10.0, 0.1, "default")
     assert cfg == MetaTrainConfig()
-    with pytest.raises(L2OError, match="valid: published, default"):
+    with pytest.raises(L2OError, match="valid: authors, plain, default"):
         recipe("fast")
+
+
+def test_authors_recipe_has_the_authors_settings():
+    """Each value against the authors' code (learning-to-optimize @10fabbf; docs/replication.md)."""
+    cfg = recipe("authors")
+    assert recipe("published") == cfg  # the old name is an alias
+    # main.ipynb: 50 epochs x 20 runs x 200 iterations, unroll 20 = 10,000 meta-steps, Adam 1e-3
+    assert (cfg.epochs, cfg.runs, cfg.horizon, cfg.unroll, cfg.batch_size) == (50, 20, 200, 20, 128)
+    assert cfg.total_meta_steps() == 10_000
+    assert (cfg.meta_lr, cfg.lr_schedule, cfg.meta_loss) == (1e-3, "constant", "logsum")
+    # training.py: the loss of each iteration is taken before its update; no clipping, no rollback
+    assert cfg.loss_index == "current"
+    assert (cfg.clip_grad, cfg.rollback, cfg.collapse, cfg.short_runs, cfg.curriculum) == (None, None, None, 0.0, None)
+    assert cfg.log_eps == 1e-8  # optimizer.py:50, log(|g| + 1e-8)
+    assert cfg.select == "train"  # the epoch with the lowest mean meta-training loss
+    assert (cfg.hidden, cfg.layers, cfg.p, cfg.eta) == (20, 2, 10.0, 0.1)
+
+
+def test_authors_preprocessing_adds_eps_inside_the_log():
+    g = torch.tensor([1e-3, -2.0, 1e-6, 0.0], dtype=torch.float64)
+    x = preprocess(g, 10.0, 1e-8)
+    assert x[0, 0].item() == math.log(1e-3 + 1e-8) / 10 and x[1, 0].item() == math.log(2.0 + 1e-8) / 10
+    assert preprocess(g, 10.0)[0, 0].item() == math.log(1e-3) / 10
+    assert x[2].tolist() == [-1.0, 1e-6 * math.exp(10.0)] and x[3].tolist() == [-1.0, 0.0]  # below e^-p: untouched
+
+
+def test_train_selection_keeps_the_epoch_with_the_lowest_mean_meta_loss(synthetic, tmp_path):
+    cfg = recipe("authors", optimizee="leaky_relu", epochs=3, runs=1, horizon=10, unroll=5, val_runs=1,
+                 dtype="float64", seed=1)
+    res = meta_train(cfg, tmp_path, data=synthetic, progress=False)
+    assert l2o_from_checkpoint(tmp_path / "l2o.pt").log_eps == 1e-8  # the exported L2O preprocesses as trained
+    steps = {e: [v for m, s, v in res.log.entries if m == "meta_loss" and 2 * e <= s < 2 * e + 2] for e in range(3)}
+    means = [sum(v) / len(v) for v in steps.values()]
+    assert res.best_epoch == min(range(3), key=means.__getitem__)
+    assert res.best_score == pytest.approx(min(means), rel=1e-12)
+    assert [v for m, _, v in res.log.entries if m == "train_score"] == pytest.approx(means, rel=1e-12)
+    with pytest.raises(L2OError, match="rollback"):
+        recipe("authors", rollback=1.5).validate()
 
 
 def _collapsed_phi():

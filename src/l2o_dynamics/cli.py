@@ -94,7 +94,7 @@ def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPES, REGS, SCHEDULES
+    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
     m = sub.add_parser("meta-train", help="meta-train the L2O (truncated BPTT)")
-    m.add_argument("--recipe", choices=RECIPES, default="default",
-                   help="default: measured to train a fast starter (docs/meta_training.md); published: "
-                        "the studied work's settings. Options given below override the recipe's.")
+    m.add_argument("--recipe", choices=[*RECIPES, *RECIPE_ALIASES], default="default",
+                   help="default: measured to train a fast starter (docs/meta_training.md); authors (alias "
+                        "published): the study's recipe as its authors' code runs it (docs/replication.md); "
+                        "plain: the paper's formulas, validation selection. Options below override the recipe's.")
     m.add_argument("--optimizee", default="leaky_relu", help="zoo name, or a comma-separated mixture")
     m.add_argument("--epochs", type=ranged(RANGES["epochs"]), default=None, help="(published: 50)")
     m.add_argument("--runs", type=ranged(RANGES["runs"]), default=None, help="optimizee runs per epoch (published: 20)")
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
     m.add_argument("--meta-loss", choices=META_LOSSES, default=None)
     m.add_argument("--loss-index", choices=LOSS_INDICES, default=None,
-                   help="next: sum L(theta_s+1..s+K) (both recipes); current: the authors' L(theta_s..s+K-1)")
+                   help="next: sum L(theta_s+1..s+K) (default, plain); current: the authors' L(theta_s..s+K-1)")
     m.add_argument("--clip-grad", type=ranged(RANGES["clip_grad"]), default=None,
                    help="max global norm of the meta-gradient")
     m.add_argument("--out-bias", choices=OUT_BIAS, default=None, help="init of the L2O's output bias")
@@ -301,7 +302,8 @@ def cmd_meta_train(args) -> int:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     prepare_out_dir(out, overwrite=True)
     res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
-    print(f"meta-trained L2O on {cfg.optimizee}: best validation score {res.best_score:.4f} "
+    what = "validation score" if cfg.select == "val" else "mean meta-training loss"
+    print(f"meta-trained L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
           f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
     return 0

@@ -72,7 +72,7 @@ PROFILES = {
         meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0,
                   rollback=1.5),
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
-        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5, recipe="published"),
+        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5, recipe="plain"),
     "quick": Profile(
         "quick", seeds=3,
         meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),

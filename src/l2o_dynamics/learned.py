@@ -29,11 +29,17 @@ Params = dict[str, torch.Tensor]
 
 
 # ---- gradient preprocessing ------------------------------------------------------
-def preprocess(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
-    """(N,) -> (N, 2): (log|g|/p, sign g) if |g| >= e^-p, else (-1, e^p g)."""
+def preprocess(g: torch.Tensor, p: float = 10.0, log_eps: float = 0.0) -> torch.Tensor:
+    """(N,) -> (N, 2): (log(|g| + log_eps)/p, sign g) if |g| >= e^-p, else (-1, e^p g).
+
+    log_eps is 0 in the paper's formula; the study's authors add 1e-8 inside the log
+    (learning-to-optimize l2o/optimizer.py:50, `--recipe authors`)."""
     g = g.detach()
     big = g.abs() >= math.exp(-p)
-    first = torch.where(big, torch.log(g.abs().clamp_min(math.exp(-p))) / p, torch.full_like(g, -1.0))
+    mag = g.abs().clamp_min(math.exp(-p))
+    if log_eps:
+        mag = mag + log_eps
+    first = torch.where(big, torch.log(mag) / p, torch.full_like(g, -1.0))
     second = torch.where(big, torch.sign(g), g * math.exp(p))
     return torch.stack([first, second], dim=-1)
 
@@ -207,6 +213,7 @@ class L2O:
     eta: float = 0.1
     name: str = "l2o"
     meta: dict = field(default_factory=dict, compare=False)
+    log_eps: float = 0.0  # added inside the log of `preprocess` (the authors' 1e-8)
 
     def init(self, params, batch_ndim: int = 0):
         """Zero states for params whose first `batch_ndim` dims index independent runs."""
@@ -229,7 +236,7 @@ class L2O:
         def rows(t):  # (*state batch, P, H) -> (N, H), broadcast over the gradients' batch
             return t.expand(*batch, P, self.hidden).reshape(-1, self.hidden)
 
-        x = preprocess(g.reshape(-1), self.p).to(g.dtype)
+        x = preprocess(g.reshape(-1), self.p, self.log_eps).to(g.dtype)
         new_h, new_c = [], []
         for layer in range(self.layers):
             pre = f"lstm{layer}."
@@ -254,7 +261,7 @@ class L2O:
 
     def config(self) -> dict:
         return {"name": self.name, "hidden": self.hidden, "layers": self.layers, "p": self.p,
-                "eta": self.eta, **self.meta}
+                "eta": self.eta, "log_eps": self.log_eps, **self.meta}
 
     @property
     def num_meta_params(self) -> int:
@@ -301,6 +308,7 @@ def available_pretrained() -> list[str]:
 # must stay finite in float32 (p < 88); eta scales an output of order 1.
 NET_RANGES = {"hidden": Range(1, 4096, integer=True), "layers": Range(1, 16, integer=True),
               "p": Range(0, 50, lo_open=True), "eta": Range(0, 10, lo_open=True)}
+NET_OPTIONAL = {"log_eps": Range(0, 1)}  # absent in checkpoints written before it existed: 0
 MAX_ABS_WEIGHT = 1e4  # trained weights are O(1); beyond this the LSTM saturates into garbage
 
 
@@ -313,6 +321,12 @@ def check_net(net, name: str) -> dict:
             valid.check(f"net {key}", net[key])
         except L2OError as e:
             raise L2OError(f"checkpoint {name}: {e}") from None
+    for key, valid in NET_OPTIONAL.items():
+        if key in net:
+            try:
+                valid.check(f"net {key}", net[key])
+            except L2OError as e:
+                raise L2OError(f"checkpoint {name}: {e}") from None
     return net
 
 
@@ -366,7 +380,7 @@ def l2o_from_checkpoint(source, device=None) -> L2O:
     phi = check_phi(phi, net["hidden"], net["layers"], repr(name))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return L2O({k: v.to(dev) for k, v in phi.items()}, hidden=net["hidden"], layers=net["layers"],
-               p=net["p"], eta=net["eta"], meta={"checkpoint": name})
+               p=net["p"], eta=net["eta"], log_eps=net.get("log_eps", 0.0), meta={"checkpoint": name})
 
 
 class L2OOptimizer(torch.optim.Optimizer):
@@ -396,7 +410,7 @@ class L2OOptimizer(torch.optim.Optimizer):
             if not ps:
                 continue
             l2o = L2O({k: v.to(ps[0].device, ps[0].dtype) for k, v in self.l2o.phi.items()},
-                      self.l2o.hidden, self.l2o.layers, self.l2o.p, group["eta"])
+                      self.l2o.hidden, self.l2o.layers, self.l2o.p, group["eta"], log_eps=self.l2o.log_eps)
             names = [str(i) for i in range(len(ps))]
             for p in ps:
                 if "h" not in self.state[p]:  # (L, numel, H), zero at the start
