@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from l2o_dynamics import meta, optimizees
+from l2o_dynamics import meta, optimizees, runner
 from l2o_dynamics.learned import L2O, init_phi, l2o_from_checkpoint, preprocess
 from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
@@ -326,7 +326,9 @@ def test_authors_recipe_has_the_authors_settings():
     assert cfg.loss_index == "current"
     assert (cfg.clip_grad, cfg.rollback, cfg.collapse, cfg.short_runs, cfg.curriculum) == (None, None, None, 0.0, None)
     assert cfg.log_eps == 1e-8  # optimizer.py:50, log(|g| + 1e-8)
-    assert cfg.select == "train"  # the epoch with the lowest mean meta-training loss
+    # training.py:316-349 with main.ipynb's n_tests=3: each epoch, 3 fresh runs on the training
+    # split; the epoch with the lowest mean summed training loss is kept
+    assert cfg.select == "train-runs" and cfg.val_runs == 3
     assert (cfg.hidden, cfg.layers, cfg.p, cfg.eta) == (20, 2, 10.0, 0.1)
 
 
@@ -338,8 +340,8 @@ def test_authors_preprocessing_adds_eps_inside_the_log():
     assert x[2].tolist() == [-1.0, 1e-6 * math.exp(10.0)] and x[3].tolist() == [-1.0, 0.0]  # below e^-p: untouched
 
 
-def test_train_selection_keeps_the_epoch_with_the_lowest_mean_meta_loss(synthetic, tmp_path):
-    cfg = recipe("authors", optimizee="leaky_relu", epochs=3, runs=1, horizon=10, unroll=5, val_runs=1,
+def test_meta_loss_selection_keeps_the_epoch_with_the_lowest_mean_meta_loss(synthetic, tmp_path):
+    cfg = recipe("authors", select="meta-loss", optimizee="leaky_relu", epochs=3, runs=1, horizon=10, unroll=5, val_runs=1,
                  dtype="float64", seed=1)
     res = meta_train(cfg, tmp_path, data=synthetic, progress=False)
     assert l2o_from_checkpoint(tmp_path / "l2o.pt").log_eps == 1e-8  # the exported L2O preprocesses as trained
@@ -347,9 +349,21 @@ def test_train_selection_keeps_the_epoch_with_the_lowest_mean_meta_loss(syntheti
     means = [sum(v) / len(v) for v in steps.values()]
     assert res.best_epoch == min(range(3), key=means.__getitem__)
     assert res.best_score == pytest.approx(min(means), rel=1e-12)
-    assert [v for m, _, v in res.log.entries if m == "train_score"] == pytest.approx(means, rel=1e-12)
+    assert [v for m, _, v in res.log.entries if m == "meta_loss_score"] == pytest.approx(means, rel=1e-12)
     with pytest.raises(L2OError, match="rollback"):
-        recipe("authors", rollback=1.5).validate()
+        recipe("authors", select="meta-loss", rollback=1.5).validate()
+
+
+def test_train_runs_selection_scores_fresh_runs_on_the_training_split(synthetic):
+    l2o = L2O(init_phi(generator("phi", 0), dtype=torch.float64))
+    on = {s: recipe("authors", select=s, optimizee="leaky_relu", horizon=10, unroll=5, val_runs=2,
+                    dtype="float64") for s in ("train-runs", "val")}
+    got = validation_score(l2o, on["train-runs"], synthetic)
+    seeds = [meta.VAL_SEEDS + i for i in range(2)]
+    ref = runner.meta_test(l2o, ZOO["leaky_relu"], synthetic.split("train"), seeds, 10, batch_size=128,
+                         dtype=torch.float64).total("train_loss").mean() / 10
+    assert got == pytest.approx(float(ref), rel=1e-12)
+    assert got != validation_score(l2o, on["val"], synthetic)
 
 
 def _collapsed_phi():

@@ -302,7 +302,8 @@ def cmd_meta_train(args) -> int:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     prepare_out_dir(out, overwrite=True)
     res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
-    what = "validation score" if cfg.select == "val" else "mean meta-training loss"
+    what = {"val": "validation score", "train-runs": "score of the training-split runs",
+            "meta-loss": "mean meta-training loss"}[cfg.select]
     print(f"meta-trained L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
           f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
