@@ -340,18 +340,34 @@ def test_authors_preprocessing_adds_eps_inside_the_log():
     assert x[2].tolist() == [-1.0, 1e-6 * math.exp(10.0)] and x[3].tolist() == [-1.0, 0.0]  # below e^-p: untouched
 
 
-def test_meta_loss_selection_keeps_the_epoch_with_the_lowest_mean_meta_loss(synthetic, tmp_path):
-    cfg = recipe("authors", select="meta-loss", optimizee="leaky_relu", epochs=3, runs=1, horizon=10, unroll=5, val_runs=1,
-                 dtype="float64", seed=1)
+def test_meta_loss_selection_keeps_the_epoch_with_the_lowest_mean_training_loss(synthetic, tmp_path):
+    cfg = recipe("authors", select="meta-loss", optimizee="leaky_relu", epochs=3, runs=1, horizon=10, unroll=5,
+                 val_runs=1, dtype="float64", seed=1)
     res = meta_train(cfg, tmp_path, data=synthetic, progress=False)
     assert l2o_from_checkpoint(tmp_path / "l2o.pt").log_eps == 1e-8  # the exported L2O preprocesses as trained
-    steps = {e: [v for m, s, v in res.log.entries if m == "meta_loss" and 2 * e <= s < 2 * e + 2] for e in range(3)}
-    means = [sum(v) / len(v) for v in steps.values()]
+    # 2 meta-steps of 5 losses per epoch; an epoch's score is the mean of its 10 losses before each update
+    per_step = [v for m, _, v in res.log.entries if m == "unroll_loss"]
+    means = [(per_step[2 * e] + per_step[2 * e + 1]) / 2 for e in range(3)]
     assert res.best_epoch == min(range(3), key=means.__getitem__)
     assert res.best_score == pytest.approx(min(means), rel=1e-12)
-    assert [v for m, _, v in res.log.entries if m == "meta_loss_score"] == pytest.approx(means, rel=1e-12)
+    assert [v for m, _, v in res.log.entries if m == "train_score"] == pytest.approx(means, rel=1e-12)
     with pytest.raises(L2OError, match="rollback"):
         recipe("authors", select="meta-loss", rollback=1.5).validate()
+
+
+def test_unroll_loss_is_the_mean_of_the_losses_before_each_update(synthetic):
+    """One run of 2 unrolls of 3 steps: the first unroll's losses before each update are
+    L(theta_0..theta_2), the same values a plain meta-test of the starting L2O records."""
+    cfg = recipe("authors", select="meta-loss", optimizee="leaky_relu", epochs=1, runs=1, horizon=6, unroll=3,
+                 val_runs=1, dtype="float64", meta_lr=1e-12, seed=2)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    start = L2O(init_phi(generator("phi", 2), dtype=torch.float64))
+    seed = meta.derive_seed("train", 2, 0, 0, 0)
+    curve = runner.meta_test(start, ZOO["leaky_relu"], synthetic.split("train"), [seed], 6, batch_size=128,
+                             dtype=torch.float64).curve("train_loss")[:, 0]  # (7,) steps 0..6
+    got = [v for m, _, v in res.log.entries if m == "unroll_loss"]
+    # meta-lr 1e-12 moves phi by ~1e-12: the second unroll's losses agree to ~1e-10
+    assert got == pytest.approx([curve[0:3].mean(), curve[3:6].mean()], rel=1e-8)
 
 
 def test_train_runs_selection_scores_fresh_runs_on_the_training_split(synthetic):

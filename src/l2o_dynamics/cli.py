@@ -94,7 +94,8 @@ def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES
+    from .meta import (LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES,
+                       SELECTIONS)
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -154,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reg", choices=REGS, default=None, help="symmetry-breaking penalty")
     m.add_argument("--beta", type=ranged(RANGES["beta"]), default=None, help="penalty weight")
     m.add_argument("--reg-measure", choices=("total", "rel"), default=None)
-    m.add_argument("--val-runs", type=ranged(RANGES["val_runs"]), default=None)
+    m.add_argument("--val-runs", type=ranged(RANGES["val_runs"]), default=None,
+                   help="runs scored after every epoch to select the kept epoch (3)")
+    m.add_argument("--select", choices=SELECTIONS, default=None,
+                   help="keep the epoch with the best: val (runs on the validation split; default), train-runs "
+                        "(runs on the training split: authors), meta-loss (the epoch's own training losses)")
+    m.add_argument("--log-eps", type=ranged(RANGES["log_eps"]), default=None, metavar="EPS",
+                   help="added inside the log of the gradient preprocessing (authors: 1e-8; else 0)")
     m.add_argument("--rollback", type=ranged(RANGES["rollback"]), default=None, metavar="F",
                    help="restore the best phi when an epoch's validation score is worse than F x the best")
     m.add_argument("--rollback-cut", type=ranged(RANGES["rollback_cut"]), default=None, metavar="C",
@@ -276,7 +283,7 @@ def cmd_meta_test(args) -> int:
 CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
                 "lr_schedule", "meta_loss", "loss_index", "clip_grad", "out_bias", "short_runs",
                 "curriculum", "reg", "beta", "reg_measure", "val_runs", "rollback", "rollback_cut",
-                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "device")
+                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "log_eps", "select", "device")
 
 
 def cmd_meta_train(args) -> int:

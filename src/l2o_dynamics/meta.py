@@ -41,7 +41,8 @@ META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")
 # val: held-out runs on the validation split; train-runs: fresh runs on the training split (the
 # authors' n_tests=3 path, training.py:316-349); meta-loss: the epoch's mean meta-training loss
-# (their n_tests=0 path)
+# (their n_tests=0 path: mean over the epoch's runs of the summed training losses, each taken
+# before its update; here the mean per step, the same order)
 SELECTIONS = ("val", "train-runs", "meta-loss")
 OUT_BIAS = ("default", "zero")
 SCHEDULES = ("constant", "cosine", "step")
@@ -426,9 +427,9 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             score = scores["val_score"]
             log.add("val_score", st["meta_step"], score)
             log.add("val_early", st["meta_step"], scores["val_early"])
-            if cfg.select == "meta-loss":  # lowest mean meta-training loss of the epoch
-                score = _epoch_meta_loss(log, first_step)
-                log.add("meta_loss_score", st["meta_step"], score)
+            if cfg.select == "meta-loss":  # lowest mean training loss of the epoch's meta-training runs
+                score = _epoch_train_loss(log, first_step)
+                log.add("train_score", st["meta_step"], score)
             if score < st["best_score"]:
                 st["best_score"], st["best_epoch"] = score, epoch
                 st["best_phi"] = {k: v.detach().clone() for k, v in phi.items()}
@@ -464,9 +465,10 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     return result
 
 
-def _epoch_meta_loss(log: MetricLog, first_step: int) -> float:
-    """Mean meta-loss of the meta-steps from `first_step` on (inf when every one was skipped)."""
-    values = [float(v) for m, s, v in log.entries if m == "meta_loss" and s >= first_step]
+def _epoch_train_loss(log: MetricLog, first_step: int) -> float:
+    """Mean minibatch training loss (before each update) over the meta-steps from
+    `first_step` on (inf when every one was skipped)."""
+    values = [float(v) for m, s, v in log.entries if m == "unroll_loss" and s >= first_step]
     return float(np.mean(values)) if values else math.inf
 
 
@@ -532,6 +534,8 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         dead = float(model.dead_fraction(out.params, last["x"].to(dtype)).mean())
         value = loss.item()
         log.add("meta_loss", st["meta_step"], value)
+        before = torch.cat([loss0.reshape(1, -1), out.losses[:-1]])  # (K, B) L(theta_s..s+K-1)
+        log.add("unroll_loss", st["meta_step"], float(before.mean()))
         log.add("meta_grad_norm", st["meta_step"], float(norm))
         log.add("drift", st["meta_step"], drift)
         log.add("dead_frac", st["meta_step"], dead)
