@@ -16,7 +16,9 @@ import pytest
 
 from l2o_dynamics import pipeline
 from l2o_dynamics.experiments import build_jobs, get_profile
-from l2o_dynamics.utils import L2OError, LOCK_NAME, atomic_torch_save, atomic_write_text, locked_dir
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.files import LOCK_NAME, atomic_torch_save, atomic_write_text
+from l2o_dynamics.locks import locked_dir
 
 SRC = str(Path(pipeline.__file__).resolve().parents[1])
 
@@ -76,7 +78,7 @@ def test_kill_9_of_a_reproduce_driver_with_two_workers_leaves_no_process_of_it(t
 def test_a_worker_watching_its_parent_without_prctl_exits_when_the_parent_dies():
     # the portable path of die_with_parent: a driver starts a "worker" that watches it with
     # the polling thread only, then sleeps; killing the driver must end the worker
-    worker = ("import os, sys, time; from l2o_dynamics.utils import die_with_parent; "
+    worker = ("import os, sys, time; from l2o_dynamics.procs import die_with_parent; "
               "die_with_parent(int(sys.argv[1]), use_prctl=False); print(os.getpid(), flush=True); time.sleep(60)")
     driver = _python(f"import os, subprocess, sys, time; "
                      f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); time.sleep(60)",
@@ -112,7 +114,7 @@ def test_a_second_run_on_a_locked_out_exits_2_naming_the_holder_and_writes_nothi
 
 def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
     out = tmp_path / "out"
-    holder = _python(f"from l2o_dynamics.utils import locked_dir; import time\n"
+    holder = _python(f"from l2o_dynamics.locks import locked_dir; import time\n"
                      f"with locked_dir({str(out)!r}, 'holder'):\n    print('held', flush=True); time.sleep(60)",
                      stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from l2o_dynamics.results import COLUMNS, MetricLog, Table, format_rows, prepare_out_dir, write_run
-from l2o_dynamics.utils import L2OError
+from l2o_dynamics.errors import L2OError
 
 
 def test_metric_log_rows_are_tidy_and_roundtrip(tmp_path):

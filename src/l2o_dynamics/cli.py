@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .data import MNIST, N_TRAIN
 from .runner import LR_RANGE
-from .utils import L2OError, Range, entries, locked_dir
+from .errors import L2OError, Range
+from .files import entries
+from .locks import locked_dir
 
 PROG = "l2o-dynamics"
 
@@ -243,7 +245,7 @@ def cmd_meta_test(args) -> int:
     from .optimizees import get_optimizee
     from .results import MetricLog, prepare_out_dir, write_run
     from .runner import meta_test
-    from .utils import resolve_device
+    from .env import resolve_device
 
     started = time.time()
     device = resolve_device(args.device)
@@ -331,7 +333,7 @@ LOCKED = ("meta-test", "meta-train")  # one writer per --out; reproduce/experime
 
 
 def run_command(args) -> int:
-    """The command's handler; a run directory's commands hold its lock (utils.locked_dir)
+    """The command's handler; a run directory's commands hold its lock (locks.locked_dir)
     throughout, and a failed run leaves no directory it created."""
     handler = COMMANDS.get(args.command) or args.handler
     if args.command not in LOCKED:

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 
 from .results import l2o_label
-from .utils import L2OError, stable_hash
+from .errors import L2OError
+from .seeds import stable_hash
 
 EXPERIMENTS = ("symmetry-breaking", "regularization", "noise")
 BASELINES = ("sgd", "adam", "lion")
@@ -266,7 +267,7 @@ def run_job(job: Job, deps: Mapping[str, Files], workdir: str | os.PathLike | No
 
 
 def _device(cfg) -> torch.device:
-    from .utils import resolve_device
+    from .env import resolve_device
 
     return resolve_device(cfg.get("device", "cpu"))
 

@@ -32,7 +32,11 @@ from typing import Callable, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
-from .utils import LOCK_NAME, L2OError, Range, die_with_parent, fresh_path, locked_dir, resolve_device
+from .env import resolve_device
+from .errors import L2OError, Range
+from .files import LOCK_NAME, fresh_path
+from .locks import locked_dir
+from .procs import die_with_parent
 
 DONE_MARKER = "job.json"
 WORK = ".work"  # STORE/.work/KEY: a running job's scratch space

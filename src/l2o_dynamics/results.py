@@ -19,7 +19,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .utils import L2OError, atomic_write_json, atomic_write_text, entries, environment
+from .env import environment
+from .errors import L2OError
+from .files import atomic_write_json, atomic_write_text, entries
 
 COLUMNS = ("experiment", "optimizee", "optimizer", "beta", "seed", "step", "metric", "value")
 Row = tuple  # (experiment, optimizee, optimizer, beta, seed, step, metric, value)
