@@ -187,10 +187,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_experiment_parsers(sub) -> None:
-    from . import pipeline
+WORKERS = Range(0, 256, integer=True)
+META_SEEDS = Range(1, 20, integer=True)
 
-    pipeline.add_parser(sub)
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="results directory (re-running it continues)")
+    p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
+    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
+                   help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
+    p.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="list the job graph and estimated time")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _add_experiment_parsers(sub) -> None:
+    from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES
+
+    r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
+    r.add_argument("--profile", choices=list(PROFILES), default="quick")
+    r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
+                   help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
+                        "here (paper's and smoke's default)")
+    r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
+                   help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
+                        "findings' intervals over them (default: the profile's; paper 3, quick 1)")
+    r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
+    _pipeline_options(r)
+    e = sub.add_parser("experiment", help="run one experiment of the study")
+    e.add_argument("name", choices=EXPERIMENTS)
+    e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
+    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
+    e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
+    e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
+    _pipeline_options(e)
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -311,6 +343,48 @@ def cmd_meta_train(args) -> int:
     return 0
 
 
+def _check_pipeline_paths(args) -> None:
+    """--out, --store and --docs are (or can be made) writable directories, and MNIST
+    loads, before reproduce creates anything."""
+    from . import data as data_mod
+    from .env import resolve_device
+
+    check_out_dir(args.out)
+    for flag, value in (("--store", args.store), ("--docs", getattr(args, "docs", None))):
+        if value is not None:
+            check_out_dir(value, flag)
+    resolve_device(args.device)
+    if not args.dry_run:
+        data_mod.load_mnist(verbose=args.progress)
+
+
+def cmd_reproduce(args) -> int:
+    from . import learned
+    from .experiments import get_profile
+    from .pipeline import override, reproduce
+
+    learned.set_fusion(args.fusion)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
+    _check_pipeline_paths(args)
+    reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
+              device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
+              docs=args.docs, fusion=args.fusion)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from . import learned
+    from .pipeline import experiment_profile, reproduce
+
+    learned.set_fusion(args.fusion)
+    profile = experiment_profile(args.name, args.scale, args.seeds, args.cov_unit, args.cov_center)
+    _check_pipeline_paths(args)
+    reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
+              ray_address=args.ray_address, device=args.device, store=args.store,
+              dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)
+    return 0
+
+
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
@@ -328,14 +402,15 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot}
+COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot,
+            "reproduce": cmd_reproduce, "experiment": cmd_experiment}
 LOCKED = ("meta-test", "meta-train")  # one writer per --out; reproduce/experiment lock in pipeline
 
 
 def run_command(args) -> int:
     """The command's handler; a run directory's commands hold its lock (locks.locked_dir)
     throughout, and a failed run leaves no directory it created."""
-    handler = COMMANDS.get(args.command) or args.handler
+    handler = COMMANDS[args.command]
     if args.command not in LOCKED:
         return handler(args)
     with locked_dir(check_out_dir(args.out), args.command):

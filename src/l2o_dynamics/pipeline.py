@@ -18,7 +18,6 @@ Executors share one interface, `run(pending, store, on_start, on_done)`:
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
 import errno
@@ -31,9 +30,9 @@ from typing import Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
+from .experiments import EXPERIMENTS, Files, Job, Profile, build_jobs, get_profile, run_job
 from .env import resolve_device
-from .errors import L2OError, Range
+from .errors import L2OError
 from .files import LOCK_NAME, fresh_path
 from .locks import locked_dir
 from .procs import die_with_parent
@@ -362,90 +361,15 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-WORKERS = Range(0, 256, integer=True)
-META_SEEDS = Range(1, 20, integer=True)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    from .cli import ranged, ray_address
-
-    p.add_argument("--out", required=True, help="results directory (re-running it continues)")
-    p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
-    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
-                   help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
-    p.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
-    p.add_argument("--dry-run", action="store_true", help="list the job graph and estimated time")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-
-
-def add_parser(sub) -> None:
-    from .cli import SEEDS, ranged
-
-    r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
-    r.add_argument("--profile", choices=list(PROFILES), default="quick")
-    r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
-                   help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
-                        "here (paper's and smoke's default)")
-    r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
-                   help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
-                        "findings' intervals over them (default: the profile's; paper 3, quick 1)")
-    r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
-    _common(r)
-    r.set_defaults(handler=_cmd_reproduce)
-    e = sub.add_parser("experiment", help="run one experiment of the study")
-    e.add_argument("name", choices=EXPERIMENTS)
-    e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
-    e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
-    e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
-    _common(e)
-    e.set_defaults(handler=_cmd_experiment)
-
-
-def _check_paths(args) -> None:
-    """--out, --store and --docs are (or can be made) writable directories, and MNIST
-    loads, before reproduce creates anything."""
-    from . import data as data_mod
-    from .cli import check_out_dir
-
-    check_out_dir(args.out)
-    for flag, value in (("--store", args.store), ("--docs", getattr(args, "docs", None))):
-        if value is not None:
-            check_out_dir(value, flag)
-    resolve_device(args.device)
-    if not args.dry_run:
-        data_mod.load_mnist(verbose=args.progress)
-
-
-def _cmd_reproduce(args) -> int:
-    from . import learned
-
-    learned.set_fusion(args.fusion)
-    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
-    _check_paths(args)
-    reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
-              device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
-              docs=args.docs, fusion=args.fusion)
-    return 0
-
-
-def _cmd_experiment(args) -> int:
+def experiment_profile(name: str, scale: str = "quick", seeds: int | None = None,
+                       cov_unit: str = "minibatch", cov_center: str = "mean") -> Profile:
+    """The profile `experiment NAME --scale SCALE` runs: the scale's profile with `seeds`
+    meta-test seeds (default 5; smoke: its own) and the noise experiment's covariance settings."""
     from dataclasses import replace
 
-    from . import learned
-
-    learned.set_fusion(args.fusion)
-    base = get_profile(args.scale)
-    seeds = args.seeds if args.seeds is not None else (base.seeds if base.name == "smoke" else 5)
+    base = get_profile(scale)
+    seeds = seeds if seeds is not None else (base.seeds if base.name == "smoke" else 5)
     base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
-    if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
+    if (cov_unit, cov_center) != ("minibatch", "mean") and name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
-    profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)
-    _check_paths(args)
-    reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
-              ray_address=args.ray_address, device=args.device, store=args.store,
-              dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)
-    return 0
+    return replace(base, cov_unit=cov_unit, cov_center=cov_center)
