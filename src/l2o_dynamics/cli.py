@@ -14,7 +14,7 @@ from pathlib import Path
 from .data import MNIST, N_TRAIN
 from .runner import LR_RANGE
 from .errors import L2OError, Range
-from .files import entries
+from .files import check_run_dir, run_dir
 from .locks import locked_dir
 
 PROG = "l2o-dynamics"
@@ -87,12 +87,6 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p
 
 
-def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
-    """`check_out_dir`, and an existing non-empty one needs `overwrite`."""
-    p = check_out_dir(path, flag)
-    if entries(p) and not overwrite:  # the lock file main() holds is not content
-        raise L2OError(f"{flag} {path} exists and is not empty; pass --overwrite or choose a new directory")
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,21 +269,21 @@ def cmd_meta_test(args) -> int:
     from . import symmetry
     from .learned import l2o_from_checkpoint
     from .optimizees import get_optimizee
-    from .results import MetricLog, prepare_out_dir, write_run
+    from .results import MetricLog, write_run
     from .runner import meta_test
     from .env import resolve_device
 
     started = time.time()
     device = resolve_device(args.device)
     check_optimizer_args(args.optimizer, args.checkpoint, args.lr)
-    check_new_out_dir(args.out, args.overwrite)
+    check_run_dir(check_out_dir(args.out), "meta-test", overwrite=args.overwrite)  # files.run_dir's rules
     if args.optimizer == "l2o":
         l2o_from_checkpoint(args.checkpoint)  # a malformed checkpoint fails here, before any work
     ds = data_mod.load_mnist()
     model = get_optimizee(args.optimizee)
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
-    out = prepare_out_dir(args.out, args.overwrite)
+    out = Path(args.out)
     seeds = list(range(args.seeds))
     probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
@@ -300,7 +294,8 @@ def cmd_meta_test(args) -> int:
               "steps": args.steps, "seeds": seeds, "batch_size": args.batch_size,
               "eval_every": args.eval_every, "record_symmetry": args.record_symmetry,
               "data_source": ds.source, "data_digest": ds.digest, **info}
-    write_run(out, config, log.rows(), device=device, started=started)
+    with run_dir(out, "meta-test", overwrite=args.overwrite):  # old contents aside only now
+        write_run(out, config, log.rows(), device=device, started=started)
     final = [r[7] for r in log.rows() if r[6] == "test_loss" and r[5] == args.steps]
     print(f"{opt.name} on {model.name}: final test loss {sum(final) / len(final):.4f} "
           f"(mean of {len(final)} seeds); results in {out}")
@@ -314,28 +309,23 @@ CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "ba
 
 
 def cmd_meta_train(args) -> int:
-    import shutil
-
     from . import data as data_mod
     from . import learned
     from .meta import meta_train, read_checkpoint, recipe
-    from .results import prepare_out_dir
 
     learned.set_fusion(args.fusion)
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     cfg = recipe(args.recipe, **given).validate()
     out = check_out_dir(args.out)
-    if entries(out) and not (args.resume or args.overwrite):  # main() holds the lock on `out`
-        raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
-                       "--overwrite to start over, or choose a new directory")
+    ours = False  # a valid checkpoint of this config: a meta-training's directory, marker or not
     if args.resume and (out / "checkpoint.pt").exists():
         read_checkpoint(out / "checkpoint.pt", cfg)  # a damaged one fails here, before any work
+        ours = True
+    overwrite = args.overwrite and not args.resume
+    check_run_dir(out, "meta-train", overwrite=overwrite, resume=args.resume, adopt=ours)  # main() holds its lock
     data = data_mod.load_mnist()
-    if args.overwrite and not args.resume:
-        for p in entries(out):  # what is inside: the lock file stays
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    prepare_out_dir(out, overwrite=True)
-    res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
+    with run_dir(out, "meta-train", overwrite=overwrite, resume=args.resume, adopt=ours):
+        res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
     what = "validation score" if cfg.select == "val" else "mean meta-training loss"
     print(f"meta-trained L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "

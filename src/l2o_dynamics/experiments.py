@@ -15,6 +15,7 @@ findings and figures.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -289,8 +290,10 @@ def _run_meta_train(cfg, workdir, progress) -> Files:
     from .results import format_rows
 
     mcfg = MetaTrainConfig.from_dict(cfg)
-    with tempfile.TemporaryDirectory(prefix="l2o-meta-") as tmp:
-        out = Path(workdir) if workdir is not None else Path(tmp)
+    # in the store's work dir; a temporary directory only where there is none (a Ray task)
+    with (contextlib.nullcontext(workdir) if workdir is not None
+          else tempfile.TemporaryDirectory(prefix="l2o-meta-")) as where:
+        out = Path(where)
         res = meta_train(mcfg, out, data=load_mnist(verbose=False), resume=True, progress=progress)
         files = {name: (out / name).read_bytes() for name in ("l2o.pt", "config.json")}
     files["metrics.csv"] = format_rows(res.log.rows()).encode()
