@@ -83,7 +83,7 @@ def _train_one(args: tuple) -> dict:
 def train_all(work: list[tuple], jobs: int) -> list[dict]:
     """`_train_one` over `work`, `jobs` processes at a time (one thread each)."""
     if jobs > 1:
-        from l2o_dynamics.utils import die_with_parent
+        from l2o_dynamics.procs import die_with_parent
 
         # workers end with this process, even on kill -9 (no orphans training on)
         with mp.get_context("spawn").Pool(jobs, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:

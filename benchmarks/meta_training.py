@@ -35,7 +35,7 @@ def _setup(B: int, device: str):
     from l2o_dynamics.learned import L2O, init_phi
     from l2o_dynamics.optimizees import ZOO
     from l2o_dynamics.runner import init_params
-    from l2o_dynamics.utils import generator
+    from l2o_dynamics.seeds import generator
 
     ds = D.load_mnist(verbose=False)
     train = tuple(t.to(device) for t in ds.split("train"))

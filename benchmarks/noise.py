@@ -30,7 +30,7 @@ from l2o_dynamics.learned import L2O, init_phi, l2o_from_checkpoint
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam, Lion, tree_index
 from l2o_dynamics.runner import init_params
-from l2o_dynamics.utils import generator
+from l2o_dynamics.seeds import generator
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sgd": 1.0, "adam": 1.0, "lion": 1.0, "l2o": 3.0}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from l2o_dynamics import learned, plotting, probes
 from l2o_dynamics.results import Table, prepare_out_dir
-from l2o_dynamics.utils import L2OError
+from l2o_dynamics.errors import L2OError
 
 
 def _lion(params):

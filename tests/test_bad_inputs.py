@@ -17,7 +17,7 @@ import torch
 
 from l2o_dynamics import cli, data, learned
 from l2o_dynamics.meta import recipe
-from l2o_dynamics.utils import Range
+from l2o_dynamics.errors import Range
 
 FILE = "afile"  # an existing regular file in the working directory
 

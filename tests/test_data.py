@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from l2o_dynamics import data
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
 
 # label counts of the official MNIST (LeCun et al.), train and test
+from l2o_dynamics.seeds import generator
 OFFICIAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 OFFICIAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 NOT_REFERENCE = "differs from the reference MNIST"

@@ -7,7 +7,8 @@ import torch.nn as nn
 from l2o_dynamics import learned
 from l2o_dynamics.learned import L2O, L2OOptimizer, LSTMCellFunction, init_phi, l2o_from_checkpoint, preprocess
 from l2o_dynamics.optimizees import ZOO
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.seeds import generator
 
 
 def test_preprocess_formula():

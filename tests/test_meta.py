@@ -8,10 +8,11 @@ from l2o_dynamics import meta, optimizees, runner
 from l2o_dynamics.learned import L2O, init_phi, l2o_from_checkpoint, preprocess
 from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
 
 
 # ---- a slow, obviously-correct reference ----------------------------------------------------
+from l2o_dynamics.seeds import generator
 def ref_preprocess(g, p=10.0):
     out = []
     for v in g.tolist():

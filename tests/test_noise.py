@@ -7,7 +7,8 @@ from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.optimizees import ZOO, flatten
 from l2o_dynamics.optimizers import SGD, Adam, Lion, tree_index
 from l2o_dynamics.runner import init_params, meta_test
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.seeds import generator
 
 MODEL = ZOO["leaky_relu"]
 

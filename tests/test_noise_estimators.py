@@ -14,7 +14,7 @@ import torch
 from scipy.stats import levy_stable
 
 from l2o_dynamics import tail
-from l2o_dynamics.utils import L2OError
+from l2o_dynamics.errors import L2OError
 
 ALPHAS = [1.1, 1.5, 1.8, 2.0]
 N = 100_000

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from l2o_dynamics.optimizees import ZOO, flatten, get_optimizee, unflatten
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.seeds import generator
 from tolerance import reduction_atol
 
 

@@ -6,7 +6,8 @@ from lion_pytorch import Lion as RefLion
 
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam, Lion, apply_updates, make_baseline
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.seeds import generator
 from tolerance import reduction_atol
 
 MODEL = ZOO["sigmoid"]

@@ -13,7 +13,7 @@ from torch import nn
 from l2o_dynamics import learned, probes, symmetry
 from l2o_dynamics.optimizees import ZOO, Optimizee
 from l2o_dynamics.results import Table
-from l2o_dynamics.utils import L2OError
+from l2o_dynamics.errors import L2OError
 from tolerance import reduction_atol
 
 IMG = (1, 12, 12)  # small images keep the convolutional models fast

@@ -16,7 +16,9 @@ import pytest
 
 from l2o_dynamics import pipeline
 from l2o_dynamics.experiments import build_jobs, get_profile
-from l2o_dynamics.utils import L2OError, LOCK_NAME, atomic_torch_save, atomic_write_text, locked_dir
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.files import LOCK_NAME, MARKER, atomic_torch_save, atomic_write_text, run_dir
+from l2o_dynamics.locks import locked_dir
 
 SRC = str(Path(pipeline.__file__).resolve().parents[1])
 
@@ -76,7 +78,7 @@ def test_kill_9_of_a_reproduce_driver_with_two_workers_leaves_no_process_of_it(t
 def test_a_worker_watching_its_parent_without_prctl_exits_when_the_parent_dies():
     # the portable path of die_with_parent: a driver starts a "worker" that watches it with
     # the polling thread only, then sleeps; killing the driver must end the worker
-    worker = ("import os, sys, time; from l2o_dynamics.utils import die_with_parent; "
+    worker = ("import os, sys, time; from l2o_dynamics.procs import die_with_parent; "
               "die_with_parent(int(sys.argv[1]), use_prctl=False); print(os.getpid(), flush=True); time.sleep(60)")
     driver = _python(f"import os, subprocess, sys, time; "
                      f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); time.sleep(60)",
@@ -112,7 +114,7 @@ def test_a_second_run_on_a_locked_out_exits_2_naming_the_holder_and_writes_nothi
 
 def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path):
     out = tmp_path / "out"
-    holder = _python(f"from l2o_dynamics.utils import locked_dir; import time\n"
+    holder = _python(f"from l2o_dynamics.locks import locked_dir; import time\n"
                      f"with locked_dir({str(out)!r}, 'holder'):\n    print('held', flush=True); time.sleep(60)",
                      stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
@@ -154,7 +156,7 @@ def test_store_write_never_replaces_a_finished_job(tmp_path):
     store.write("k", _job_files("first"))
     store.write("k", _job_files("second"))  # a concurrent writer that came second
     assert store.info("k")["label"] == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["k"], "the second copy's temp dir is gone"
+    assert [p.name for p in tmp_path.iterdir() if p.name != MARKER] == ["k"], "the second copy's temp dir is gone"
 
 
 def test_store_write_replaces_a_directory_without_the_done_marker(tmp_path):
@@ -180,27 +182,32 @@ def test_atomic_writes_and_stored_jobs_get_the_umasks_permissions(umask, tmp_pat
     assert mode(job) == 0o777 & ~umask
 
 
-def test_taking_the_lock_sweeps_temporary_files_that_killed_writers_left(tmp_path):
+def test_claiming_a_run_dir_sweeps_the_temporary_files_that_killed_writers_left(tmp_path):
     out = tmp_path / "out"
-    stale = [out / ".metrics.csv.1a2b3c4d.tmp", out / "figures" / ".noise.png.5e6f7a8b.tmp",
-             out / "jobs" / ".work" / "k" / ".checkpoint.pt.9c0d1e2f.tmp"]
-    kept = [out / "metrics.csv", out / "jobs" / ".work" / "k" / "checkpoint.pt", out / "notes.tmp"]
+    with locked_dir(out, "first run"), run_dir(out, "reproduce"):
+        pass  # the directory is now the tool's (its marker)
+    stale = [out / ".metrics.csv.l2o-1a2b3c4d.tmp", out / "figures" / ".noise.png.l2o-5e6f7a8b.tmp",
+             out / "jobs" / ".work" / "k" / ".checkpoint.pt.l2o-9c0d1e2f.tmp"]
+    kept = [out / "metrics.csv", out / "jobs" / ".work" / "k" / "checkpoint.pt", out / "notes.tmp",
+            out / ".draft.tmp", out / ".notes.1a2b3c4d.tmp"]  # not names the tool generates
     for p in stale + kept:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("")
     with locked_dir(out, "run"):
-        assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+        assert all(p.exists() for p in stale), "taking the lock deletes nothing"
+        with run_dir(out, "reproduce", resume=True):
+            assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
 
 
 def test_store_sweep_removes_temp_job_dirs_and_finished_jobs_work_dirs_only(tmp_path):
     store = pipeline.Store(tmp_path)
     store.write("done", _job_files("done"))
-    (tmp_path / ".done.1a2b3c4d").mkdir()  # a write killed before its rename
-    (tmp_path / ".done.1a2b3c4d" / "job.json").write_text("{}")
+    (tmp_path / ".done.l2o-1a2b3c4d").mkdir()  # a write killed before its rename
+    (tmp_path / ".done.l2o-1a2b3c4d" / "job.json").write_text("{}")
     (store.workdir("done") / "checkpoint.pt").write_text("")  # stored, then killed before the drop
     (store.workdir("running") / "checkpoint.pt").write_text("")  # resumes from this
     store.sweep()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".work", "done"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != MARKER) == [".work", "done"]
     assert [p.name for p in (tmp_path / ".work").iterdir()] == ["running"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from l2o_dynamics.results import COLUMNS, MetricLog, Table, format_rows, prepare_out_dir, write_run
-from l2o_dynamics.utils import L2OError
+from l2o_dynamics.errors import L2OError
 
 
 def test_metric_log_rows_are_tidy_and_roundtrip(tmp_path):
@@ -41,11 +41,15 @@ def test_beta_column_and_filters():
 
 
 def test_out_dir_checks(tmp_path):
-    (tmp_path / "full").mkdir()
+    prepare_out_dir(tmp_path / "full")  # new: now the tool's
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(L2OError, match="not empty; pass --overwrite"):
         prepare_out_dir(tmp_path / "full")
     prepare_out_dir(tmp_path / "full", overwrite=True)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "x").write_text("")
+    with pytest.raises(L2OError, match="not made by l2o-dynamics"):
+        prepare_out_dir(tmp_path / "user", overwrite=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(L2OError, match="not a directory"):
         prepare_out_dir(tmp_path / "file")

@@ -10,7 +10,8 @@ from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam
 from l2o_dynamics.runner import init_params, meta_test, search_lr
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
+from l2o_dynamics.seeds import generator
 
 
 def _losses(log):

@@ -8,9 +8,10 @@ from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam, Lion
 from l2o_dynamics.runner import meta_test
-from l2o_dynamics.utils import L2OError, generator
+from l2o_dynamics.errors import L2OError
 
 # BatchNorm's eps breaks the scale symmetry by O(eps/var); the exact statement is for eps = 0.
+from l2o_dynamics.seeds import generator
 EXACT = {name: dataclasses.replace(m, bn_eps=0.0) for name, m in ZOO.items()}
 
 

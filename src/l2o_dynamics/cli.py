@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .data import MNIST, N_TRAIN
 from .runner import LR_RANGE
-from .utils import L2OError, Range, entries, locked_dir
+from .errors import L2OError, Range
+from .files import check_run_dir, run_dir
+from .locks import locked_dir
 
 PROG = "l2o-dynamics"
 
@@ -85,12 +87,6 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p
 
 
-def check_new_out_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
-    """`check_out_dir`, and an existing non-empty one needs `overwrite`."""
-    p = check_out_dir(path, flag)
-    if entries(p) and not overwrite:  # the lock file main() holds is not content
-        raise L2OError(f"{flag} {path} exists and is not empty; pass --overwrite or choose a new directory")
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,10 +188,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_experiment_parsers(sub) -> None:
-    from . import pipeline
+WORKERS = Range(0, 256, integer=True)
+META_SEEDS = Range(1, 20, integer=True)
 
-    pipeline.add_parser(sub)
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="results directory (re-running it continues)")
+    p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
+    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
+                   help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
+    p.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="list the job graph and estimated time")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _add_experiment_parsers(sub) -> None:
+    from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES
+
+    r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
+    r.add_argument("--profile", choices=list(PROFILES), default="quick")
+    r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
+                   help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
+                        "here (paper's and smoke's default)")
+    r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
+                   help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
+                        "findings' intervals over them (default: the profile's; paper 3, quick 1)")
+    r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
+    _pipeline_options(r)
+    e = sub.add_parser("experiment", help="run one experiment of the study")
+    e.add_argument("name", choices=EXPERIMENTS)
+    e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
+    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
+    e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
+    e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
+    _pipeline_options(e)
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -248,21 +276,21 @@ def cmd_meta_test(args) -> int:
     from . import symmetry
     from .learned import l2o_from_checkpoint
     from .optimizees import get_optimizee
-    from .results import MetricLog, prepare_out_dir, write_run
+    from .results import MetricLog, write_run
     from .runner import meta_test
-    from .utils import resolve_device
+    from .env import resolve_device
 
     started = time.time()
     device = resolve_device(args.device)
     check_optimizer_args(args.optimizer, args.checkpoint, args.lr)
-    check_new_out_dir(args.out, args.overwrite)
+    check_run_dir(check_out_dir(args.out), "meta-test", overwrite=args.overwrite)  # files.run_dir's rules
     if args.optimizer == "l2o":
         l2o_from_checkpoint(args.checkpoint)  # a malformed checkpoint fails here, before any work
     ds = data_mod.load_mnist()
     model = get_optimizee(args.optimizee)
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
-    out = prepare_out_dir(args.out, args.overwrite)
+    out = Path(args.out)
     seeds = list(range(args.seeds))
     probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
@@ -273,7 +301,8 @@ def cmd_meta_test(args) -> int:
               "steps": args.steps, "seeds": seeds, "batch_size": args.batch_size,
               "eval_every": args.eval_every, "record_symmetry": args.record_symmetry,
               "data_source": ds.source, "data_digest": ds.digest, **info}
-    write_run(out, config, log.rows(), device=device, started=started)
+    with run_dir(out, "meta-test", overwrite=args.overwrite):  # old contents aside only now
+        write_run(out, config, log.rows(), device=device, started=started)
     final = [r[7] for r in log.rows() if r[6] == "test_loss" and r[5] == args.steps]
     print(f"{opt.name} on {model.name}: final test loss {sum(final) / len(final):.4f} "
           f"(mean of {len(final)} seeds); results in {out}")
@@ -287,33 +316,70 @@ CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "ba
 
 
 def cmd_meta_train(args) -> int:
-    import shutil
-
     from . import data as data_mod
     from . import learned
     from .meta import meta_train, read_checkpoint, recipe
-    from .results import prepare_out_dir
 
     learned.set_fusion(args.fusion)
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     cfg = recipe(args.recipe, **given).validate()
     out = check_out_dir(args.out)
-    if entries(out) and not (args.resume or args.overwrite):  # main() holds the lock on `out`
-        raise L2OError(f"--out {out} exists and is not empty; pass --resume to continue it, "
-                       "--overwrite to start over, or choose a new directory")
+    ours = False  # a valid checkpoint of this config: a meta-training's directory, marker or not
     if args.resume and (out / "checkpoint.pt").exists():
         read_checkpoint(out / "checkpoint.pt", cfg)  # a damaged one fails here, before any work
+        ours = True
+    overwrite = args.overwrite and not args.resume
+    check_run_dir(out, "meta-train", overwrite=overwrite, resume=args.resume, adopt=ours)  # main() holds its lock
     data = data_mod.load_mnist()
-    if args.overwrite and not args.resume:
-        for p in entries(out):  # what is inside: the lock file stays
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    prepare_out_dir(out, overwrite=True)
-    res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
+    with run_dir(out, "meta-train", overwrite=overwrite, resume=args.resume, adopt=ours):
+        res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
     what = {"val": "validation score", "train-runs": "score of the training-split runs",
             "meta-loss": "mean meta-training loss"}[cfg.select]
     print(f"meta-trained L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
           f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
+    return 0
+
+
+def _check_pipeline_paths(args) -> None:
+    """--out, --store and --docs are (or can be made) writable directories, and MNIST
+    loads, before reproduce creates anything."""
+    from . import data as data_mod
+    from .env import resolve_device
+
+    check_out_dir(args.out)
+    for flag, value in (("--store", args.store), ("--docs", getattr(args, "docs", None))):
+        if value is not None:
+            check_out_dir(value, flag)
+    resolve_device(args.device)
+    if not args.dry_run:
+        data_mod.load_mnist(verbose=args.progress)
+
+
+def cmd_reproduce(args) -> int:
+    from . import learned
+    from .experiments import get_profile
+    from .pipeline import override, reproduce
+
+    learned.set_fusion(args.fusion)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
+    _check_pipeline_paths(args)
+    reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
+              device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
+              docs=args.docs, fusion=args.fusion)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from . import learned
+    from .pipeline import experiment_profile, reproduce
+
+    learned.set_fusion(args.fusion)
+    profile = experiment_profile(args.name, args.scale, args.seeds, args.cov_unit, args.cov_center)
+    _check_pipeline_paths(args)
+    reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
+              ray_address=args.ray_address, device=args.device, store=args.store,
+              dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)
     return 0
 
 
@@ -334,14 +400,15 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot}
+COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot,
+            "reproduce": cmd_reproduce, "experiment": cmd_experiment}
 LOCKED = ("meta-test", "meta-train")  # one writer per --out; reproduce/experiment lock in pipeline
 
 
 def run_command(args) -> int:
-    """The command's handler; a run directory's commands hold its lock (utils.locked_dir)
+    """The command's handler; a run directory's commands hold its lock (locks.locked_dir)
     throughout, and a failed run leaves no directory it created."""
-    handler = COMMANDS.get(args.command) or args.handler
+    handler = COMMANDS[args.command]
     if args.command not in LOCKED:
         return handler(args)
     with locked_dir(check_out_dir(args.out), args.command):

@@ -26,7 +26,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .utils import L2OError, atomic_path, cache_dir, generator, resolve_device
+from .env import cache_dir, resolve_device
+from .errors import L2OError
+from .files import atomic_path
+from .seeds import generator
 
 N_TRAIN, N_TEST, DIM = 60000, 10000, 784
 CACHE_NAME = "mnist.npz"

@@ -15,6 +15,7 @@ findings and figures.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -25,7 +26,8 @@ from typing import Any, Mapping
 import torch
 
 from .results import l2o_label
-from .utils import L2OError, stable_hash
+from .errors import L2OError
+from .seeds import stable_hash
 
 EXPERIMENTS = ("symmetry-breaking", "regularization", "noise")
 BASELINES = ("sgd", "adam", "lion")
@@ -266,7 +268,7 @@ def run_job(job: Job, deps: Mapping[str, Files], workdir: str | os.PathLike | No
 
 
 def _device(cfg) -> torch.device:
-    from .utils import resolve_device
+    from .env import resolve_device
 
     return resolve_device(cfg.get("device", "cpu"))
 
@@ -288,8 +290,10 @@ def _run_meta_train(cfg, workdir, progress) -> Files:
     from .results import format_rows
 
     mcfg = MetaTrainConfig.from_dict(cfg)
-    with tempfile.TemporaryDirectory(prefix="l2o-meta-") as tmp:
-        out = Path(workdir) if workdir is not None else Path(tmp)
+    # in the store's work dir; a temporary directory only where there is none (a Ray task)
+    with (contextlib.nullcontext(workdir) if workdir is not None
+          else tempfile.TemporaryDirectory(prefix="l2o-meta-")) as where:
+        out = Path(where)
         res = meta_train(mcfg, out, data=load_mnist(verbose=False), resume=True, progress=progress)
         files = {name: (out / name).read_bytes() for name in ("l2o.pt", "config.json")}
     files["metrics.csv"] = format_rows(res.log.rows()).encode()

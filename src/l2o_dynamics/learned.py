@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .utils import L2OError, Range
+from .errors import L2OError, Range
 
 Params = dict[str, torch.Tensor]
 

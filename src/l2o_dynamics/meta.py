@@ -35,7 +35,10 @@ from .learned import L2O, NET_RANGES, check_phi, init_phi, l2o_from_checkpoint, 
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
-from .utils import L2OError, Range, atomic_torch_save, derive_seed, generator, resolve_device
+from .env import resolve_device
+from .errors import L2OError, Range
+from .files import atomic_torch_save
+from .seeds import derive_seed, generator
 
 META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")

@@ -27,7 +27,8 @@ from . import tail
 from .optimizees import Optimizee, Params, flatten, unflatten
 from .optimizers import Optimizer, tree_index
 from .hooks import Probe
-from .utils import L2OError, generator
+from .errors import L2OError
+from .seeds import generator
 
 COV_UNITS = ("minibatch", "sample")
 COV_CENTERS = ("mean", "fullbatch")

@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .utils import L2OError
+from .errors import L2OError
 
 Params = dict[str, torch.Tensor]
 

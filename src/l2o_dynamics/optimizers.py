@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .utils import L2OError
+from .errors import L2OError
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]

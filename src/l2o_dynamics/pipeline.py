@@ -4,11 +4,12 @@ Jobs are content-addressed by their config (`Job.key`); a finished job's files
 live in `STORE/<key>/` (default `OUT/jobs/`), written atomically, so a re-run
 after a kill skips what is done and a larger profile reuses what it can.
 
-One writer per directory: a run holds an exclusive lock on OUT (and on STORE when it
-lies outside OUT) for its whole life; a second run on either fails at once with exit 2.
-Under the lock, start-up sweeps what killed runs left (temporary files and job
-directories, the work directories of finished jobs). Pool workers die with the driver,
-however it dies.
+One writer per directory: a run holds an exclusive lock on OUT and on STORE (wherever it
+lies) for its whole life; a second run on either, or on a directory inside them, fails at
+once with exit 2. OUT is a directory the tool made or an empty one, STORE too
+(files.run_dir, files.claim_store). Under the lock, start-up sweeps what killed runs left
+(temporary files and job directories by the names the tool generates, the work
+directories of finished jobs). Pool workers die with the driver, however it dies.
 
 Executors share one interface, `run(pending, store, on_start, on_done)`:
     LocalExecutor(workers=0)   in this process, one job after another
@@ -18,21 +19,25 @@ Executors share one interface, `run(pending, store, on_start, on_done)`:
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
 import errno
 import json
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
-from .utils import LOCK_NAME, L2OError, Range, die_with_parent, fresh_path, locked_dir, resolve_device
+from .experiments import EXPERIMENTS, Files, Job, Profile, build_jobs, get_profile, run_job
+from .env import resolve_device
+from .errors import L2OError
+from .files import (TEMP_TAG, check_run_dir, check_store, claim_store, fresh_path, owner, remove_tree,
+                    run_dir, sub_dir, sweep_temp_files)
+from .locks import locked_dir
+from .procs import die_with_parent
 
 DONE_MARKER = "job.json"
 WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
@@ -40,11 +45,11 @@ WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
 
 # ---- the store ----------------------------------------------------------------------------------
 class Store:
-    """Finished jobs' files, one directory per job key."""
+    """Finished jobs' files, one directory per job key, in a directory the tool made (its
+    marker says `store`) or claimed while empty (files.claim_store)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = claim_store(root)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -57,27 +62,30 @@ class Store:
         return {f.name: f.read_bytes() for f in p.iterdir() if f.is_file()}
 
     def write(self, key: str, files: Files) -> Path:
-        """All files at once: into a temp dir `.KEY.*`, then renamed into place (the marker
-        is inside). A finished job is never replaced: when one is already there (another
-        writer came first; jobs are content-addressed) this copy is dropped, so a reader
-        never sees a finished job vanish. A directory without the marker is not a finished
-        job and is replaced."""
+        """All files at once: into a temp dir `.KEY.l2o-*`, then renamed into place (the
+        marker is inside). A finished job is never replaced: when one is already there
+        (another writer came first; jobs are content-addressed) this copy is dropped, so a
+        reader never sees a finished job vanish. A directory without the marker is not a
+        finished job and is replaced (a link there is removed, never followed)."""
         final = self.path(key)
-        tmp = fresh_path(self.root, f".{key}.", directory=True)
+        tmp = fresh_path(self.root, f".{key}.{TEMP_TAG}", directory=True)
         try:
             for name, blob in files.items():
                 (tmp / name).write_bytes(blob)
-            if final.exists() and not self.done(key):
-                aside = fresh_path(self.root, f".{key}.", directory=True)
+            if final.is_symlink() or (final.exists() and not final.is_dir()):
+                final.unlink()  # the link, not what it points to
+            elif final.exists() and not self.done(key):
+                aside = fresh_path(self.root, f".{key}.{TEMP_TAG}", directory=True)
                 os.rename(final, aside)  # onto an empty directory: atomic
-                shutil.rmtree(aside)
+                remove_tree(aside)
             try:
                 os.rename(tmp, final)  # fails on a non-empty `final`, unlike rmtree + replace
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.done(key):
                     raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # still there unless renamed
+            if tmp.is_dir():  # still there unless renamed
+                remove_tree(tmp)
         return final
 
     def info(self, key: str) -> dict:
@@ -85,25 +93,28 @@ class Store:
 
     def workdir(self, key: str) -> Path:
         """Scratch space that survives a kill (a meta-training's checkpoint)."""
-        p = self.root / WORK / key
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return sub_dir(sub_dir(self.root / WORK) / key)
 
     def drop_workdir(self, key: str) -> None:
-        shutil.rmtree(self.root / WORK / key, ignore_errors=True)
+        if (self.root / WORK).is_dir() and not (self.root / WORK).is_symlink():
+            remove_tree(self.root / WORK / key)
 
     def sweep(self) -> list[Path]:
-        """Remove what killed runs left: temporary job directories `.KEY.*` and the work
-        directories of finished jobs (an unfinished job's keeps its checkpoint for resume);
-        returns them. Only while holding `locked_dir` on the store, which has already swept
-        the temporary files."""
+        """Remove what killed runs left: temporary job directories (`.KEY.l2o-*`, names
+        `write` generates), the work directories of finished jobs (an unfinished job's keeps
+        its checkpoint for resume) and temporary files; returns them. Only while holding
+        `locked_dir` on the store."""
         removed = [p for p in self.root.iterdir()
-                   if p.name.startswith(".") and p.name not in (WORK, LOCK_NAME) and p.is_dir()]
-        if (self.root / WORK).is_dir():
-            removed += [p for p in (self.root / WORK).iterdir() if self.done(p.name)]
+                   if _TEMP_JOB.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+        work = self.root / WORK
+        if work.is_dir() and not work.is_symlink():
+            removed += [p for p in work.iterdir() if self.done(p.name)]
         for p in removed:
-            shutil.rmtree(p, ignore_errors=True)
-        return removed
+            remove_tree(p)
+        return removed + sweep_temp_files(self.root)
+
+
+_TEMP_JOB = re.compile(r"\..+\." + TEMP_TAG + r"[0-9a-f]{8}")  # `write`'s .KEY.l2o-XXXXXXXX
 
 
 # ---- executors ------------------------------------------------------------------------------------
@@ -316,12 +327,16 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
         echo(format_plan(jobs, done, profile))
         return {"jobs": jobs, "done": done}
     # everything that can refuse the run comes before the first directory is created
+    legacy = _made_by_an_earlier_version(out)
+    check_run_dir(out, "reproduce", resume=True, adopt=legacy)
+    check_store(store_root)
     data_mod.load_mnist(verbose=progress)  # fetch once, before any worker needs it
     executor = make_executor(workers, ray_address, fusion, threads)
+    command = f"reproduce --profile {profile.name}"
     with contextlib.ExitStack() as held:
-        held.enter_context(locked_dir(out, f"reproduce --profile {profile.name}"))
-        if not _inside(store_root, out):
-            held.enter_context(locked_dir(store_root, f"reproduce --profile {profile.name}", "--store"))
+        held.enter_context(locked_dir(out, command))
+        held.enter_context(run_dir(out, "reproduce", resume=True, adopt=legacy))  # marks, sweeps
+        held.enter_context(locked_dir(store_root, command, "--store"))  # wherever it lies
         store_obj = Store(store_root)
         store_obj.sweep()
         total = sum(j.estimate_s for j in jobs)
@@ -336,8 +351,15 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     return summary
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve())
+def _made_by_an_earlier_version(out: Path) -> bool:
+    """A reproduce directory written before the tool marked its directories: its
+    config.json says kind reproduce."""
+    if owner(out) is not None or not (out / "config.json").is_file():
+        return False
+    try:
+        return json.loads((out / "config.json").read_text()).get("kind") == "reproduce"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def format_plan(jobs: list[Job], done: set[str], profile) -> str:
@@ -358,90 +380,15 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ---- CLI -----------------------------------------------------------------------------------------
-WORKERS = Range(0, 256, integer=True)
-META_SEEDS = Range(1, 20, integer=True)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    from .cli import ranged, ray_address
-
-    p.add_argument("--out", required=True, help="results directory (re-running it continues)")
-    p.add_argument("--workers", type=ranged(WORKERS), default=0, help="local worker processes (0: this process)")
-    p.add_argument("--ray-address", type=ray_address, default=None, metavar="ADDR",
-                   help="run jobs as Ray tasks: auto, HOST:PORT, or local (start a local Ray)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--store", default=None, help="job store shared between output dirs (default OUT/jobs)")
-    p.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
-    p.add_argument("--dry-run", action="store_true", help="list the job graph and estimated time")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-
-
-def add_parser(sub) -> None:
-    from .cli import SEEDS, ranged
-
-    r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
-    r.add_argument("--profile", choices=list(PROFILES), default="quick")
-    r.add_argument("--l2os", choices=L2O_SOURCES, default=None,
-                   help="pretrained: analyse the shipped L2Os (quick's default); train: meta-train them "
-                        "here (paper's and smoke's default)")
-    r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
-                   help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
-                        "findings' intervals over them (default: the profile's; paper 3, quick 1)")
-    r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
-    _common(r)
-    r.set_defaults(handler=_cmd_reproduce)
-    e = sub.add_parser("experiment", help="run one experiment of the study")
-    e.add_argument("name", choices=EXPERIMENTS)
-    e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
-    e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
-    e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
-    _common(e)
-    e.set_defaults(handler=_cmd_experiment)
-
-
-def _check_paths(args) -> None:
-    """--out, --store and --docs are (or can be made) writable directories, and MNIST
-    loads, before reproduce creates anything."""
-    from . import data as data_mod
-    from .cli import check_out_dir
-
-    check_out_dir(args.out)
-    for flag, value in (("--store", args.store), ("--docs", getattr(args, "docs", None))):
-        if value is not None:
-            check_out_dir(value, flag)
-    resolve_device(args.device)
-    if not args.dry_run:
-        data_mod.load_mnist(verbose=args.progress)
-
-
-def _cmd_reproduce(args) -> int:
-    from . import learned
-
-    learned.set_fusion(args.fusion)
-    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
-    _check_paths(args)
-    reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
-              device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
-              docs=args.docs, fusion=args.fusion)
-    return 0
-
-
-def _cmd_experiment(args) -> int:
+def experiment_profile(name: str, scale: str = "quick", seeds: int | None = None,
+                       cov_unit: str = "minibatch", cov_center: str = "mean") -> Profile:
+    """The profile `experiment NAME --scale SCALE` runs: the scale's profile with `seeds`
+    meta-test seeds (default 5; smoke: its own) and the noise experiment's covariance settings."""
     from dataclasses import replace
 
-    from . import learned
-
-    learned.set_fusion(args.fusion)
-    base = get_profile(args.scale)
-    seeds = args.seeds if args.seeds is not None else (base.seeds if base.name == "smoke" else 5)
+    base = get_profile(scale)
+    seeds = seeds if seeds is not None else (base.seeds if base.name == "smoke" else 5)
     base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
-    if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
+    if (cov_unit, cov_center) != ("minibatch", "mean") and name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
-    profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)
-    _check_paths(args)
-    reproduce(profile, args.out, experiments=(args.name,), workers=args.workers,
-              ray_address=args.ray_address, device=args.device, store=args.store,
-              dry_run=args.dry_run, progress=args.progress, fusion=args.fusion)
-    return 0
+    return replace(base, cov_unit=cov_unit, cov_center=cov_center)

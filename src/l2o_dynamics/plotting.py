@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from .results import Table  # noqa: E402
-from .utils import L2OError, atomic_path  # noqa: E402
+from .errors import L2OError  # noqa: E402
+from .files import atomic_path
 
 COLORS = {"sgd": "#1f77b4", "adam": "#ff7f0e", "lion": "#2ca02c", "l2o": "#d62728"}
 ORDER = ("sgd", "adam", "lion", "l2o")

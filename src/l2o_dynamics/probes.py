@@ -68,7 +68,7 @@ from . import noise as noise_mod
 from . import symmetry, tail
 from .optimizees import HiddenLayer, Structure
 from .results import MetricLog, prepare_out_dir, write_run
-from .utils import L2OError
+from .errors import L2OError
 
 LOSSES = ("cross_entropy",)
 Views = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]

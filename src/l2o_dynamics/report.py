@@ -14,7 +14,8 @@ from typing import Any, Iterable
 from . import analysis, plotting
 from .experiments import Job, Profile
 from .results import COLUMNS, Table
-from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, environment
+from .env import environment
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",

@@ -19,7 +19,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .utils import L2OError, atomic_write_json, atomic_write_text, entries, environment
+from .env import environment
+from .errors import L2OError
+from .files import atomic_write_json, atomic_write_text, drop_replaced, fresh_path, run_dir
 
 COLUMNS = ("experiment", "optimizee", "optimizer", "beta", "seed", "step", "metric", "value")
 Row = tuple  # (experiment, optimizee, optimizer, beta, seed, step, metric, value)
@@ -93,7 +95,8 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Row]) -> None:
 
 def write_run(out_dir: str | os.PathLike, config: dict, rows: Iterable[Row],
               device: Any = None, started: float | None = None) -> Path:
-    """metrics.csv, then config.json (resolved config, versions, seed, git commit)."""
+    """metrics.csv, then config.json (resolved config, versions, seed, git commit); then the
+    old contents that `--overwrite` moved aside are deleted."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", rows)
@@ -102,25 +105,20 @@ def write_run(out_dir: str | os.PathLike, config: dict, rows: Iterable[Row],
     if started is not None:
         cfg["wall_time_s"] = round(time.time() - started, 3)
     atomic_write_json(out / "config.json", cfg)
+    drop_replaced(out)  # finished: the old contents --overwrite moved aside go now
     return out
 
 
-def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check `--out` before any work: an existing non-empty dir needs `overwrite`,
-    and the dir must be writable."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise L2OError(f"--out {out} exists and is not a directory; give a new or empty directory")
-    if out.is_dir() and entries(out) and not overwrite:
-        raise L2OError(f"--out {out} exists and is not empty; pass --overwrite or choose a new directory")
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, kind: str = "probe") -> Path:
+    """Check and claim `--out` before any work (files.run_dir's rules: a new or empty
+    directory, or with `overwrite` one the tool made, whose contents are moved aside until
+    `write_run` finishes there); it must be writable."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with run_dir(path, kind, overwrite=overwrite):
+            os.unlink(fresh_path(path, ".l2o-write-test-"))  # a fresh name: never an existing file
     except OSError as e:
-        raise L2OError(f"--out {out} is not writable ({e.strerror}); choose a writable directory") from None
-    return out
+        raise L2OError(f"--out {path} is not writable ({e.strerror}); choose a writable directory") from None
+    return Path(path)
 
 
 # ---- reading ------------------------------------------------------------------------

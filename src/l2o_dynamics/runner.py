@@ -28,7 +28,10 @@ from .hooks import Probe, StepContext
 from .optimizees import Optimizee, Params, accuracy, cross_entropy, get_optimizee, stack_params
 from .optimizers import Optimizer, make_baseline
 from .results import MetricLog
-from .utils import L2OError, Range, atomic_write_json, cache_dir, generator, stable_hash
+from .env import cache_dir
+from .errors import L2OError, Range
+from .files import atomic_write_json
+from .seeds import generator, stable_hash
 
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
 LR_RANGE = Range(0, 100, lo_open=True)  # valid baseline learning rates (the grid spans 1e-4..3)

@@ -34,7 +34,7 @@ import torch
 
 from .optimizees import Structure
 from .hooks import Probe
-from .utils import L2OError
+from .errors import L2OError
 
 KINDS = ("rescale", "scale", "translation")
 MEASURES = ("total", "unit", "rel")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .utils import L2OError
+from .errors import L2OError
 
 # -----------------------------------------------------------------------------
 # helpers
