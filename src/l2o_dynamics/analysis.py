@@ -80,15 +80,16 @@ def two_level_interval(x: np.ndarray, reps: int = BOOTSTRAP_REPS,
     row_means = np.nanmean(x, axis=1)  # (K,)
     m = float(row_means.mean())
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, K, (reps, K))  # (B, K)
-    cols = rng.integers(0, S, (reps, S))  # (B, S)
-    sample = x[rows[:, :, None], cols[:, None, :]]  # (B, K, S)
-    seen = ~np.isnan(sample)
-    n = seen.sum(-1)  # (B, K)
-    rmean = np.where(n > 0, np.where(seen, sample, 0.0).sum(-1) / np.maximum(n, 1), np.nan)  # (B, K)
-    used = ~np.isnan(rmean)
-    rep = np.where(used, np.nan_to_num(rmean), 0.0).sum(-1) / np.maximum(used.sum(-1), 1)  # (B,)
-    rep = rep[used.any(-1)]
+    # a resample as counts: row k drawn rows_n[b, k] times, column s cols_n[b, s] times; each
+    # drawn row's mean over the drawn columns (its own missing cells left out), then their mean
+    rows_n = _draw_counts(rng, reps, K)  # (B, K)
+    cols_n = _draw_counts(rng, reps, S)  # (B, S)
+    seen = ~np.isnan(x)  # (K, S)
+    total = np.einsum("bs,ks->bk", cols_n, np.where(seen, x, 0.0))  # (B, K); einsum: no BLAS threads
+    n = np.einsum("bs,ks->bk", cols_n, seen.astype(float))  # (B, K)
+    rows_n = np.where(n > 0, rows_n, 0.0)  # a drawn row none of whose drawn columns it has: out
+    weight = rows_n.sum(-1)  # (B,)
+    rep = (rows_n * total / np.maximum(n, 1.0)).sum(-1)[weight > 0] / weight[weight > 0]  # (B',)
     se = float(rep.std(ddof=1)) if len(rep) > 1 else 0.0
     levels = [(float(np.var(row_means, ddof=1)) / K, K - 1)]
     if S > 1:
@@ -100,6 +101,13 @@ def two_level_interval(x: np.ndarray, reps: int = BOOTSTRAP_REPS,
         return m, m, m
     half = float(stats.t.ppf(0.5 + LEVEL / 2, num / den) * se)
     return m, m - half, m + half
+
+
+def _draw_counts(rng: np.random.Generator, reps: int, n: int) -> np.ndarray:
+    """(reps, n): how often each of n units is drawn in each of `reps` resamples of n draws
+    with replacement."""
+    draws = rng.integers(0, n, (reps, n)) + n * np.arange(reps)[:, None]  # (reps, n), offset per resample
+    return np.bincount(draws.ravel(), minlength=reps * n).reshape(reps, n).astype(float)
 
 
 def fmt(values: Sequence[float] | tuple[float, float, float], digits: int = 3) -> str:
