@@ -347,3 +347,18 @@ def test_an_infinite_alpha_is_left_out_but_not_counted_as_diverged():
     t.cols["value"][(t.cols["metric"] == "diverged") & (t.cols["optimizer"] == "l2o") & (t.cols["seed"] == 2)] = 1.0
     (g,) = [f for f in analysis.all_findings(t) if f.key == "alpha_update_vs_baselines"]
     assert g.values["seeds left out (a run diverged)"] == "2" and not any("alpha = inf" in k for k in g.values)
+
+
+def test_the_report_marks_tables_that_pool_several_l2os_as_descriptive():
+    from l2o_dynamics import report
+    from l2o_dynamics.experiments import get_profile
+
+    def text(t: Table) -> list[str]:
+        blocks = report.build_report(t, analysis.all_findings(t), {}, get_profile("quick"), [], None, {}, 1.0, "test")
+        return [b[1] for b in blocks if b[0] == "p"]
+
+    pooled = text(_fast_start_table([0.3, 0.25, 0.35]))
+    assert pooled.count(report.POOLED_NOTE.format(k=3)) == 2  # before the speed table and before the figures
+    assert "independent" in report.POOLED_NOTE and "two-level bootstrap" in report.interval_note(
+        _fast_start_table([0.3, 0.25, 0.35]))
+    assert not any(p.startswith("Descriptive only") for p in text(_fast_start_table([0.3])))  # one L2O: nothing pooled
