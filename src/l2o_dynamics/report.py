@@ -18,7 +18,8 @@ from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, env
 
 VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",
-           "contradicted": "contradicted (CI excludes 0)", "n/a": "n/a (fewer than 3 usable seeds, L2Os or comparisons)"}
+           "contradicted": "contradicted (CI excludes 0)",
+           "n/a": "n/a (fewer than 3 usable seeds, L2Os or comparisons)"}
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
 
 
