@@ -174,18 +174,6 @@ def test_views_and_pooled_table_keep_each_l2o_apart():
         k * analysis.SEED_STRIDE + s for k in range(3) for s in range(2)]
 
 
-def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():
-    # seed 1's loss is finite throughout (it blew up only in its parameters at the end),
-    # but runner.meta_test flagged it: its early-window mean must not be used
-    loss = _table({("l2o", None): np.array([[2.0, 2.0], [1.0, 1.5]])})
-    flags = _table({("l2o", None): np.array([[0.0, 1.0]])}, metric="diverged")
-    t = Table({c: np.concatenate([loss.cols[c], flags.cols[c]]) for c in loss.cols})
-    early = per_seed(analysis.mask_diverged(t).where(metric="train_loss"), steps=(0, 0))
-    assert early[0] == 2.0 and math.isnan(early[1])
-    assert per_seed(t.where(metric="train_loss"), steps=(0, 0)) == {0: 2.0, 1: 2.0}  # unmasked: it would count
-    assert paired(early, {0: 1.0, 1: 1.0}).diverged == 1
-
-
 # ---- L2O vs baseline statistics decided by label ----------------------------------------------------
 def _symmetry_table(l2o_curves: list[np.ndarray], S: int = 5) -> Table:
     """SGD and Adam deviate ~0.01, Lion rises linearly, every L2O deviates ~1 front-loaded
@@ -362,3 +350,16 @@ def test_the_report_marks_tables_that_pool_several_l2os_as_descriptive():
     assert "independent" in report.POOLED_NOTE and "two-level bootstrap" in report.interval_note(
         _fast_start_table([0.3, 0.25, 0.35]))
     assert not any(p.startswith("Descriptive only") for p in text(_fast_start_table([0.3])))  # one L2O: nothing pooled
+
+
+def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():
+    # seed 1's loss is finite throughout (it blew up only in its parameters at the end),
+    # but runner.meta_test flagged it: its early-window mean must not be used
+    loss = _table({("l2o", None): np.array([[2.0, 2.0], [1.0, 1.5]])})
+    flags = _table({("l2o", None): np.array([[0.0, 1.0]])}, metric="diverged")
+    t = Table({c: np.concatenate([loss.cols[c], flags.cols[c]]) for c in loss.cols})
+    early = per_seed(analysis.mask_diverged(t).where(metric="train_loss"), steps=(0, 0))
+    assert early[0] == 2.0 and math.isnan(early[1])
+    assert per_seed(t.where(metric="train_loss"), steps=(0, 0)) == {0: 2.0, 1: 2.0}  # unmasked: it would count
+    assert paired(early, {0: 1.0, 1: 1.0}).diverged == 1
+
