@@ -362,4 +362,3 @@ def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():
     assert early[0] == 2.0 and math.isnan(early[1])
     assert per_seed(t.where(metric="train_loss"), steps=(0, 0)) == {0: 2.0, 1: 2.0}  # unmasked: it would count
     assert paired(early, {0: 1.0, 1: 1.0}).diverged == 1
-
