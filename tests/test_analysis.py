@@ -96,9 +96,16 @@ def test_combine_and_majority():
     assert majority(["held", "held", "weak"]) == "held"
     assert majority(["held", "weak", "contradicted"]) == "weak"
     assert majority(["contradicted", "contradicted", "weak"]) == "contradicted"
-    assert majority(["inconclusive-opposite", "weak"]) == "inconclusive-opposite"
-    assert majority(["n/a"]) == "n/a"
+    assert majority(["inconclusive-opposite", "weak", "inconclusive-opposite"]) == "inconclusive-opposite"
     assert isinstance(paired({}, {}), Paired)
+
+
+def test_majority_needs_three_decided_comparisons():
+    # two held comparisons are "more than half" of two, but a majority of two says nothing
+    assert majority(["held", "held"]) == "n/a"
+    assert majority(["held", "held", "n/a"]) == "n/a"  # n/a comparisons do not count
+    assert majority(["held", "held", "n/a", "weak"]) == "held"
+    assert majority([]) == "n/a"
 
 
 # ---- several meta-training seeds ------------------------------------------------------------------
@@ -125,7 +132,8 @@ def test_intervals_are_over_meta_trained_l2os_not_test_seeds():
     (f,) = [f for f in analysis.all_findings(_fast_start_table([0.3, -0.2, 0.1])) if f.key == "l2o_fast_start"]
     # per-L2O means 0.3, -0.2, 0.1 (mean 0.0667, sd 0.257, half-width 4.303 * 0.257 / 1.732 = 0.64)
     early = f.stats["leaky_relu: first 5 iterations, Adam minus L2O"]
-    assert early == pytest.approx([0.3, -0.2, 0.1], abs=0.002)
+    assert early.means() == pytest.approx([0.3, -0.2, 0.1], abs=0.002)
+    assert [len(row) for row in early] == [5, 5, 5]  # each L2O's 5 test seeds kept for the bootstrap
     assert f.verdict == "weak"  # the claimed sign, but the interval over L2Os includes 0
     assert "3 meta-trained L2Os" in f.measure
     # the same three L2Os all ahead: held over L2Os
@@ -147,7 +155,7 @@ def test_baseline_numbers_keep_their_test_seed_interval_and_an_all_diverged_l2o_
     t = _table(curves, metric="rescale_deviation", experiment="symmetry-breaking")
     (f,) = [f for f in analysis.all_findings(t) if f.key == "deviation_rescale_total"]
     assert f.stats["adam"] == pytest.approx(list(per_seed(t.where(optimizer="adam")).values()))  # 4 test seeds
-    assert len(f.stats["l2o"]) == 2  # one mean per usable L2O
+    assert len(f.stats["l2o"]) == 2  # one row per usable L2O
     assert f.stats["log10(L2O / sgd)"].diverged == 4 + 1  # its 4 seeds, and the L2O itself
     assert f.verdict == "n/a"  # two usable L2Os
 
@@ -164,6 +172,184 @@ def test_views_and_pooled_table_keep_each_l2o_apart():
     assert pooled.unique("optimizer") == ["adam", "l2o"] and len(pooled) == len(t)
     assert sorted(set(pooled.where(optimizer="l2o").cols["seed"].tolist())) == [
         k * analysis.SEED_STRIDE + s for k in range(3) for s in range(2)]
+
+
+# ---- L2O vs baseline statistics decided by label ----------------------------------------------------
+def _symmetry_table(l2o_curves: list[np.ndarray], S: int = 5) -> Table:
+    """SGD and Adam deviate ~0.01, Lion rises linearly, every L2O deviates ~1 front-loaded
+    (a decaying curve): each L2O alone holds every symmetry claim within its test seeds."""
+    T = 40
+    rng = np.random.default_rng(3)
+    steps = np.arange(T)[:, None]
+    curves = {("sgd", None): 0.01 + 0.001 * rng.random((T, S)), ("adam", None): 0.01 + 0.001 * rng.random((T, S)),
+              ("lion", None): 0.05 * (steps + 1) * (1 + 0.01 * rng.random((T, S)))}
+    for k, c in enumerate(l2o_curves):
+        curves[(results.l2o_label("l2o", k), None)] = c
+    return _table(curves, metric="rescale_deviation", experiment="symmetry-breaking")
+
+
+def test_l2o_statistics_that_coincide_across_l2os_are_still_over_l2os():
+    T, S = 40, 5
+    rng = np.random.default_rng(4)
+    l2o = np.exp(-np.arange(T) / 5.0)[:, None] * (1 + 0.01 * rng.random((T, S)))  # half its total by step 3
+    timing = lambda t: [f for f in analysis.all_findings(t) if f.key == "deviation_rescale_timing"][0]  # noqa: E731
+    assert timing(_symmetry_table([l2o])).verdict == "held"  # one L2O: decided over its 5 test seeds
+    f = timing(_symmetry_table([l2o, l2o.copy()]))  # two L2Os whose integer rise times coincide
+    # equal values across the two L2Os made these a baseline's (5 test seeds -> "held"); by label
+    # they are the L2Os' statistics: two L2Os, no verdict
+    assert f.verdict == "n/a"
+    assert isinstance(f.stats["Lion minus L2O (iterations)"], analysis.OverL2Os)
+    assert len(f.stats["Lion minus L2O (iterations)"]) == 2 and len(f.stats["half-total iteration, L2O"]) == 2
+    assert f.stats["half-total iteration, Lion"] == pytest.approx(  # Lion's own: its 5 test seeds, as they are
+        timing(_symmetry_table([l2o])).stats["half-total iteration, Lion"])
+    g = timing(_symmetry_table([l2o, l2o.copy(), l2o.copy()]))  # three identical L2Os: the test seeds decide
+    assert g.verdict == "held" and len(g.stats["Lion minus L2O (iterations)"]) == 3
+
+
+def test_a_baseline_statistic_is_one_that_has_values_with_every_l2o_run_masked():
+    T, S = 40, 5
+    l2o = np.exp(-np.arange(T) / 5.0)[:, None] * np.ones((T, S))
+    t = _symmetry_table([l2o, 2 * l2o, 3 * l2o])
+    masked = analysis.findings_of_one(analysis.without_l2os(analysis.l2o_views(t)[0]))
+    (m,) = [f for f in masked if f.key == "deviation_rescale_total"]
+    assert all(np.isnan(m.stats["l2o"])) and len(m.stats["log10(L2O / sgd)"]) == 0  # read an L2O run
+    assert np.all(np.isfinite(m.stats["sgd"])) and np.all(np.isfinite(m.stats["lion"]))  # read none
+    (f,) = [f for f in analysis.all_findings(t) if f.key == "deviation_rescale_total"]
+    assert not isinstance(f.stats["adam"], analysis.OverL2Os) and len(f.stats["adam"]) == S
+    assert f.stats["l2o"].means() == pytest.approx([np.mean(l2o), 2 * np.mean(l2o), 3 * np.mean(l2o)])
+
+
+# ---- a trend over beta needs several meta-trainings per beta ----------------------------------------
+def _slowdown_table(K: int, betas=(0.0, 0.5, 1.0), S: int = 4) -> Table:
+    rng = np.random.default_rng(5)
+    return _table({(results.l2o_label("l2o", k), b): 1.0 + 0.5 * b + 0.01 * rng.standard_normal((20, S))
+                   for k in range(K) for b in betas})
+
+
+def test_a_trend_over_beta_from_one_l2o_per_beta_says_so():
+    (f,) = [f for f in analysis.all_findings(_slowdown_table(1)) if f.key == "regularization_slowdown"]
+    assert f.verdict == "held" and "[single L2O per beta]" in f.claim and "single L2O per beta" in f.measure
+
+
+def test_a_trend_over_beta_with_fewer_than_three_meta_trainings_per_beta_is_na():
+    (f,) = [f for f in analysis.all_findings(_slowdown_table(2)) if f.key == "regularization_slowdown"]
+    assert f.verdict == "n/a" and "single L2O" not in f.claim
+    assert f.values["meta-trainings per beta"].startswith("2 to 2")
+    (g,) = [f for f in analysis.all_findings(_slowdown_table(3)) if f.key == "regularization_slowdown"]
+    assert g.verdict == "held" and "meta-trainings per beta" not in g.values and "single L2O" not in g.claim
+    # three meta-trainings at two betas, one at the third: not a single-L2O result, and too few there
+    t = _slowdown_table(3, betas=(0.0, 0.5))
+    t = Table({c: np.concatenate([t.cols[c], _slowdown_table(1, betas=(1.0,)).cols[c]]) for c in t.cols})
+    assert analysis.meta_trainings_per_beta(t, "regularization") == (1, 3)
+    (h,) = [f for f in analysis.all_findings(t) if f.key == "regularization_slowdown"]
+    assert h.verdict == "n/a" and "single L2O" not in h.claim
+
+
+# ---- the two-level bootstrap ----------------------------------------------------------------------
+def _one_level_width(values: np.ndarray, reps: int = 4000, seed: int = 11) -> float:
+    """Width of mean +- t(n-1) * SE with SE from the plain bootstrap of the mean of `values`
+    (n,): the reference for each limit of the two-level interval (written out apart)."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    means = values[rng.integers(0, n, (reps, n))].mean(axis=1)
+    from scipy import stats as st
+    return 2 * float(st.t.ppf(0.975, n - 1) * means.std(ddof=1))
+
+
+def _crossed(K: int, S: int, sd_l2o: float, sd_seed: float, sd_cell: float, rng) -> np.ndarray:
+    """x[k, s] = a_k + b_s + e_ks, true mean 0: a_k between meta-trainings, b_s a test seed's
+    effect shared by every L2O (its init, data order and the baseline's run), e_ks the rest."""
+    return (sd_l2o * rng.standard_normal((K, 1)) + sd_seed * rng.standard_normal((1, S))
+            + sd_cell * rng.standard_normal((K, S)))
+
+
+def test_two_level_interval_without_between_l2o_variance_is_the_test_seed_bootstrap():
+    rng = np.random.default_rng(6)
+    seed_effects = rng.standard_normal(8)  # (S,)
+    x = np.tile(seed_effects, (4, 1))  # (K, S): four L2Os that coincide
+    m, lo, hi = analysis.interval(x)
+    assert m == pytest.approx(seed_effects.mean(), rel=1e-12)
+    # SE to ~1.6% per 2000 resamples on either side: 6% is 2.5 sigma of the difference
+    assert hi - lo == pytest.approx(_one_level_width(seed_effects), rel=0.06)
+    # the t-interval over the L2O means alone has width 0: the shared seed effect left out
+    _, lo1, hi1 = analysis.interval(x.mean(axis=1).tolist())
+    assert hi1 == lo1
+
+
+def test_two_level_interval_is_dominated_by_large_between_l2o_variance():
+    rng = np.random.default_rng(7)
+    x = _crossed(5, 8, sd_l2o=100.0, sd_seed=1.0, sd_cell=1.0, rng=rng)
+    m, lo, hi = analysis.interval(x)
+    assert m == pytest.approx(x.mean(axis=1).mean(), rel=1e-12)
+    assert hi - lo == pytest.approx(_one_level_width(x.mean(axis=1)), rel=0.06)  # the bootstrap over L2Os
+    assert hi - lo > 20 * _one_level_width(x.mean(axis=0))  # far wider than the test seeds' alone
+
+
+@pytest.mark.parametrize("sd_l2o,sd_seed,sd_cell", [(1.0, 0.0, 0.1), (0.0, 1.0, 0.1), (1.0, 0.3, 0.3)])
+def test_two_level_interval_covers_the_mean_with_three_l2os(sd_l2o, sd_seed, sd_cell):
+    # 300 synthetic (K=3, S=5) tables of true mean 0; coverage over 300 has SE 1.3% at 0.95
+    rng = np.random.default_rng(8)
+    hits = [lo <= 0 <= hi for lo, hi in (analysis.interval(_crossed(3, 5, sd_l2o, sd_seed, sd_cell, rng))[1:]
+                                          for _ in range(300))]
+    assert np.mean(hits) >= 0.88
+
+
+def test_the_t_interval_over_l2o_means_misses_a_shared_test_seed_effect():
+    # what the two-level interval fixes: with the test-seed effect shared, L2O means agree
+    rng = np.random.default_rng(9)
+    hits = [lo <= 0 <= hi for lo, hi in (analysis.interval(_crossed(3, 5, 0.0, 1.0, 0.1, rng).mean(axis=1).tolist())[1:]
+                                          for _ in range(300))]
+    assert np.mean(hits) < 0.5
+
+
+def test_two_level_interval_is_deterministic_and_skips_missing_values():
+    x = _crossed(4, 6, 1.0, 1.0, 0.5, np.random.default_rng(10))
+    assert analysis.interval(x) == analysis.interval(x.copy())  # seeded resamples
+    assert analysis.two_level_interval(x, seed=1) != analysis.two_level_interval(x, seed=0)
+    holes = np.vstack([x, np.full((1, 6), math.nan)])  # a fifth L2O with no usable seed
+    holes[0, 2] = math.nan
+    m, lo, hi = analysis.interval(holes)
+    assert np.isfinite([m, lo, hi]).all() and lo < m < hi
+    assert m == pytest.approx(np.mean([np.nanmean(r) for r in holes[:4]]), rel=1e-12)
+    assert analysis.usable(holes) == 4 and verdict(holes[:2]) == "n/a"
+
+
+# ---- an infinite tail index is not a divergence -------------------------------------------------------
+def test_an_infinite_alpha_is_left_out_but_not_counted_as_diverged():
+    S, C = 4, 3  # seeds, checkpoints
+    curves = {("sgd", None): np.full((C, S), 0.8), ("adam", None): np.full((C, S), 0.9),
+              ("l2o", None): np.full((C, S), 1.2)}
+    curves[("l2o", None)][1, 2] = math.inf  # seed 2: no tail growth at one checkpoint (tail.py's inf)
+    t = _table(curves, metric="alpha_update", experiment="noise")
+    grad = _table({k: np.full((C, S), 0.7) for k in curves}, metric="alpha_grad", experiment="noise")
+    loss = _table({k: np.ones((C, S)) for k in curves}, metric="train_loss", experiment="noise")
+    flags = _table({k: np.zeros((1, S)) for k in curves}, metric="diverged", experiment="noise")
+    t = Table({c: np.concatenate([x.cols[c] for x in (t, grad, loss, flags)]) for c in t.cols})
+    assert per_seed(t.where(optimizer="l2o", metric="alpha_update"))[2] == math.inf  # a value, not NaN
+    assert math.isnan(per_seed(_table({("l2o", None): np.array([[1.0], [math.inf]])}))[0])  # an infinite loss
+    (f,) = [f for f in analysis.all_findings(t) if f.key == "alpha_update_vs_baselines"]
+    assert "seeds left out (a run diverged)" not in f.values
+    assert f.values["seeds left out (alpha = inf: no tail growth; not a divergence)"] == "2"  # vs SGD and vs Adam
+    assert list(f.stats["L2O minus sgd"]) == pytest.approx([0.4, 0.4, 0.4]) and f.verdict == "held"
+    # the same seed flagged diverged by the runner is a divergence
+    t.cols["value"][(t.cols["metric"] == "diverged") & (t.cols["optimizer"] == "l2o") & (t.cols["seed"] == 2)] = 1.0
+    (g,) = [f for f in analysis.all_findings(t) if f.key == "alpha_update_vs_baselines"]
+    assert g.values["seeds left out (a run diverged)"] == "2" and not any("alpha = inf" in k for k in g.values)
+
+
+def test_the_report_marks_tables_that_pool_several_l2os_as_descriptive():
+    from l2o_dynamics import report
+    from l2o_dynamics.experiments import get_profile
+
+    def text(t: Table) -> list[str]:
+        blocks = report.build_report(t, analysis.all_findings(t), {}, get_profile("quick"), [], None, {}, 1.0, "test")
+        return [b[1] for b in blocks if b[0] == "p"]
+
+    pooled = text(_fast_start_table([0.3, 0.25, 0.35]))
+    assert pooled.count(report.POOLED_NOTE.format(k=3)) == 2  # before the speed table and before the figures
+    assert "independent" in report.POOLED_NOTE and "two-level bootstrap" in report.interval_note(
+        _fast_start_table([0.3, 0.25, 0.35]))
+    assert not any(p.startswith("Descriptive only") for p in text(_fast_start_table([0.3])))  # one L2O: nothing pooled
 
 
 def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():

@@ -11,13 +11,28 @@ use paired differences over seeds with a 95% t-interval:
 Meta-training seeds. With one meta-trained L2O per setting, the intervals cover
 meta-test seeds only. With several (a profile's `meta_seeds`; their runs are
 labelled `l2o@m1`, `l2o@m2`, ... beside `l2o`), every finding is computed once per
-L2O, each statistic is averaged over the meta-test seeds, and the interval is over
-the L2Os (`across_l2os`): the variation between meta-trainings is then part of it.
+L2O, and each statistic that reads an L2O's runs becomes a (K, S) table, K L2Os by
+S meta-test seeds (`across_l2os`). Its interval (`interval`, the K > 1 path) is a
+two-level bootstrap: resample the meta-trainings, then the meta-test seeds, the same
+resampled seeds for every L2O because a test seed is shared by all of them and by the
+baselines (same init and data order). The bootstrap gives the standard error; the
+interval is mean +- t * SE with Welch-Satterthwaite degrees of freedom between
+K - 1 (meta-trainings dominate) and S - 1 (test seeds dominate):
+
+    SE^2   = Var*( mean_k mean_s x[k*, s*] )         (rows k*, columns s* drawn with replacement)
+    df     = (V_K + V_S)^2 / (V_K^2 / (K - 1) + V_S^2 / (S - 1)),
+             V_K = var_k(row means) / K,  V_S = var_s(column means) / S
+
+A plain percentile interval over 3 L2Os cannot reach past their range; on synthetic
+(K=3, S=5) data it covered the mean 73% of the time where meta-trainings dominate,
+and the t-interval over the L2O means alone covered 13% where the shared test-seed
+effect does; this interval covered 91-100% in every regime tried
+(tests/test_analysis.py checks its limits and coverage).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,10 +41,16 @@ from scipy import stats
 from .results import Table, split_label
 
 LEVEL = 0.95
+BOOTSTRAP_REPS = 2000  # resamples of the two-level bootstrap (its SE to ~1.6%)
+BOOTSTRAP_SEED = 0  # fixed: the same table gives the same interval
 
 
-def interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% t-interval over seeds (low = high = mean for 1 seed)."""
+def interval(values) -> tuple[float, float, float]:
+    """(mean, low, high) of a 95% interval. values: (S,) per-seed values -> the t-interval
+    over seeds (low = high = mean for 1 seed); (K, S) per-L2O rows over the same test seeds
+    (NaN where missing) -> `two_level_interval`. Non-finite values are left out."""
+    if np.ndim(values) == 2:
+        return two_level_interval(np.asarray(values, dtype=float))
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
     if len(v) == 0:
         return math.nan, math.nan, math.nan
@@ -38,6 +59,55 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
         return m, m, m
     half = float(stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
     return m, m - half, m + half
+
+
+def two_level_interval(x: np.ndarray, reps: int = BOOTSTRAP_REPS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(mean, low, high) over a (K, S) table: row k an L2O (meta-training seed), column s a
+    meta-test seed shared by every row; NaN (or +-inf) where missing. The mean is over the
+    L2Os of each L2O's mean over its seeds; the interval is mean +- t_df * SE with SE from a
+    two-level bootstrap (rows drawn with replacement, then columns, the same columns for
+    every drawn row) and df by Welch-Satterthwaite from the two levels (module docstring).
+    Deterministic: `seed` fixes the resamples. One usable row: its t-interval over seeds."""
+    x = np.where(np.isfinite(x), x, np.nan)
+    x = x[~np.all(np.isnan(x), axis=1)][:, ~np.all(np.isnan(x), axis=0)] if x.size else x  # (K', S')
+    K = x.shape[0]
+    if K == 0:
+        return math.nan, math.nan, math.nan
+    if K == 1:
+        return interval(x[0].tolist())
+    S = x.shape[1]
+    row_means = np.nanmean(x, axis=1)  # (K,)
+    m = float(row_means.mean())
+    rng = np.random.default_rng(seed)
+    # a resample as counts: row k drawn rows_n[b, k] times, column s cols_n[b, s] times; each
+    # drawn row's mean over the drawn columns (its own missing cells left out), then their mean
+    rows_n = _draw_counts(rng, reps, K)  # (B, K)
+    cols_n = _draw_counts(rng, reps, S)  # (B, S)
+    seen = ~np.isnan(x)  # (K, S)
+    total = np.einsum("bs,ks->bk", cols_n, np.where(seen, x, 0.0))  # (B, K); einsum: no BLAS threads
+    n = np.einsum("bs,ks->bk", cols_n, seen.astype(float))  # (B, K)
+    rows_n = np.where(n > 0, rows_n, 0.0)  # a drawn row none of whose drawn columns it has: out
+    weight = rows_n.sum(-1)  # (B,)
+    rep = (rows_n * total / np.maximum(n, 1.0)).sum(-1)[weight > 0] / weight[weight > 0]  # (B',)
+    se = float(rep.std(ddof=1)) if len(rep) > 1 else 0.0
+    levels = [(float(np.var(row_means, ddof=1)) / K, K - 1)]
+    if S > 1:
+        col_means = np.nanmean(x, axis=0)  # (S,): every column has a value
+        levels.append((float(np.var(col_means, ddof=1)) / S, S - 1))
+    num = sum(v for v, _ in levels) ** 2
+    den = sum(v * v / d for v, d in levels)
+    if se == 0.0 or den == 0.0:
+        return m, m, m
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, num / den) * se)
+    return m, m - half, m + half
+
+
+def _draw_counts(rng: np.random.Generator, reps: int, n: int) -> np.ndarray:
+    """(reps, n): how often each of n units is drawn in each of `reps` resamples of n draws
+    with replacement."""
+    draws = rng.integers(0, n, (reps, n)) + n * np.arange(reps)[:, None]  # (reps, n), offset per resample
+    return np.bincount(draws.ravel(), minlength=reps * n).reshape(reps, n).astype(float)
 
 
 def fmt(values: Sequence[float] | tuple[float, float, float], digits: int = 3) -> str:
@@ -57,27 +127,35 @@ class Finding:
     values: dict[str, str]  # label -> "mean [low, high]"
     verdict: str  # one of VERDICTS
     figure: str | None = None
-    stats: dict[str, list[float]] = field(default_factory=dict)  # label -> the per-seed values behind it
+    stats: dict[str, list] = field(default_factory=dict)  # label -> the per-seed values (or OverL2Os) behind it
     tests: tuple[str, ...] = ()  # the labels in `stats` whose verdicts decide the finding
     rule: str = "all"  # how: "all" (the weakest test decides) or "most" (majority)
+
+
+UNBOUNDED = ("alpha_",)  # metrics (prefixes) that may be +inf in a run that did not diverge
 
 
 def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | None = None,
              steps: tuple[int, int] | None = None) -> dict[int, float]:
     """One number per seed from the one metric/run in `table`: the mean over `steps`
     [lo, hi] (inclusive) by default, or reduce(steps, values). A seed whose run has a
-    non-finite value in the window (it diverged) gets NaN, never a mean over what is
-    left; `paired` and `verdict` then count it as unusable."""
+    NaN in the window (a run flagged diverged, see `mask_diverged`), or an infinite
+    value of a metric that cannot be infinite (a loss, a deviation), diverged: it gets
+    NaN, never a mean over what is left; `paired` and `verdict` then count it as unusable.
+    A tail index (UNBOUNDED) is +inf when its block sums show no growth (tail.py): a
+    value, not a divergence; its mean is then inf, which `paired` leaves out and counts
+    apart from the diverged seeds."""
     if not len(table):
         return {}
     st, seeds, vals = table.matrix()
+    unbounded = str(table.cols["metric"][0]).startswith(UNBOUNDED)
     if steps is not None:
         keep = (st >= steps[0]) & (st <= steps[1])
         st, vals = st[keep], vals[keep]
     out = {}
     for j, s in enumerate(seeds):
         col = vals[:, j]
-        if not np.all(np.isfinite(col)):
+        if np.any(np.isnan(col)) or not (unbounded or np.all(np.isfinite(col))):
             out[int(s)] = math.nan
         else:
             out[int(s)] = float(reduce(st, col) if reduce else col.mean())
@@ -85,16 +163,29 @@ def per_seed(table: Table, reduce: Callable[[np.ndarray, np.ndarray], float] | N
 
 
 class Paired(list):
-    """Per-seed paired statistics (finite ones only), with `diverged`: how many seeds
-    were left out because a run of either side was not finite."""
+    """Per-seed paired statistics (finite ones only), with `seeds`: the meta-test seed of
+    each value; `diverged`: how many seeds were left out because a run of either side
+    diverged (NaN); `infinite`: how many were left out for an infinite value that is not
+    a divergence (a tail index of inf, see `per_seed`)."""
 
     diverged: int = 0
+    infinite: int = 0
+    seeds: tuple[int, ...] | None = None
 
 
 def paired(a: dict[int, float], b: dict[int, float], transform=lambda x, y: x - y) -> Paired:
-    common = sorted(set(a) & set(b))
-    out = Paired(transform(a[s], b[s]) for s in common if np.isfinite(a[s]) and np.isfinite(b[s]))
-    out.diverged = len(common) - len(out)
+    out, seeds = Paired(), []
+    for s in sorted(set(a) & set(b)):
+        if np.isnan(a[s]) or np.isnan(b[s]):
+            out.diverged += 1
+            continue
+        v = transform(a[s], b[s])
+        if np.isfinite(v):
+            out.append(v)
+            seeds.append(s)
+        else:
+            out.infinite += 1
+    out.seeds = tuple(seeds)
     return out
 
 
@@ -103,23 +194,33 @@ VERDICTS = ("held", "weak", "inconclusive-opposite", "contradicted", "n/a")
 MIN_SEEDS = 3  # fewer usable seeds: no verdict (an interval from 1-2 seeds says nothing)
 
 
-def verdict(diffs: Sequence[float]) -> str:
+def usable(values) -> int:
+    """How many units a statistic rests on: finite per-seed values, or (K, S) rows (L2Os)
+    with a finite value."""
+    if np.ndim(values) == 2:
+        return int(np.isfinite(np.asarray(values, dtype=float)).any(axis=1).sum())
+    return sum(bool(np.isfinite(x)) for x in values)
+
+
+def verdict(diffs) -> str:
     """held: mean > 0, interval excludes 0; weak: mean > 0, interval includes 0;
     inconclusive-opposite: mean <= 0, interval includes 0; contradicted: interval below 0;
-    n/a: fewer than MIN_SEEDS finite values."""
-    v = [x for x in diffs if np.isfinite(x)]
-    if len(v) < MIN_SEEDS:
+    n/a: fewer than MIN_SEEDS usable values (per-seed values, or L2Os of a (K, S) table)."""
+    if usable(diffs) < MIN_SEEDS:
         return "n/a"
-    m, lo, hi = interval(v)
+    m, lo, hi = interval(diffs if np.ndim(diffs) == 2 else [x for x in diffs if np.isfinite(x)])
     if m > 0:
         return "held" if lo > 0 else "weak"
     return "contradicted" if hi < 0 else "inconclusive-opposite"
 
 
 def diverged_note(*diffs: Sequence[float]) -> dict[str, str]:
-    """{'diverged runs left out': 'n'} when any paired statistic dropped seeds, else {}."""
+    """{'seeds left out (a run diverged)': 'n'} when any paired statistic dropped seeds for
+    a diverged run, and apart from it the seeds dropped for an infinite tail index; {} if none."""
     n = sum(getattr(d, "diverged", 0) for d in diffs)
-    return {"seeds left out (a run diverged)": str(n)} if n else {}
+    inf = sum(getattr(d, "infinite", 0) for d in diffs)
+    return {**({"seeds left out (a run diverged)": str(n)} if n else {}),
+            **({"seeds left out (alpha = inf: no tail growth; not a divergence)": str(inf)} if inf else {})}
 
 
 def log_ratio(x: float, y: float) -> float:
@@ -139,7 +240,8 @@ def finding(key: str, claim: str, measure: str, stats: dict[str, Sequence[float]
         values["verdicts of the comparisons"] = majority_summary(verdicts)
     values.update(diverged_note(*(stats[t] for t in tests)))
     return Finding(key, claim, measure, values, RULES[rule](verdicts), figure,
-                   {k: v if isinstance(v, Paired) else list(v) for k, v in stats.items() if not isinstance(v, str)},
+                   {k: v if isinstance(v, (Paired, OverL2Os)) else list(v) for k, v in stats.items()
+                    if not isinstance(v, str)},
                    tuple(tests), rule)
 
 
@@ -267,13 +369,15 @@ def beta_slopes(by_beta: dict[float, dict[int, float]]) -> Paired:
     betas = sorted(by_beta)
     seeds = sorted(set.intersection(*(set(by_beta[b]) for b in betas)))
     x = np.asarray(betas, dtype=float)
-    out = Paired()
+    out, used = Paired(), []
     for s in seeds:
         y = np.asarray([by_beta[b][s] for b in betas], dtype=float)
         if np.all(np.isfinite(y)) and np.ptp(x) > 0:
             out.append(float(np.polyfit(x, y, 1)[0]))
+            used.append(s)
         else:
             out.diverged += 1
+    out.seeds = tuple(used)
     return out
 
 
@@ -281,15 +385,15 @@ def majority(verdicts: Sequence[str]) -> str:
     """'Most of several comparisons': held if more than half are held; weak if more than
     half point the claimed way; contradicted if more than half are contradicted;
     inconclusive-opposite otherwise; n/a with fewer than MIN_SEEDS usable comparisons."""
-    usable = [v for v in verdicts if v != "n/a"]
-    if not usable:
+    decided = [v for v in verdicts if v != "n/a"]
+    if len(decided) < MIN_SEEDS:
         return "n/a"
-    half = len(usable) / 2
-    if sum(v == "held" for v in usable) > half:
+    half = len(decided) / 2
+    if sum(v == "held" for v in decided) > half:
         return "held"
-    if sum(v in ("held", "weak") for v in usable) > half:
+    if sum(v in ("held", "weak") for v in decided) > half:
         return "weak"
-    if sum(v == "contradicted" for v in usable) > half:
+    if sum(v == "contradicted" for v in decided) > half:
         return "contradicted"
     return "inconclusive-opposite"
 
@@ -424,8 +528,55 @@ def findings_of_one(t: Table) -> list[Finding]:
 
 
 def all_findings(t: Table) -> list[Finding]:
-    """Every finding; with several meta-training seeds, intervals over the L2Os."""
-    return across_l2os([findings_of_one(v) for v in l2o_views(mask_diverged(t))])
+    """Every finding; with several meta-training seeds, intervals over the L2Os (the
+    statistics that read no L2O run found on the table with every L2O run masked)."""
+    views = l2o_views(mask_diverged(t))
+    per_l2o = [findings_of_one(v) for v in views]
+    without = findings_of_one(without_l2os(views[0])) if len(views) > 1 else []
+    return trend_over_beta(across_l2os(per_l2o, without), t)
+
+
+# ---- findings that need a trend over beta ---------------------------------------------------------
+TREND_OVER_BETA = {"regularization_slowdown": "regularization", "regularization_unseen": "generalization"}
+SINGLE_L2O = "single L2O per beta"
+
+
+def meta_trainings_per_beta(t: Table, experiment: str) -> tuple[int, int]:
+    """(fewest, most) meta-trained L2Os at one (L2O, optimizee, beta) of `experiment`'s
+    training-loss runs; (0, 0) if it has none."""
+    sub = t.where(experiment=experiment, metric="train_loss")
+    if not len(sub):
+        return 0, 0
+    first = (sub.cols["step"] == sub.cols["step"].min()) & (sub.cols["seed"] == sub.cols["seed"].min())
+    sub = Table({c: a[first] for c, a in sub.cols.items()})  # one row per run
+    names, ks = _split_labels(sub)
+    per: dict[tuple[str, str, str], set[int]] = {}
+    for name, optimizee, beta, k in zip(names, sub.cols["optimizee"], sub.cols["beta"], ks):
+        if str(name).startswith("l2o"):
+            per.setdefault((str(name), str(optimizee), repr(float(beta))), set()).add(int(k))
+    counts = [len(v) for v in per.values()]
+    return (min(counts), max(counts)) if counts else (0, 0)
+
+
+def trend_over_beta(findings: list[Finding], t: Table) -> list[Finding]:
+    """A trend over beta with one meta-training per beta is the trend of those L2Os, not of
+    the recipe: its text says 'single L2O per beta' (the verdict stands, over test seeds).
+    With more than one per beta but fewer than MIN_SEEDS at some beta: n/a."""
+    out = []
+    for f in findings:
+        experiment = TREND_OVER_BETA.get(f.key)
+        fewest, most = meta_trainings_per_beta(t, experiment) if experiment else (0, 0)
+        if most == 1:
+            f = replace(f, claim=f"{f.claim} [{SINGLE_L2O}]",
+                        measure=f"{f.measure}; {SINGLE_L2O}: one meta-training at each beta, so the interval "
+                                "covers meta-test seeds only and the trend is that of these L2Os, not shown "
+                                "to be the recipe's")
+        elif most > 1 and fewest < MIN_SEEDS:
+            f = replace(f, verdict="n/a", values={
+                **f.values, "meta-trainings per beta": f"{fewest} to {most}: fewer than {MIN_SEEDS} at some "
+                                                       "beta, no verdict on a trend"})
+        out.append(f)
+    return out
 
 
 # ---- several meta-training seeds ---------------------------------------------------------------
@@ -440,6 +591,14 @@ def _split_labels(t: Table) -> tuple[np.ndarray, np.ndarray]:
     labels, row = np.unique(t.cols["optimizer"].astype(str), return_inverse=True)
     names, ks = zip(*map(split_label, labels)) if len(labels) else ((), ())
     return np.asarray(names, dtype=object)[row], np.asarray(ks, dtype=np.int64)[row]
+
+
+def without_l2os(t: Table) -> Table:
+    """`t` with every value of every L2O run (a label `l2o...`, any meta-training seed) NaN:
+    a statistic that still has a value on it reads no L2O run; it is a baseline's own."""
+    names, _ = _split_labels(t)
+    hit = np.char.startswith(names.astype(str), "l2o")
+    return Table({**t.cols, "value": np.where(hit, math.nan, t.cols["value"])})
 
 
 def l2o_views(t: Table) -> list[Table]:
@@ -461,41 +620,74 @@ SEED_STRIDE = 1_000_000  # pooled tables: the run of meta seed k on test seed s 
 
 def pool_l2os(t: Table) -> Table:
     """Every meta-training seed's L2O runs under the plain label, each (L2O, test seed) a
-    seed of its own: curves and summary tables over all L2Os (never paired statistics)."""
+    seed of its own: curves and summary tables over all L2Os (never paired statistics).
+    Descriptive only: intervals on it treat the K x S runs as independent, so they leave
+    out that runs of one L2O, and runs on one test seed, are alike (the report says so)."""
     if meta_seeds(t) == 1:
         return t
     names, ks = _split_labels(t)
     return Table({**t.cols, "optimizer": names, "seed": t.cols["seed"] + SEED_STRIDE * ks})
 
 
-def across_l2os(per_l2o: list[list[Finding]]) -> list[Finding]:
+class OverL2Os(list):
+    """One statistic of K meta-trained L2Os as a (K, S) table, a list of K rows: row k the
+    values of one L2O, column s one meta-test seed (NaN where that L2O has none). `interval`
+    and `verdict` read it by the two-level bootstrap (`two_level_interval`). `diverged` and
+    `infinite` count what was left out, as in `Paired`, plus each L2O left out whole."""
+
+    diverged: int = 0
+    infinite: int = 0
+
+    def means(self) -> list[float]:
+        """Each L2O's mean over its seeds (K,)."""
+        return [float(np.nanmean(r)) for r in self]
+
+
+def over_l2os(runs: Sequence[Sequence[float]]) -> OverL2Os:
+    """The (K, S) table of one statistic from its K per-L2O value lists: a `Paired` is
+    aligned by its `seeds`, any other list by position (`per_seed` gives one value per
+    seed of the table, NaN included). An L2O with no finite value is left out and counted."""
+    keyed = [dict(zip(r.seeds, r)) if getattr(r, "seeds", None) is not None else dict(enumerate(r)) for r in runs]
+    cols = sorted(set().union(*keyed))
+    out = OverL2Os()
+    out.diverged = sum(getattr(r, "diverged", 0) for r in runs)
+    out.infinite = sum(getattr(r, "infinite", 0) for r in runs)
+    for r, by_col in zip(runs, keyed):
+        row = np.asarray([by_col.get(c, math.nan) for c in cols], dtype=float)  # (S,)
+        if np.isfinite(row).any():
+            out.append(row.tolist())
+        elif (getattr(r, "infinite", 0) and not getattr(r, "diverged", 0)) or (len(row) and not np.isnan(row).any()):
+            out.infinite += 1  # only infinite tail indices
+        else:
+            out.diverged += 1
+    return out
+
+
+def across_l2os(per_l2o: list[list[Finding]], without_l2o: Sequence[Finding] = ()) -> list[Finding]:
     """Findings of K meta-trained L2Os (one list per meta-training seed) as one list whose
-    intervals and verdicts are over the L2Os: each L2O's statistic is first averaged over
-    the meta-test seeds. A statistic that is the same for every L2O (a baseline's own
-    numbers) keeps its interval over meta-test seeds. An L2O all of whose runs diverged
-    adds to the count of what was left out."""
+    intervals and verdicts are over the L2Os and their test seeds: each statistic that
+    reads an L2O's runs becomes an `OverL2Os` table (its interval the two-level bootstrap).
+    Which statistics read no L2O run is decided by label, not by value: `without_l2o` holds
+    the same findings computed with every run of an `l2o...` label masked (`without_l2os`);
+    a statistic that still has a value there is a baseline's own and keeps its interval
+    over meta-test seeds. (Deciding by equal values across L2Os took an L2O statistic that
+    coincides across L2Os, e.g. integer rise times, for a baseline's.) An L2O all of whose
+    runs diverged adds to the count of what was left out."""
     if len(per_l2o) == 1:
         return per_l2o[0]
+    baseline = {f.key: {label for label, v in f.stats.items() if not np.all(np.isnan(np.asarray(v, dtype=float)))}
+                for f in without_l2o}
     out = []
     by_key = [{f.key: f for f in fs} for fs in per_l2o]
     for f0 in per_l2o[0]:
         fs = [d[f0.key] for d in by_key if f0.key in d]
         stats: dict = {}
         for label in f0.stats:
-            runs = [f.stats.get(label, []) for f in fs]
-            if all(len(r) == len(runs[0]) and np.array_equal(r, runs[0], equal_nan=True) for r in runs):
-                stats[label] = runs[0]
-                continue
-            means = Paired()
-            means.diverged = sum(getattr(f.stats.get(label), "diverged", 0) for f in fs)
-            for r in runs:
-                finite = [x for x in r if np.isfinite(x)]
-                if finite:
-                    means.append(float(np.mean(finite)))
-                else:
-                    means.diverged += 1
-            stats[label] = means
+            if label in baseline.get(f0.key, ()):
+                stats[label] = f0.stats[label]
+            else:
+                stats[label] = over_l2os([f.stats.get(label, []) for f in fs])
         out.append(finding(
-            f0.key, f0.claim, f"{f0.measure}; each of the {len(fs)} meta-trained L2Os averaged over "
-            "the meta-test seeds first, the interval over L2Os", stats, f0.tests, f0.figure, f0.rule))
+            f0.key, f0.claim, f"{f0.measure}; over the {len(fs)} meta-trained L2Os and the meta-test seeds "
+            "(two-level bootstrap: meta-trainings, then test seeds)", stats, f0.tests, f0.figure, f0.rule))
     return out

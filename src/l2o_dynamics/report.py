@@ -19,7 +19,8 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",
-           "contradicted": "contradicted (CI excludes 0)", "n/a": "n/a (fewer than 3 usable seeds)"}
+           "contradicted": "contradicted (CI excludes 0)",
+           "n/a": "n/a (fewer than 3 usable seeds, L2Os or comparisons)"}
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
 
 
@@ -133,11 +134,17 @@ def _noise_block(table: Table) -> list[Block]:
 INTERVAL_NOTE = ("Each L2O is one meta-training (seed 0), so the intervals cover meta-test seeds only, "
                  "not the variation between meta-trainings (docs/meta_training.md measures that).")
 INTERVAL_NOTE_META = ("There are {k} meta-trained L2Os per setting (meta-training seeds 0-{last}): every "
-                      "statistic that involves an L2O is averaged over the meta-test seeds for each L2O "
-                      "first, and its interval and verdict are over the {k} L2Os, so they include the "
-                      "variation between meta-trainings ('n/a' with fewer than 3). A baseline's own numbers "
-                      "keep their interval over meta-test seeds. The tables and figures below pool the "
-                      "runs of all L2Os.")
+                      "statistic that reads an L2O's runs is a table of {k} L2Os by the meta-test seeds; its "
+                      "value is the mean over the L2Os of each one's mean over its seeds, and its interval "
+                      "and verdict come from a two-level bootstrap (the meta-trainings resampled, then the "
+                      "test seeds, the same for every L2O since they share them), so they include the "
+                      "variation between meta-trainings and between test seeds ('n/a' with fewer than 3 "
+                      "L2Os). A baseline's own numbers keep their interval over meta-test seeds. A trend "
+                      "over beta needs 3 meta-trainings at every beta. The tables and figures below pool "
+                      "the runs of all L2Os: descriptive only (see there).")
+POOLED_NOTE = ("Descriptive only: the tables and figures below pool the runs of all {k} L2Os, each (L2O, test "
+               "seed) run counted as an independent seed, so their intervals leave out that runs of one L2O "
+               "and runs on one test seed are alike; the findings above are the tested statements.")
 
 
 def interval_note(table: Table) -> str:
@@ -184,15 +191,18 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
         ("p", "Verdicts, from the 95% t-interval over seeds of the paired statistic: 'held': the "
               "claimed direction, interval excludes 0; 'weak': the claimed direction, interval includes 0; "
               "'inconclusive, opposite sign': the other direction, interval includes 0; 'contradicted': the "
-              "other direction, interval excludes 0; 'n/a': fewer than 3 usable seeds. Seeds whose run "
+              "other direction, interval excludes 0; 'n/a': fewer than 3 usable seeds (or, for a claim "
+              "about most of several comparisons, fewer than 3 decided ones). Seeds whose run "
               "diverged are left out and counted. " + interval_note(table)),
     ]
+    n_l2os = analysis.meta_seeds(table)
+    pooled_note = [("p", POOLED_NOTE.format(k=n_l2os))] if n_l2os > 1 else []
     table = analysis.pool_l2os(analysis.mask_diverged(table))  # the tables below: all L2Os' runs together
     for f in findings:
         blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
                    ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
-    blocks += [("h", 2, "How the L2O compares with Adam")] + _speed_block(table)
-    blocks += [("h", 2, "Figures")]
+    blocks += [("h", 2, "How the L2O compares with Adam")] + pooled_note + _speed_block(table)
+    blocks += [("h", 2, "Figures")] + pooled_note
     captions = {
         "symmetry_breaking.png": "Figure 1: deviation from the rescale (left) and scale (right) constraints.",
         "symmetry_breaking_rel.png": "Figure 1 with the scale-free measure (normalised by update and parameter size).",
