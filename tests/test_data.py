@@ -278,7 +278,7 @@ def test_an_explicit_idx_dir_that_fails_is_fatal_and_nothing_is_downloaded(tmp_p
 def test_fetch_with_a_missing_idx_dir_fails_even_when_a_cache_exists(tmp_path):
     cache = tmp_path / "cache"
     data.load_mnist(write_idx_dir(tmp_path / "idx", small_arrays()), cache=cache, verbose=False)
-    with pytest.raises(L2OError, match="--idx-dir: idx dir .*nowhere does not exist"):
+    with pytest.raises(L2OError, match=r"idx_dir \(--idx-dir\) .*nowhere.*does not exist"):
         data.fetch(tmp_path / "nowhere", cache=cache, verbose=False)
 
 
