@@ -128,6 +128,22 @@ def fusion_in_use(device: str | torch.device = "cpu") -> str:
     return "eager" if KERNELS.mode == "eager" or kind in KERNELS._failed else "compile"
 
 
+def adopt_fusion(recorded: str | None, device: str | torch.device = "cpu") -> None:
+    """Resume under the LSTM cell a checkpoint was written with (`recorded`, from
+    `fusion_in_use`; None in checkpoints older than the record): under mode 'auto' an
+    'eager' record switches to eager (a resumed run then matches the uninterrupted one);
+    an explicit mode that differs from the record is refused."""
+    if recorded is None or recorded == fusion_in_use(device):
+        return
+    if KERNELS.mode == "auto":
+        if recorded == "eager":
+            KERNELS.mode = "eager"
+        return  # recorded 'compile' under auto: compiles, or warns that it fell back to eager
+    raise L2OError(f"the checkpoint was written with the {recorded} LSTM cell and this run would use the "
+                   f"{fusion_in_use(device)} one (their float rounding differs, so the resumed run would "
+                   f"match neither); resume with fusion {recorded!r} (CLI: --fusion {recorded})")
+
+
 def set_fusion(mode: str) -> None:
     """'auto' (torch.compile, eager fallback), 'compile' (fail if unavailable) or 'eager'."""
     if mode not in ("auto", "compile", "eager"):

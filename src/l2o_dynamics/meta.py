@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import symmetry
-from .learned import L2O, NET_RANGES, check_phi, fusion_in_use, init_phi, l2o_from_checkpoint, read_torch
+from .learned import (L2O, NET_RANGES, adopt_fusion, check_phi, fusion_in_use, init_phi, l2o_from_checkpoint,
+                      read_torch)
 from .optimizees import Optimizee, get_optimizee
 from .optimizers import Float32Range
 from .results import MetricLog, write_run
@@ -232,7 +233,8 @@ def memory_estimate(cfg: MetaTrainConfig) -> dict[str, int]:
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for a new allocation on `device`: CUDA's free memory; on the CPU Linux's
-    MemAvailable (capped by a cgroup v2 limit), else the free physical pages; None if unknown."""
+    MemAvailable (capped by a cgroup v2 limit less the cgroup's non-cache use), else the
+    free physical pages; None if unknown."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     found = []
@@ -241,10 +243,12 @@ def available_memory(device: torch.device) -> int | None:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    try:  # a container's limit, less what its processes hold (page cache is reclaimable)
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit.isdigit():
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()) + int(stat.get("file", 0)))
     except (OSError, ValueError):
         pass
     if not found:
@@ -637,7 +641,10 @@ _STATE_KEYS = ("epoch", "meta_step", "best_score", "best_epoch", "skipped", "rol
 def read_checkpoint(path: Path, cfg: MetaTrainConfig) -> dict:
     """A meta-training checkpoint.pt, checked before anything is restored: every entry
     present, written with `cfg` (up to the device), phi and best_phi finite tensors of
-    its network. L2OError (one line) for a truncated, garbage or foreign file."""
+    its network (returned in cfg's dtype), counters, scores and meta-optimizer states
+    that a run of `cfg` can have written, and the LSTM cell it was written with
+    (`learned.adopt_fusion`: under 'auto' the resumed run takes it). L2OError (one line)
+    for a truncated, garbage, impossible or foreign file."""
     name, ck = read_torch(path, "meta-training checkpoint")
     keys = ("config", "phi", "best_phi", "opt", "best_opt", "rng", "log", *_STATE_KEYS)
     missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
@@ -656,10 +663,10 @@ def read_checkpoint(path: Path, cfg: MetaTrainConfig) -> dict:
         ck[key] = check_phi(ck[key], cfg.hidden, cfg.layers, f"{name} ({key})", cfg.torch_dtype)
     for problem in _state_problems(ck, cfg):
         raise L2OError(f"{name} is damaged: {problem}; remove it to start over (CLI: --overwrite)")
-    if ck.get("fusion") not in (None, fusion_in_use(resolve_device(cfg.device))):
-        raise L2OError(f"{name} was written with the {ck['fusion']} LSTM cell and this run would use the "
-                       f"{fusion_in_use(resolve_device(cfg.device))} one (their float rounding differs, so the resumed run would "
-                       f"match neither); resume with fusion {ck['fusion']!r} (CLI: --fusion {ck['fusion']})")
+    try:
+        adopt_fusion(ck.get("fusion"), resolve_device(cfg.device))
+    except L2OError as e:
+        raise L2OError(f"{name}: {e}") from None
     return ck
 
 

@@ -54,9 +54,9 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
     at step = steps, warned about unless `warn_diverged` is False (a learning-rate
     search diverges on purpose)."""
     model = get_optimizee(model)
-    STEP_COUNT.check("steps", steps)
-    if eval_set is not None:
-        STEP_COUNT.check("eval_every", eval_every)
+    for name, value in (("steps", steps), ("eval_every", eval_every if eval_set is not None else 1)):
+        if not STEP_COUNT.contains(value):
+            raise L2OError(f"{name} must be a positive integer (at most {STEP_COUNT.hi:.0e}), got {value!r}")
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
         raise L2OError(f"seeds must be a non-empty sequence of integers (one run each), got {seeds!r:.60}")
     device = torch.device(device or "cpu")
