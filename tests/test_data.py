@@ -204,9 +204,9 @@ def test_fetch_force_rebuilds_the_cache(tmp_path):
     data.load_mnist(d, cache=cache, verbose=False)
     write_idx_dir(d, b)
     data._MEMO.clear()
-    stale = data.fetch(d, cache=cache, verbose=False)
-    assert stale.source.startswith("cache:")
-    np.testing.assert_array_equal(stale.test_y.numpy(), a["test_y"])
+    with pytest.raises(L2OError, match=r"holds other data .* than the cache .*pass force=True"):
+        data.fetch(d, cache=cache, verbose=False)  # never the stale cache in its place
+    np.testing.assert_array_equal(data.load_mnist(cache=cache, verbose=False).test_y.numpy(), a["test_y"])
     fresh = data.fetch(d, cache=cache, force=True, verbose=False)
     assert fresh.source.startswith("idx:")
     np.testing.assert_array_equal(fresh.test_y.numpy(), b["test_y"])
