@@ -61,7 +61,7 @@ CASES = [
     (["meta-train", "--eta", "0", "--out", "o"], "--eta"),
     (["meta-train", "--p", "nan", "--out", "o"], "--p"),
     (["meta-train", "--beta", "-1", "--reg", "rescale", "--out", "o"], "--beta"),
-    (["meta-train", "--beta", "1", "--out", "o"], "--beta needs --reg"),
+    (["meta-train", "--beta", "1", "--out", "o"], "beta=1 needs reg"),
     (["meta-train", "--optimizee", ",", "--out", "o"], "comma-separated list"),
     (["meta-train", "--optimizee", "relu,,sigmoid", "--out", "o"], "comma-separated list"),
     (["meta-train", "--optimizee", "resnet", "--out", "o"], "valid: sigmoid"),

@@ -219,7 +219,7 @@ def test_config_validation_messages():
         MetaTrainConfig(optimizee="leaky_relu", reg="scale", beta=1).validate()
     with pytest.raises(L2OError, match="valid: logsum, sum, meanlog"):
         MetaTrainConfig(meta_loss="max").validate()
-    with pytest.raises(L2OError, match="needs --reg"):
+    with pytest.raises(L2OError, match="beta=0.5 needs reg"):
         MetaTrainConfig(beta=0.5).validate()
 
 

@@ -4,25 +4,33 @@ Bad input gets one line on stderr (what is wrong, what is valid) and exit code 2
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
-from pathlib import Path
-
-from .data import MNIST, N_TRAIN
-from .runner import LR_RANGE
-from .errors import L2OError, Range
-from .files import check_run_dir, run_dir
-from .locks import locked_dir
 
 PROG = "l2o-dynamics"
+INTERRUPTED = 130  # the exit status of a shell command ended by Ctrl-C (128 + SIGINT)
+
+try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one later
+    import argparse
+    import contextlib
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from .data import MNIST, N_TRAIN
+    from .optimizers import LR_RANGE, Underflow
+    from .errors import L2OError, Range
+    from .files import check_run_dir, run_dir
+    from .locks import locked_dir
+except KeyboardInterrupt:
+    print(f"{PROG}: interrupted while starting; nothing was done", file=sys.stderr)
+    raise SystemExit(INTERRUPTED) from None
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + error)
-        raise L2OError(f"{self.prog.split(' ', 1)[-1] if ' ' in self.prog else PROG}: {message}")
+        # main() prefixes "l2o-dynamics: error:"; a subcommand's errors name the subcommand
+        raise L2OError(f"{self.prog.split(' ', 1)[-1]}: {message}" if " " in self.prog else message)
 
 
 def ranged(valid: Range):
@@ -54,6 +62,8 @@ def _lr(s: str) -> float | str:
         return s
     try:
         return LR_RANGE.parse(s)
+    except Underflow as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     except L2OError:
         raise argparse.ArgumentTypeError(f"must be 'auto' or {LR_RANGE}, got {s!r}") from None
 
@@ -75,6 +85,7 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """An output directory before anything is created: an existing directory, or a new
     one whose nearest existing ancestor is a writable directory."""
     p = Path(path).expanduser().absolute()
+    _check_name_lengths(p, flag)
     if p.exists() and not p.is_dir():
         raise L2OError(f"{flag} {path} exists and is not a directory; give a new or existing directory")
     base = p
@@ -85,6 +96,22 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     if not os.access(base, os.W_OK | os.X_OK):
         raise L2OError(f"{flag} {path} is not writable ({base}: permission denied); choose a writable directory")
     return p
+
+
+def _check_name_lengths(p: Path, flag: str) -> None:
+    """Each name in `p` within the file system's NAME_MAX (255 on most) and the whole within
+    PATH_MAX, checked before any lookup (which would fail with ENAMETOOLONG)."""
+    name_max, path_max = 255, 4096
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name_max = os.pathconf(p.anchor or "/", "PC_NAME_MAX")
+        path_max = os.pathconf(p.anchor or "/", "PC_PATH_MAX")
+    long = next((part for part in p.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise L2OError(f"{flag}: the name {long[:40]}... is {len(os.fsencode(long))} bytes long; this file system "
+                       f"allows at most {name_max} per name")
+    if len(os.fsencode(str(p))) >= path_max:
+        raise L2OError(f"{flag}: the path is {len(os.fsencode(str(p)))} bytes long; this system allows at most "
+                       f"{path_max - 1}")
 
 
 
@@ -276,7 +303,7 @@ def cmd_meta_test(args) -> int:
     from . import symmetry
     from .learned import l2o_from_checkpoint
     from .optimizees import get_optimizee
-    from .results import MetricLog, write_run
+    from .results import MetricLog, save_run
     from .runner import meta_test
     from .env import resolve_device
 
@@ -302,7 +329,7 @@ def cmd_meta_test(args) -> int:
               "eval_every": args.eval_every, "record_symmetry": args.record_symmetry,
               "data_source": ds.source, "data_digest": ds.digest, **info}
     with run_dir(out, "meta-test", overwrite=args.overwrite):  # old contents aside only now
-        write_run(out, config, log.rows(), device=device, started=started)
+        save_run(out, config, log.rows(), device=device, started=started)  # a full disk: saved elsewhere, said where
     final = [r[7] for r in log.rows() if r[6] == "test_loss" and r[5] == args.steps]
     print(f"{opt.name} on {model.name}: final test loss {sum(final) / len(final):.4f} "
           f"(mean of {len(final)} seeds); results in {out}")
@@ -352,6 +379,9 @@ def _check_pipeline_paths(args) -> None:
         if value is not None:
             check_out_dir(value, flag)
     resolve_device(args.device)
+    if args.ray_address and not args.dry_run:
+        from .pipeline import make_executor
+        make_executor(args.workers, args.ray_address, args.fusion)  # joins Ray (or fails) before MNIST loads
     if not args.dry_run:
         data_mod.load_mnist(verbose=args.progress)
 
@@ -390,6 +420,7 @@ def cmd_plot(args) -> int:
     from .plotting import plot_dir
 
     if args.out is not None:
+        _check_name_lengths(Path(args.out).absolute(), "--out")
         if Path(args.out).suffix.lower() not in FIGURE_SUFFIXES or Path(args.out).is_dir():
             raise L2OError(f"--out {args.out} must be a file path ending in {', '.join(FIGURE_SUFFIXES)}")
         check_out_dir(Path(args.out).absolute().parent, "--out's directory")
@@ -423,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished results are kept, nothing half-written", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:  # e.g. `l2o-dynamics data info | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -446,6 +446,15 @@ def _log(verbose: bool, msg: str) -> None:
         print(f"[l2o_dynamics.data] {msg}", file=sys.stderr, flush=True)
 
 
+def _interactive() -> bool:
+    """Whether stderr is a terminal: only there do progress lines of the sources tried
+    appear (elsewhere an error that ends the search is the one line, listing them all)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _one_line(e: BaseException, limit: int = 240) -> str:
     s = " ".join(str(e).split())
     return s if len(s) <= limit else s[: limit - 3] + "..."
@@ -483,7 +492,8 @@ def _build(path: Path, idx_dir, download: bool, verbose: bool, tried: list[str])
         if isinstance(loader, str):
             tried.append(f"{label} ({loader})")
             continue
-        _log(verbose, f"trying {label}")
+        if not label.startswith("idx: "):  # a local dir is quick; a download gets a progress line
+            _log(verbose and _interactive(), f"trying {label}")
         try:
             arrays = loader()
         except (L2OError, OSError, ValueError, EOFError, zipfile.BadZipFile,
@@ -494,7 +504,7 @@ def _build(path: Path, idx_dir, download: bool, verbose: bool, tried: list[str])
             if isinstance(e, IntegrityError):
                 warnings.warn(f"MNIST source {label} refused: {_one_line(e)}", stacklevel=3)
             tried.append(f"{label} ({_one_line(e)})")
-            _log(verbose, f"{label} failed: {_one_line(e)}")
+            _log(verbose and _interactive(), f"{label} failed: {_one_line(e)}")  # the final error lists it too
             continue
         digest = content_digest(arrays)
         _warn_if_not_reference(digest, label, arrays)
@@ -544,14 +554,21 @@ def fetch(idx_dir: str | os.PathLike | None = None, *, cache: str | os.PathLike 
           force: bool = False, verbose: bool = True) -> MNIST:
     """Like load_mnist (downloads allowed); `force` ignores an existing cache and rebuilds it.
     An explicit `idx_dir` must hold the four IDX files, even when a cache exists."""
-    if idx_dir is not None:
+    path = _cache_file(cache)
+    if idx_dir is not None:  # read and checked in full first: garbage fails here, whatever is cached
+        given = Path(idx_dir).expanduser().resolve()
         try:
-            _find_idx_files(Path(idx_dir).expanduser().resolve())
-        except L2OError as e:
-            raise L2OError(f"--idx-dir: {e}") from None
+            digest = content_digest(_load_idx_dir(given))
+        except (L2OError, OSError) as e:
+            raise L2OError(f"idx_dir (--idx-dir) {given}: {_one_line(e)}") from None
+        if not force and _stat_key(path) is not None:
+            ds = load_mnist(idx_dir, cache=cache, download=False, verbose=verbose)
+            if ds.digest != digest:
+                raise L2OError(f"idx_dir (--idx-dir) {given} holds other data (digest {digest[:16]}...) than the cache {path} "
+                               f"({ds.digest[:16]}...); pass force=True (--force) to replace the cache with it")
+            return ds
     if not force:
         return load_mnist(idx_dir, cache=cache, download=True, verbose=verbose)
-    path = _cache_file(cache)
     _MEMO.pop(path, None)
     return _build(path, idx_dir, True, verbose, [f"cache {path} (ignored, force=True)"])
 

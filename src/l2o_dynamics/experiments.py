@@ -318,7 +318,8 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     from .learned import l2o_from_checkpoint
     from .optimizers import make_baseline
     from .results import MetricLog, format_rows
-    from .runner import LR_RANGE, meta_test
+    from .optimizers import LR_RANGE
+    from .runner import meta_test
 
     device = _device(cfg)
     ds = load_mnist(verbose=False)

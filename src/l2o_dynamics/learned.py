@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import L2OError, Range
+from .optimizers import Float32Range
 
 Params = dict[str, torch.Tensor]
 
@@ -117,6 +118,30 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
+
+
+def fusion_in_use(device: str | torch.device = "cpu") -> str:
+    """'compile' or 'eager': which LSTM cell kernels run on `device` now ('auto' compiles
+    unless compilation already failed there). The two differ in float rounding, so a
+    meta-training resumes bit-identically only under the same one."""
+    kind = torch.device(device).type
+    return "eager" if KERNELS.mode == "eager" or kind in KERNELS._failed else "compile"
+
+
+def adopt_fusion(recorded: str | None, device: str | torch.device = "cpu") -> None:
+    """Resume under the LSTM cell a checkpoint was written with (`recorded`, from
+    `fusion_in_use`; None in checkpoints older than the record): under mode 'auto' an
+    'eager' record switches to eager (a resumed run then matches the uninterrupted one);
+    an explicit mode that differs from the record is refused."""
+    if recorded is None or recorded == fusion_in_use(device):
+        return
+    if KERNELS.mode == "auto":
+        if recorded == "eager":
+            KERNELS.mode = "eager"
+        return  # recorded 'compile' under auto: compiles, or warns that it fell back to eager
+    raise L2OError(f"the checkpoint was written with the {recorded} LSTM cell and this run would use the "
+                   f"{fusion_in_use(device)} one (their float rounding differs, so the resumed run would "
+                   f"match neither); resume with fusion {recorded!r} (CLI: --fusion {recorded})")
 
 
 def set_fusion(mode: str) -> None:
@@ -275,40 +300,62 @@ def pretrained(name: str = "leaky_relu") -> str:
     """Path of an L2O shipped with the package: 'OPTIMIZEE' or 'OPTIMIZEE/beta=B' (the one
     meta-trained on OPTIMIZEE with symmetry penalty weight B; 'OPTIMIZEE' is beta=0), or
     'base/leaky_relu' (the L2O shipped before the default recipe, kept for comparison).
-    How each was made: pretrained/README.md."""
-    optimizee, _, beta = name.partition("/")
-    if optimizee == "base":
-        rel = f"base/{beta}.pt"
+    How each was made: pretrained/README.md.
+
+    A name resolves only to a file of the shipped set (`available_pretrained`): the path
+    comes from the package's listing, never from the name, and B must equal a shipped
+    beta exactly (0.5 and 0.50 name the same file; 0.5000001 names none)."""
+    shipped = _shipped_pretrained()
+    optimizee, _, rest = name.partition("/")
+    if optimizee == "base" or name in shipped:
+        key = name
     else:
-        if beta and not beta.startswith("beta="):
-            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B")
+        if rest and not rest.startswith("beta="):
+            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B; "
+                           f"available: {', '.join(shipped) or 'none'}")
         try:
-            b = float(beta[5:]) if beta else 0.0
+            beta = float(rest[5:]) if rest else 0.0
         except ValueError:
-            raise L2OError(f"pretrained name {name!r}: beta must be a number") from None
-        rel = f"{optimizee}/beta={b:g}.pt"
-    path = os.path.join(PRETRAINED_DIR, rel)
-    if not os.path.isfile(path):
-        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
-    return path
+            raise L2OError(f"pretrained name {name!r}: beta must be a number; "
+                           f"available: {', '.join(shipped) or 'none'}") from None
+        key = next((k for k in shipped if k.partition("/")[0] == optimizee and _shipped_beta(k) == beta), name)
+    if key not in shipped:
+        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(shipped) or 'none'}")
+    return shipped[key]
 
 
-def available_pretrained() -> list[str]:
-    """Names `pretrained` accepts, e.g. ['bn_relu/beta=0', ..., 'leaky_relu/beta=1', 'sigmoid/beta=0']."""
-    out = []
+def _shipped_beta(key: str) -> float | None:
+    """The beta of a shipped name 'OPTIMIZEE/beta=B' (None for other names)."""
+    tail = key.partition("/")[2]
+    try:
+        return float(tail[5:]) if tail.startswith("beta=") else None
+    except ValueError:
+        return None
+
+
+def _shipped_pretrained() -> dict[str, str]:
+    """{'OPTIMIZEE/beta=B': path} of every .pt file one level below PRETRAINED_DIR."""
+    out = {}
     if os.path.isdir(PRETRAINED_DIR):
         for sub in sorted(os.listdir(PRETRAINED_DIR)):
             d = os.path.join(PRETRAINED_DIR, sub)
             if os.path.isdir(d):
-                out += [f"{sub}/{f[:-3]}" for f in sorted(os.listdir(d)) if f.endswith(".pt")]
+                for f in sorted(os.listdir(d)):
+                    if f.endswith(".pt") and os.path.isfile(os.path.join(d, f)):
+                        out[f"{sub}/{f[:-3]}"] = os.path.join(d, f)
     return out
+
+
+def available_pretrained() -> list[str]:
+    """Names `pretrained` accepts, e.g. ['bn_relu/beta=0', ..., 'leaky_relu/beta=1', 'sigmoid/beta=0']."""
+    return list(_shipped_pretrained())
 
 
 # Valid network settings (of a checkpoint, and of meta-training: `meta.RANGES`). p: e^p
 # must stay finite in float32 (p < 88); eta scales an output of order 1.
 NET_RANGES = {"hidden": Range(1, 4096, integer=True), "layers": Range(1, 16, integer=True),
-              "p": Range(0, 50, lo_open=True), "eta": Range(0, 10, lo_open=True)}
-NET_OPTIONAL = {"log_eps": Range(0, 1)}  # absent in checkpoints written before it existed: 0
+              "p": Float32Range(0, 50, lo_open=True), "eta": Float32Range(0, 10, lo_open=True)}
+NET_OPTIONAL = {"log_eps": Float32Range(0, 1)}  # absent in checkpoints written before it existed: 0
 MAX_ABS_WEIGHT = 1e4  # trained weights are O(1); beyond this the LSTM saturates into garbage
 
 
@@ -330,9 +377,16 @@ def check_net(net, name: str) -> dict:
     return net
 
 
-def check_phi(phi, hidden: int, layers: int, name: str) -> dict[str, torch.Tensor]:
-    """`phi` must be a dict of finite floating tensors with exactly the names and shapes
-    of a (hidden, layers) network, every |weight| <= MAX_ABS_WEIGHT."""
+PHI_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # converted on load
+
+
+def check_phi(phi, hidden: int, layers: int, name: str,
+              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """`phi` must be a dict of finite floating tensors (float16, bfloat16, float32 or
+    float64, dense, on a real device) with exactly the names and shapes of a (hidden,
+    layers) network, every |weight| <= MAX_ABS_WEIGHT. Returns it as dense CPU tensors of
+    `dtype` on their device (half precision widens exactly; float64 rounds to float32).
+    Sparse, quantized, complex and meta-device tensors are refused."""
     expected = phi_shapes(hidden, layers)
     if not isinstance(phi, dict) or not all(isinstance(v, torch.Tensor) for v in phi.values()):
         raise L2OError(f"checkpoint {name}: phi must be a dict of tensors, got {type(phi).__name__}")
@@ -340,14 +394,21 @@ def check_phi(phi, hidden: int, layers: int, name: str) -> dict[str, torch.Tenso
         missing, extra = sorted(set(expected) - set(phi)), sorted(set(phi) - set(expected))
         raise L2OError(f"checkpoint {name}: phi does not match a {layers}-layer network of hidden size {hidden} "
                        f"(missing {missing or 'none'}, unexpected {extra or 'none'})")
+    out = {}
     for k, shape in expected.items():
         v = phi[k]
-        if tuple(v.shape) != shape or not v.is_floating_point():
-            raise L2OError(f"checkpoint {name}: phi[{k!r}] is {v.dtype} {tuple(v.shape)}; expected floating {shape}")
+        if tuple(v.shape) != shape or v.dtype not in PHI_DTYPES:
+            raise L2OError(f"checkpoint {name}: phi[{k!r}] is {v.dtype} {tuple(v.shape)}; expected floating {shape} "
+                           f"({', '.join(str(d).removeprefix('torch.') for d in PHI_DTYPES)})")
+        if v.layout != torch.strided or v.is_meta:
+            where = "on the meta device (no values)" if v.is_meta else f"{v.layout} on {v.device}"
+            raise L2OError(f"checkpoint {name}: phi[{k!r}] is {where}; expected a dense tensor with values; refused")
+        v = v.detach().to(dtype).contiguous()
         if not bool(torch.isfinite(v).all()) or float(v.abs().max()) > MAX_ABS_WEIGHT:
             raise L2OError(f"checkpoint {name}: phi[{k!r}] has non-finite or huge (> {MAX_ABS_WEIGHT:g}) weights; "
                            "refused")
-    return phi
+        out[k] = v
+    return out
 
 
 def read_torch(source, what: str = "checkpoint"):
@@ -399,13 +460,19 @@ class L2OOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"eta": l2o.eta if eta is None else eta})
         self.l2o = l2o
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, and a group's own `eta` must be in NET_RANGES['eta'] like the default."""
+        super().add_param_group(param_group)
+        _check_group_eta(len(self.param_groups) - 1, self.param_groups[-1])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            _check_group_eta(i, group)  # also when changed after construction (a scheduler)
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
@@ -427,3 +494,10 @@ class L2OOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = torch.stack([t[i:i + p.numel()] for t in new[key]])
                 i += p.numel()
         return loss
+
+
+def _check_group_eta(index: int, group: dict) -> None:
+    try:
+        NET_RANGES["eta"].check("eta", group["eta"])
+    except L2OError as e:
+        raise L2OError(f"param_groups[{index}]: {e}") from None

@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import symmetry
-from .learned import L2O, NET_RANGES, check_phi, init_phi, l2o_from_checkpoint, read_torch
+from .learned import (L2O, NET_RANGES, adopt_fusion, check_phi, fusion_in_use, init_phi, l2o_from_checkpoint,
+                      read_torch)
 from .optimizees import Optimizee, get_optimizee
+from .optimizers import Float32Range
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
 from .env import resolve_device
@@ -132,22 +134,22 @@ class MetaTrainConfig:
         if self.init_from is not None:  # a missing, malformed or mismatched one fails here, before any work
             start = l2o_from_checkpoint(self.init_from)
             if (start.hidden, start.layers) != (self.hidden, self.layers):
-                raise L2OError(f"--init-from {self.init_from} has hidden {start.hidden}, layers {start.layers}; "
+                raise L2OError(f"init_from {self.init_from} has hidden {start.hidden}, layers {start.layers}; "
                                f"this config has hidden {self.hidden}, layers {self.layers}: make them equal")
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
             if self.reg not in REGS:
-                raise L2OError(f"unknown --reg {self.reg!r}; valid: {', '.join(REGS)}")
+                raise L2OError(f"unknown reg {self.reg!r}; valid: {', '.join(REGS)}")
             if self.reg_measure not in ("total", "rel"):
-                raise L2OError(f"unknown --reg-measure {self.reg_measure!r}; valid: total, rel")
+                raise L2OError(f"unknown reg_measure {self.reg_measure!r}; valid: total, rel")
             for m in models:
                 if self.reg != "all" and self.reg not in symmetry.applicable(m.structure):
-                    raise L2OError(f"optimizee {m.name} has no {self.reg} symmetry; valid --reg for it: "
+                    raise L2OError(f"optimizee {m.name} has no {self.reg} symmetry; valid reg for it: "
                                    f"{', '.join(symmetry.applicable(m.structure))}, all")
         elif self.beta:
-            raise L2OError("--beta needs --reg (rescale, scale, translation or all)")
-        resolve_device(self.device)
+            raise L2OError(f"beta={self.beta:g} needs reg (rescale, scale, translation or all)")
+        check_fits(self, available_memory(resolve_device(self.device)))
         return self
 
     def run_horizon(self, epoch: int, run: int = 0) -> int:
@@ -198,12 +200,85 @@ RANGES: dict[str, Range] = {
     # validation runs draw minibatches from the validation split (MNIST.val_size images)
     "batch_size": Range(1, data_mod.MNIST.val_size, integer=True), "tasks": Range(1, 10_000, integer=True),
     **NET_RANGES, "seed": Range(0, 2**63 - 1, integer=True),
-    "meta_lr": Range(0, 1, lo_open=True), "clip_grad": Range(0, 1e6, lo_open=True),
-    "beta": Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True), "rollback_cut": Range(0, 1, lo_open=True),
-    "short_runs": Range(0, 1, hi_open=True), "log_eps": Range(0, 1), "collapse": Range(0, 1, lo_open=True, hi_open=True),
+    # values that multiply float32 tensors must not underflow (optimizers.Float32Range)
+    "meta_lr": Float32Range(0, 1, lo_open=True), "clip_grad": Float32Range(0, 1e6, lo_open=True),
+    "beta": Float32Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True),
+    "rollback_cut": Float32Range(0, 1, lo_open=True),
+    "short_runs": Range(0, 1, hi_open=True), "log_eps": Float32Range(0, 1), "collapse": Range(0, 1, lo_open=True, hi_open=True),
 }
 OPTIONAL = ("clip_grad", "rollback", "collapse")
 MAX_META_STEPS = 10_000_000  # the published recipe takes 10,000
+
+
+# ---- memory ----------------------------------------------------------------------------
+def memory_estimate(cfg: MetaTrainConfig) -> dict[str, int]:
+    """Bytes meta-training `cfg` holds at its peak, by part (a lower bound: the terms that
+    grow with the settings; Python and torch's own overhead come on top).
+
+    With n the largest optimizee's parameter count, B = tasks, R = B n LSTM rows, K the
+    unroll, H hidden, L layers, I_l the input width of layer l (2, then H), s the dtype's
+    bytes and P the meta-parameter count (`phi_shapes`):
+
+        meta_params = 7 P s      phi, its gradient, Adam's two moments, best phi, best Adam state
+        unroll      = K s (R sum_l (I_l + 9H) + sum_l 4H (I_l + H) + 8 B n)
+                      per step and layer the graph keeps [x, h] (R, I_l + H), c, tanh c' (R, H),
+                      the gate activations (R, 4H), the new h, c (R, H) and the gate-scaled
+                      weights (4H, I_l + H); per step B n-vectors of parameters, gradients, updates
+        data        = N_TRAIN x 784 bytes of MNIST training images + 2 B batch_size 784 s of minibatches"""
+    from .learned import phi_shapes
+
+    s = torch.finfo(cfg.torch_dtype).bits // 8
+    n = max(sum(math.prod(shape) for shape in m.shapes().values()) for m in cfg.models())
+    big_b, h, k = cfg.tasks, cfg.hidden, cfg.unroll
+    rows = big_b * n
+    inputs = [2] + [h] * (cfg.layers - 1)
+    n_phi = sum(math.prod(shape) for shape in phi_shapes(h, cfg.layers).values())
+    per_step = rows * sum(i + 9 * h for i in inputs) + sum(4 * h * (i + h) for i in inputs) + 8 * big_b * n
+    return {"meta_params": 7 * n_phi * s, "unroll": k * per_step * s,
+            "data": data_mod.N_TRAIN * data_mod.DIM + 2 * big_b * cfg.batch_size * data_mod.DIM * s}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new allocation on `device`: CUDA's free memory; on the CPU Linux's
+    MemAvailable (capped by a cgroup v2 limit less the cgroup's non-cache use), else the
+    free physical pages; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's limit, less what its processes hold (page cache is reclaimable)
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit.isdigit():
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()) + int(stat.get("file", 0)))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return max(min(found), 0)
+
+
+def check_fits(cfg: MetaTrainConfig, available: int | None) -> None:
+    """L2OError, before anything is allocated, when `memory_estimate(cfg)` exceeds
+    `available` bytes (None: unknown, not checked)."""
+    need = memory_estimate(cfg)
+    total = sum(need.values())
+    if available is not None and total > available:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items())
+        raise L2OError(f"meta-training this config needs at least {_gib(total)} ({parts}) but {cfg.device} has "
+                       f"{_gib(available)} available; lower hidden, layers, unroll or tasks")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
 
 
 # ---- recipes ---------------------------------------------------------------------------
@@ -406,10 +481,11 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             log.entries = [(m, s, v) for m, s, v in ck["log"]]
             torch.set_rng_state(ck["rng"]["torch"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise L2OError(f"{ckpt_path} is damaged ({type(e).__name__}); remove it, or pass --overwrite "
-                           "to start over") from None
+            raise L2OError(f"{ckpt_path} is damaged ({type(e).__name__}); remove it to start over "
+                           "(CLI: --overwrite)") from None
     elif ckpt_path is not None and ckpt_path.exists() and not resume:
-        raise L2OError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to start over")
+        raise L2OError(f"{ckpt_path} exists; pass resume=True to continue it, or remove it to start over "
+                       "(CLI: --resume, --overwrite)")
 
     l2o = L2O(phi, cfg.hidden, cfg.layers, cfg.p, cfg.eta, log_eps=cfg.log_eps)
     bar = tqdm(total=total_steps, initial=st["meta_step"], disable=not progress,
@@ -459,7 +535,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         if st["best_epoch"] < 0:
             raise L2OError(f"no epoch of {cfg.epochs} validated (every validation run diverged: "
                            f"{st['skipped']} meta-steps skipped); refusing to export an untrained l2o.pt; "
-                           "try a smaller --eta or --meta-lr")
+                           "try a smaller eta or meta_lr")
         export(best, cfg, st, out / "l2o.pt")
         write_run(out, {"kind": "meta-train", "config": cfg.to_dict(), "best_score": st["best_score"],
                         "best_epoch": st["best_epoch"], "skipped": st["skipped"],
@@ -578,24 +654,71 @@ _STATE_KEYS = ("epoch", "meta_step", "best_score", "best_epoch", "skipped", "rol
 def read_checkpoint(path: Path, cfg: MetaTrainConfig) -> dict:
     """A meta-training checkpoint.pt, checked before anything is restored: every entry
     present, written with `cfg` (up to the device), phi and best_phi finite tensors of
-    its network. L2OError (one line) for a truncated, garbage or foreign file."""
+    its network (returned in cfg's dtype), counters, scores and meta-optimizer states
+    that a run of `cfg` can have written, and the LSTM cell it was written with
+    (`learned.adopt_fusion`: under 'auto' the resumed run takes it). L2OError (one line)
+    for a truncated, garbage, impossible or foreign file."""
     name, ck = read_torch(path, "meta-training checkpoint")
     keys = ("config", "phi", "best_phi", "opt", "best_opt", "rng", "log", *_STATE_KEYS)
     missing = [k for k in keys if k not in ck] if isinstance(ck, dict) else list(keys)
     if missing:
-        raise L2OError(f"{name} is not a meta-training checkpoint (missing {', '.join(missing)}); remove it, "
-                       "or pass --overwrite to start over")
+        raise L2OError(f"{name} is not a meta-training checkpoint (missing {', '.join(missing)}); remove it "
+                       "to start over (CLI: --overwrite)")
     try:
         same = _resumable(ck["config"]) == _resumable(cfg.to_dict())
     except (TypeError, ValueError, AttributeError) as e:
-        raise L2OError(f"{name} has an unreadable config ({type(e).__name__}); remove it, or pass "
-                       "--overwrite to start over") from None
+        raise L2OError(f"{name} has an unreadable config ({type(e).__name__}); remove it to start over "
+                       "(CLI: --overwrite)") from None
     if not same:
-        raise L2OError(f"{name} was written with a different config; use a new --out "
-                       "or the same options to resume")
+        raise L2OError(f"{name} was written with a different config; resume with the same config, "
+                       "or use a new output directory")
     for key in ("phi", "best_phi"):
-        check_phi(ck[key], cfg.hidden, cfg.layers, f"{name} ({key})")
+        ck[key] = check_phi(ck[key], cfg.hidden, cfg.layers, f"{name} ({key})", cfg.torch_dtype)
+    for problem in _state_problems(ck, cfg):
+        raise L2OError(f"{name} is damaged: {problem}; remove it to start over (CLI: --overwrite)")
+    try:
+        adopt_fusion(ck.get("fusion"), resolve_device(cfg.device))
+    except L2OError as e:
+        raise L2OError(f"{name}: {e}") from None
     return ck
+
+
+def _state_problems(ck: dict, cfg: MetaTrainConfig) -> list[str]:
+    """What is wrong with a checkpoint's counters, scores and meta-optimizer states ([] if
+    nothing): each must be what an interrupted run of `cfg` can have written."""
+    total = cfg.total_meta_steps()
+    counters = {"epoch": Range(0, cfg.epochs, integer=True), "meta_step": Range(0, total, integer=True),
+                "best_epoch": Range(-1, cfg.epochs - 1, integer=True),
+                "skipped": Range(0, total, integer=True), "rollbacks": Range(0, total + cfg.epochs, integer=True),
+                "lr_scale": Range(0, 1, lo_open=True)}
+    problems = [f"{key} must be {valid}, got {ck[key]!r:.40}" for key, valid in counters.items()
+                if not valid.contains(ck[key])]
+    score = ck["best_score"]
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or math.isnan(score) \
+            or (math.isinf(score) and ck["best_epoch"] != -1) or score == -math.inf:
+        problems.append(f"best_score must be a finite number (inf before any epoch validated), got {score!r:.40}")
+    if not problems and ck["best_epoch"] >= ck["epoch"]:
+        problems.append(f"best_epoch {ck['best_epoch']} is not an epoch done (epoch {ck['epoch']})")
+    for key in ("opt", "best_opt"):
+        if key == "best_opt" and ck[key] is None:
+            continue
+        if not isinstance(ck[key], dict) or not isinstance(ck[key].get("state"), dict):
+            problems.append(f"{key} is not a meta-optimizer state_dict")
+        elif not all(_finite([t]) for t in _tensors(ck[key]["state"])):
+            problems.append(f"{key} holds non-finite meta-optimizer state")
+    return problems
+
+
+def _tensors(tree):
+    """Every tensor inside nested dicts, lists and tuples."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
 
 
 def _resumable(config: dict) -> dict:
@@ -608,7 +731,7 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
     tensors = [*phi.values(), *st["best_phi"].values()]
     if not _finite(tensors):
         raise L2OError("the meta-parameters became non-finite; refusing to checkpoint them; "
-                       "try a smaller --meta-lr or --clip-grad")
+                       "try a smaller meta_lr or clip_grad")
     atomic_torch_save({
         "config": cfg.to_dict(),
         "net": _net(cfg),
@@ -618,6 +741,7 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
         "best_opt": st["best_opt"],
         "rng": {"torch": torch.get_rng_state()},
         "log": list(log.entries),
+        "fusion": fusion_in_use(resolve_device(cfg.device)),
         **{k: st[k] for k in _STATE_KEYS},
     }, path)
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from .errors import L2OError
+from .errors import L2OError, Range
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
@@ -34,6 +34,56 @@ class Optimizer(Protocol):
 
     def update(self, grads: Mapping[str, torch.Tensor], state: State,
                params: Mapping[str, torch.Tensor]) -> tuple[Params, State]: ...
+
+
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # 1.1754944e-38, the smallest normal float32
+
+
+class Underflow(L2OError):
+    """A value inside its range that float32 cannot hold (it would compute as 0 or as a
+    denormal that has lost its precision)."""
+
+
+class Float32Range(Range):
+    """A Range for settings that multiply float32 tensors: a nonzero value must also be at
+    least FLOAT32_TINY in magnitude (1e-320 is in (0, 1] but is 0 in float32)."""
+
+    def contains(self, v) -> bool:
+        return super().contains(v) and not 0 < abs(v) < FLOAT32_TINY
+
+    def _underflow(self, what: str) -> Underflow:
+        return Underflow(f"{what} underflows float32 (smallest normal {FLOAT32_TINY:.2g}): it would compute "
+                         f"as 0; valid: {self} and at least {FLOAT32_TINY:.2g}")
+
+    def check(self, name: str, v):
+        if super().contains(v) and not self.contains(v):
+            raise self._underflow(f"{name} {v!r}")
+        return super().check(name, v)
+
+    def parse(self, s: str):
+        try:
+            v = int(s) if self.integer else float(s)
+        except ValueError:
+            v = None
+        if v is not None and super().contains(v) and not self.contains(v):
+            raise self._underflow(s)
+        return super().parse(s)
+
+
+# Valid learning rates of the baselines (the search grid spans 1e-4..3).
+LR_RANGE = Float32Range(0, 100, lo_open=True)
+
+
+def check_rate(rate: Rate, name: str = "lr") -> Rate:
+    """A learning rate: a number in LR_RANGE, or a 1-D tensor of them (one per run)."""
+    if isinstance(rate, torch.Tensor):
+        values = rate.detach().to("cpu", torch.float64).reshape(-1).tolist()
+        if rate.ndim != 1 or not values:
+            raise L2OError(f"{name} as a tensor must be 1-D with one rate per run, got shape {tuple(rate.shape)}")
+        for i, v in enumerate(values):
+            LR_RANGE.check(f"{name}[{i}]", v)
+        return rate
+    return LR_RANGE.check(name, rate)
 
 
 def _per_run(rate: Rate, like: torch.Tensor) -> Rate:
@@ -157,7 +207,7 @@ def make_baseline(name: str, lr: Rate | None = None, **kwargs) -> Optimizer:
     except KeyError:
         raise L2OError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}") from None
     if lr is not None:
-        kwargs["lr"] = lr
+        kwargs["lr"] = check_rate(lr)
     return cls(**kwargs)
 
 

@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -40,6 +41,8 @@ from .locks import locked_dir
 from .procs import die_with_parent
 
 DONE_MARKER = "job.json"
+JOB_FILES = {"lr-search": ("result.json",), "meta-train": ("l2o.pt", "config.json", "metrics.csv"),
+             "pretrained": ("l2o.pt", "config.json"), "meta-test": ("metrics.csv", "config.json")}  # + job.json
 WORK = ".work"  # STORE/.work/KEY: a running job's scratch space
 
 
@@ -90,6 +93,33 @@ class Store:
 
     def info(self, key: str) -> dict:
         return json.loads((self.path(key) / DONE_MARKER).read_text())
+
+    def check(self, job: Job) -> None:
+        """L2OError (one line) unless finished `job` is whole: its job.json a JSON record of
+        this job (key, wall time) and every file its kind writes present, a metrics.csv
+        starting with the tidy header. A damaged one is never read as results (findings
+        of 'n/a') nor silently redone: the user decides."""
+        from .results import COLUMNS
+
+        p = self.path(job.key)
+        try:
+            info = json.loads((p / DONE_MARKER).read_bytes())
+            ok = isinstance(info, dict) and info.get("key") == job.key and \
+                isinstance(info.get("wall_time_s"), (int, float)) and not isinstance(info.get("wall_time_s"), bool)
+            problem = None if ok else f"{DONE_MARKER} is not this job's record"
+        except (OSError, ValueError) as e:
+            problem = f"{DONE_MARKER} is unreadable ({type(e).__name__})"
+        if problem is None:
+            missing = [f for f in JOB_FILES.get(job.kind, ()) if not (p / f).is_file()]
+            if missing:
+                problem = f"{', '.join(missing)} missing"
+            elif "metrics.csv" in JOB_FILES.get(job.kind, ()):
+                with open(p / "metrics.csv", "rb") as f:
+                    if f.readline().rstrip(b"\r\n") != ",".join(COLUMNS).encode():
+                        problem = "metrics.csv has no tidy header"
+        if problem is not None:
+            raise L2OError(f"job store {self.root}: finished job {job.label} [{job.key}] is damaged ({problem}); "
+                           f"remove {p} to run it again")
 
     def workdir(self, key: str) -> Path:
         """Scratch space that survives a kill (a meta-training's checkpoint)."""
@@ -203,8 +233,15 @@ class RayExecutor:
         self.ray = ray
         self.address, self.threads, self.fusion = address, threads, fusion
         if not ray.is_initialized():
+            if address not in (None, "auto"):
+                probe_address(address)  # ray.init retries an unreachable address for minutes
             kw = {"address": address} if address else {"num_cpus": num_cpus}
-            ray.init(**kw, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(**kw, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except Exception as e:  # ConnectionError (no cluster), RuntimeError, ValueError, ...
+                raise L2OError(f"--ray-address {address or 'local'}: cannot start or join Ray "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); start a cluster "
+                               "(ray start --head) or drop --ray-address") from None
 
     def describe(self) -> str:
         return f"Ray ({self.address or 'local'}, {self.ray.cluster_resources().get('CPU', 0):g} CPUs)"
@@ -236,10 +273,30 @@ class RayExecutor:
             raise
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def probe_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S,
+                  connect: Callable = socket.create_connection) -> None:
+    """L2OError (one line) unless something accepts a TCP connection at [ray://]HOST:PORT
+    within `timeout_s` seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        connect((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        why = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else \
+            (getattr(e, "strerror", None) or type(e).__name__)
+        raise L2OError(f"--ray-address {address}: cannot reach a Ray cluster there ({why}); check the address "
+                       "(ray status on the head node), or drop --ray-address") from None
+
+
 # ---- the driver -----------------------------------------------------------------------------------
 def run_jobs(jobs: list[Job], store: Store, executor, progress: bool = True,
              log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Run every job not yet in the store; returns {key: wall seconds} of those run now."""
+    for job in jobs:
+        if store.done(job.key):
+            store.check(job)  # a damaged finished job fails here, before any work
     pending = [j for j in jobs if not store.done(j.key)]
     done_est = sum(j.estimate_s for j in jobs if store.done(j.key))
     total_est = sum(j.estimate_s for j in jobs)

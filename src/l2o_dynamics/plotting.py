@@ -121,10 +121,10 @@ def loss_curves(table: Table, path: str | os.PathLike, metrics: Sequence[str] = 
 
 def find_metrics(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
+    if not root.exists():
         raise L2OError(f"{root} does not exist; give a results dir holding metrics.csv")
+    if not root.is_dir():
+        return [root]  # a file (results.Table.read refuses anything but a regular metrics.csv)
     files = sorted(root.rglob("metrics.csv"))
     if not files:
         raise L2OError(f"no metrics.csv under {root}; give a dir written by meta-test or reproduce")

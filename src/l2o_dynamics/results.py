@@ -11,10 +11,13 @@ import csv
 import io
 import math
 import os
+import shutil
+import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +112,31 @@ def write_run(out_dir: str | os.PathLike, config: dict, rows: Iterable[Row],
     return out
 
 
+def save_run(out_dir: str | os.PathLike, config: dict, rows: list[Row], *, device: Any = None,
+             started: float | None = None, write: Callable[..., Path] | None = None,
+             rescue_dir: str | os.PathLike | None = None) -> Path:
+    """`write` (default `write_run`) into `out_dir`; when that fails with an OSError (a full
+    disk, a vanished mount) the computed rows are not lost: they are written to a new
+    directory `l2o-dynamics-rescued-*` under `rescue_dir` (default the system's temporary
+    directory, often another file system) and an L2OError says what failed and where the
+    results are, or that they could not be saved anywhere."""
+    write = write or write_run
+    try:
+        return write(out_dir, config, rows, device=device, started=started)
+    except OSError as e:
+        failed = f"writing the results to {e.filename or out_dir} failed ({e.strerror or e})"
+    rescue = None
+    try:
+        rescue = fresh_path(rescue_dir or tempfile.gettempdir(), "l2o-dynamics-rescued-", directory=True)
+        write(rescue, config, rows, device=device, started=started)
+    except OSError as e:
+        if rescue is not None:
+            shutil.rmtree(rescue, ignore_errors=True)  # the directory this call just created
+        raise L2OError(f"{failed}; the computed results could not be saved elsewhere either "
+                       f"({e.strerror or e}); free some space and run again") from None
+    raise L2OError(f"{failed}; the computed results are saved in {rescue} instead: move them to {out_dir}")
+
+
 def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, kind: str = "probe") -> Path:
     """Check and claim `--out` before any work (files.run_dir's rules: a new or empty
     directory, or with `overwrite` one the tool made, whose contents are moved aside until
@@ -130,19 +158,40 @@ class Table:
 
     @classmethod
     def read(cls, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> "Table":
+        """The rows of one or more metrics.csv files; L2OError (one line, naming the file and
+        line) for anything that is not one: not a regular file (a directory, FIFO or device
+        is never opened for reading), over MAX_CSV_BYTES, not UTF-8, NUL bytes, a wrong
+        header, a row without 8 fields, a seed or step that is not an integer in
+        0..MAX_STEP, a beta or value that is not a number."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        data: dict[str, list] = {c: [] for c in COLUMNS}
+        tables = []
         for p in paths:
-            with open(p, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
+            data: dict[str, list] = {c: [] for c in COLUMNS}
+            try:
+                rows = csv.reader(io.StringIO(_read_text(p), newline=""))
+                header = next(rows, None)
                 if header is None or tuple(header) != COLUMNS:
-                    raise L2OError(f"{p} is not an l2o-dynamics metrics.csv (header {header})")
-                for row in reader:
+                    raise L2OError(f"{p} is not an l2o-dynamics metrics.csv (header {header!r:.100}; expected "
+                                   f"{','.join(COLUMNS)})")
+                for row in rows:
+                    if len(row) != len(COLUMNS):
+                        raise L2OError(f"{p}: line {rows.line_num} has {len(row)} fields, expected {len(COLUMNS)} "
+                                       f"({','.join(COLUMNS)})")
                     for c, v in zip(COLUMNS, row):
                         data[c].append(v)
-        return cls.from_lists(data)
+                tables.append(cls.from_lists(data))
+            except L2OError:
+                raise
+            except csv.Error as e:
+                raise L2OError(f"{p} is not an l2o-dynamics metrics.csv ({e})") from None
+            except (ValueError, OverflowError) as e:
+                raise L2OError(f"{p} is not an l2o-dynamics metrics.csv: {e}") from None
+        if len(tables) == 1:
+            return tables[0]
+        if not tables:
+            return cls.from_lists({c: [] for c in COLUMNS})
+        return cls({c: np.concatenate([t.cols[c] for t in tables]) for c in tables[0].cols})
 
     @classmethod
     def from_rows(cls, rows: Iterable[Row]) -> "Table":
@@ -154,12 +203,14 @@ class Table:
 
     @classmethod
     def from_lists(cls, data: dict[str, list]) -> "Table":
+        """ValueError naming the column and the first bad entry when a seed or step is not
+        an integer in 0..MAX_STEP or a beta or value is not a number."""
         cols = {c: np.asarray([str(v) for v in data[c]], dtype=object)
                 for c in ("experiment", "optimizee", "optimizer", "metric")}
-        cols["beta"] = np.asarray([float(v) if v not in ("", None) else math.nan for v in data["beta"]])
-        cols["seed"] = np.asarray(data["seed"], dtype=np.int64)
-        cols["step"] = np.asarray(data["step"], dtype=np.int64)
-        cols["value"] = np.asarray(data["value"], dtype=np.float64)
+        cols["beta"] = _column(data["beta"], "beta", lambda v: float(v) if v not in ("", None) else math.nan)
+        cols["seed"] = _column(data["seed"], "seed", _count, np.int64)
+        cols["step"] = _column(data["step"], "step", _count, np.int64)
+        cols["value"] = _column(data["value"], "value", float)
         return cls(cols)
 
     def __len__(self) -> int:
@@ -193,3 +244,70 @@ class Table:
         out[np.searchsorted(steps, self.cols["step"]), np.searchsorted(seeds, self.cols["seed"])] = \
             self.cols["value"]
         return steps, seeds, out
+
+
+MAX_CSV_BYTES = 4 * 2**30  # a paper-profile run's metrics.csv is a few hundred MB
+MAX_STEP = 2**62
+
+
+def _read_text(path: str | os.PathLike, limit: int | None = None) -> str:
+    """A regular file's text of at most `limit` bytes (default MAX_CSV_BYTES), opened
+    without blocking (a FIFO is refused, not waited on)."""
+    limit = MAX_CSV_BYTES if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise L2OError(f"cannot read {path} ({e.strerror}); give a metrics.csv written by l2o-dynamics") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise L2OError(f"{path} is not a regular file; give a metrics.csv written by l2o-dynamics")
+        if st.st_size > limit:
+            raise L2OError(f"{path} is {st.st_size:,} bytes, more than any metrics.csv ({limit:,}); refused")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            blob = f.read(limit + 1)
+        if len(blob) > limit:  # grew while being read
+            raise L2OError(f"{path} grew past {limit:,} bytes while being read; refused")
+    except OSError as e:
+        raise L2OError(f"cannot read {path} ({e.strerror}); give a metrics.csv written by l2o-dynamics") from None
+    finally:
+        os.close(fd)
+    if b"\0" in blob:
+        raise L2OError(f"{path} holds NUL bytes; not an l2o-dynamics metrics.csv")
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise L2OError(f"{path} is not UTF-8 text (byte {e.start}); not an l2o-dynamics metrics.csv") from None
+
+
+def _count(v) -> int:
+    """A seed or step: an integer in 0..MAX_STEP (a string such as '3', or an int)."""
+    n = int(v)
+    if isinstance(v, float) or not 0 <= n <= MAX_STEP:
+        raise ValueError(v)
+    return n
+
+
+def _column(values: list, name: str, parse, dtype=np.float64) -> np.ndarray:
+    """`values` as a numpy column (vectorised when every entry converts; otherwise parsed
+    one by one to name the first bad entry in a ValueError)."""
+    if parse is float:
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError):
+            pass
+    elif parse is _count:
+        try:
+            out = np.asarray(values, dtype=np.int64)
+            if out.size == 0 or (out.min() >= 0 and out.max() <= MAX_STEP):
+                return out
+        except (ValueError, TypeError, OverflowError):
+            pass
+    out = np.empty(len(values), dtype=dtype)
+    for i, v in enumerate(values):
+        try:
+            out[i] = parse(v)
+        except (ValueError, TypeError, OverflowError):
+            raise ValueError(f"row {i + 1}: {name} {v!r:.40} is not "
+                             f"{'a non-negative integer' if dtype is np.int64 else 'a number'}") from None
+    return out

@@ -34,7 +34,7 @@ from .files import atomic_write_json
 from .seeds import generator, stable_hash
 
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
-LR_RANGE = Range(0, 100, lo_open=True)  # valid baseline learning rates (the grid spans 1e-4..3)
+STEP_COUNT = Range(1, 10**12, integer=True)
 SEARCH_SEEDS = (10_000, 10_001)  # held out from every meta-test seed (0, 1, 2, ...)
 
 
@@ -57,8 +57,11 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
     at step = steps, warned about unless `warn_diverged` is False (a learning-rate
     search diverges on purpose)."""
     model = get_optimizee(model)
-    if steps <= 0:
-        raise L2OError(f"steps must be positive, got {steps}")
+    for name, value in (("steps", steps), ("eval_every", eval_every if eval_set is not None else 1)):
+        if not STEP_COUNT.contains(value):
+            raise L2OError(f"{name} must be a positive integer (at most {STEP_COUNT.hi:.0e}), got {value!r}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise L2OError(f"seeds must be a non-empty sequence of integers (one run each), got {seeds!r:.60}")
     device = torch.device(device or "cpu")
     log = log or MetricLog("meta-test", model.name, optimizer.name, seeds)
     params = init_params(model, seeds, dtype, device)

@@ -22,7 +22,8 @@ Measures of an update's deviation (all (*B,), one per stacked parameter set):
     unit  : sum_k | c_k |                       cannot cancel between units
     rel   : sum_k |c_k| / sum_k ||v_k|| ||xi_k||   scale-free, in [0, 1]
             (v_k is v restricted to the parameters unit k's generator touches;
-            each term is bounded by Cauchy-Schwarz, so the ratio is too; 0/0 := 0)
+            each term is bounded by Cauchy-Schwarz, so the ratio is too; 0/0 := 0,
+            a NaN in v or theta gives NaN)
 
 The groups are read from the optimizee's declared `Structure`, never guessed.
 """
@@ -99,7 +100,8 @@ def measures(kind: str, v, theta, structure: Structure) -> dict[str, torch.Tenso
     c, vnorm, xnorm = unit_terms(kind, v, theta, structure)
     unit = c.abs().sum(-1)
     denom = (vnorm * xnorm).sum(-1)
-    rel = torch.where(denom > 0, unit / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(unit))
+    # 0/0 := 0 (a zero update deviates by nothing); a NaN anywhere stays NaN, never a perfect 0
+    rel = torch.where(denom == 0, unit * 0, unit / denom.clamp_min(torch.finfo(denom.dtype).tiny))
     return {"total": c.sum(-1).abs(), "unit": unit, "rel": rel}
 
 
