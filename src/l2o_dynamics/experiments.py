@@ -316,9 +316,8 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     from . import symmetry
     from .data import load_mnist
     from .learned import l2o_from_checkpoint
-    from .optimizers import make_baseline
+    from .optimizers import LR_RANGE, make_baseline
     from .results import MetricLog, format_rows
-    from .optimizers import LR_RANGE
     from .runner import meta_test
 
     device = _device(cfg)
