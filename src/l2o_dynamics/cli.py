@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from .data import MNIST, N_TRAIN
 from .runner import LR_RANGE
+from .seeds import MAX_SEEDS, REPORT, check_seeds, report_seeds
 from .utils import L2OError, Range, entries, locked_dir
 
 PROG = "l2o-dynamics"
@@ -58,7 +60,41 @@ def _lr(s: str) -> float | str:
 
 STEPS = Range(1, 1_000_000, integer=True)
 TRAIN_BATCH = Range(1, N_TRAIN - MNIST.val_size, integer=True)  # the images of MNIST's training split
-SEEDS = Range(1, 1000, integer=True)
+SEEDS_HELP = (f"N (the first N report seeds, {REPORT.start}..{REPORT.start}+N-1), a range A-B, or a list "
+              f"A,B,C of seeds and ranges (e.g. 3 = {REPORT.start}-{REPORT.start + 2}; 0-4; 100,101,107)")
+
+
+_COUNT = re.compile(r"[0-9]+")
+_SEED_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")  # A or A-B
+
+
+def seed_spec(s: str) -> tuple[int, ...]:
+    """An argparse `type` for meta-test seeds (seeds.py): 'N' is a count, the first N
+    report seeds; 'A-B' the seeds A..B; 'A,B-C,...' a list of seeds and ranges (one seed
+    alone: 'A-A'). Empty, reversed, negative, repeated or more than MAX_SEEDS seeds fail."""
+    text = s.strip()
+    try:
+        if not text:
+            raise L2OError(f"no seeds given; expected {SEEDS_HELP}")
+        if _COUNT.fullmatch(text):
+            return report_seeds(int(text))
+        out: list[int] = []
+        for part in text.split(","):
+            m = _SEED_ITEM.fullmatch(part)
+            if m is None:
+                negative = re.match(r"\s*-\s*[0-9]", part) or re.search(r"--", part)
+                raise L2OError(f"seeds must be non-negative integers, got {s!r}" if negative
+                               else f"expected {SEEDS_HELP}, got {s!r}")
+            lo = int(m[1])
+            hi = lo if m[2] is None else int(m[2])
+            if hi < lo:
+                raise L2OError(f"the range {lo}-{hi} is reversed; write it low-high ({hi}-{lo})")
+            if len(out) + hi - lo + 1 > MAX_SEEDS:
+                raise L2OError(f"{s!r} gives more than {MAX_SEEDS} seeds")
+            out += range(lo, hi + 1)
+        return check_seeds(out, "")
+    except L2OError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def ray_address(s: str) -> str:
@@ -114,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
     t.add_argument("--optimizee", required=True, choices=list(ZOO))
     t.add_argument("--steps", type=ranged(STEPS), default=200)
-    t.add_argument("--seeds", type=ranged(SEEDS), default=3, help="number of seeds (0..S-1)")
+    t.add_argument("--seeds", type=seed_spec, default=report_seeds(3), metavar="SEEDS", help=SEEDS_HELP)
     t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
     t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:NAME (e.g. pretrained:leaky_relu, "
                    "pretrained:bn_relu/beta=0.5) "
@@ -263,7 +299,7 @@ def cmd_meta_test(args) -> int:
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
     out = prepare_out_dir(args.out, args.overwrite)
-    seeds = list(range(args.seeds))
+    seeds = list(args.seeds)
     probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
     meta_test(opt, model, ds.split("train"), seeds, args.steps, batch_size=args.batch_size,

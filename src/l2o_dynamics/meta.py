@@ -35,6 +35,7 @@ from .learned import L2O, NET_RANGES, check_phi, init_phi, l2o_from_checkpoint, 
 from .optimizees import Optimizee, get_optimizee
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
+from .seeds import VALIDATION
 from .utils import L2OError, Range, atomic_torch_save, derive_seed, generator, resolve_device
 
 META_LOSSES = ("logsum", "sum", "meanlog")
@@ -53,7 +54,7 @@ REGS = ("rescale", "scale", "translation", "all")
 # Drift alone is no sign: an untrained L2O drifts (~0.5-1.0) and still trains.
 COLLAPSE_UNROLLS = 3
 DEAD, CHANCE = 0.5, 0.9
-VAL_SEEDS = 1_000_000
+VAL_SEEDS = VALIDATION.start  # validation runs use seeds VAL_SEEDS + i (seeds.py)
 EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25  # validation runs use seeds VAL_SEEDS + i, never a training seed
 
 

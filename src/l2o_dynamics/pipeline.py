@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -279,9 +279,13 @@ def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", t
     return LocalExecutor(workers, threads=threads, fusion=fusion)
 
 
-def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None) -> Profile:
-    """The profile with where its L2Os come from and how many per setting replaced."""
+def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None,
+             seeds: Sequence[int] | None = None) -> Profile:
+    """The profile with where its L2Os come from, how many per setting, and its meta-test
+    seeds replaced (the generalisation table keeps its share: at most as many as before)."""
     from dataclasses import replace
+
+    from .seeds import check_seeds
 
     if l2os is not None:
         profile = replace(profile, l2os=l2os)
@@ -290,6 +294,10 @@ def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None =
             raise L2OError(f"--meta-seeds {meta_seeds} needs --l2os train: the shipped set has one L2O per "
                            "optimizee and beta")
         profile = replace(profile, meta_seeds=meta_seeds)
+    if seeds is not None:
+        seeds = check_seeds(seeds, "seeds")
+        unseen = None if profile.unseen_seeds is None else min(profile.unseen_seeds, len(seeds))
+        profile = replace(profile, seeds=seeds, unseen_seeds=unseen)
     return profile
 
 
@@ -297,15 +305,17 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
-              l2os: str | None = None, meta_seeds: int | None = None, echo=print) -> dict:
+              l2os: str | None = None, meta_seeds: int | None = None, seeds: Sequence[int] | None = None,
+              echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
-    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from, and
-    `meta_seeds` how many L2Os it meta-trains per setting."""
+    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from,
+    `meta_seeds` how many L2Os it meta-trains per setting, and `seeds` (a list of ints)
+    its meta-test seeds (default: the profile's report seeds; seeds.py)."""
     from . import data as data_mod
     from .report import write_outputs
 
     profile = override(profile_name if isinstance(profile_name, Profile) else get_profile(profile_name),
-                       l2os, meta_seeds)
+                       l2os, meta_seeds, seeds)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
@@ -341,7 +351,10 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def format_plan(jobs: list[Job], done: set[str], profile) -> str:
-    lines = [f"profile {profile.name}: {len(jobs)} jobs ({len(done)} already done)", ""]
+    from .seeds import families_of
+
+    lines = [f"profile {profile.name}: {len(jobs)} jobs ({len(done)} already done); meta-tests on "
+             f"{families_of(profile.seeds)}", ""]
     width = max(len(j.label) for j in jobs)
     for j in jobs:
         state = "done" if j.key in done else _hms(j.estimate_s)
@@ -378,7 +391,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    from .cli import SEEDS, ranged
+    from .cli import SEEDS_HELP, ranged, seed_spec
 
     r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
     r.add_argument("--profile", choices=list(PROFILES), default="quick")
@@ -388,13 +401,16 @@ def add_parser(sub) -> None:
     r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
                    help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
                         "findings' intervals over them (default: the profile's; paper 3, quick 1)")
+    r.add_argument("--seeds", type=seed_spec, default=None, metavar="SEEDS",
+                   help=f"meta-test seeds: {SEEDS_HELP} (default: the profile's, quick 3, paper 5)")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _common(r)
     r.set_defaults(handler=_cmd_reproduce)
     e = sub.add_parser("experiment", help="run one experiment of the study")
     e.add_argument("name", choices=EXPERIMENTS)
     e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
+    e.add_argument("--seeds", type=seed_spec, default=None, metavar="SEEDS",
+                   help=f"meta-test seeds: {SEEDS_HELP} (default 5, smoke 2)")
     e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
     e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
     _common(e)
@@ -420,7 +436,7 @@ def _cmd_reproduce(args) -> int:
     from . import learned
 
     learned.set_fusion(args.fusion)
-    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds, args.seeds)
     _check_paths(args)
     reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,
@@ -434,9 +450,10 @@ def _cmd_experiment(args) -> int:
     from . import learned
 
     learned.set_fusion(args.fusion)
+    from .seeds import report_seeds
+
     base = get_profile(args.scale)
-    seeds = args.seeds if args.seeds is not None else (base.seeds if base.name == "smoke" else 5)
-    base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
+    base = override(base, seeds=args.seeds or (base.seeds if base.name == "smoke" else report_seeds(5)))
     if (args.cov_unit, args.cov_center) != ("minibatch", "mean") and args.name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
     profile = replace(base, cov_unit=args.cov_unit, cov_center=args.cov_center)
