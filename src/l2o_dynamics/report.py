@@ -208,7 +208,7 @@ def lr_search_block(jobs: list[Job], store, profile: Profile) -> list[Block]:
                     + [cell(lr) for lr in LR_GRID])
     proto = profile.lr_protocol()
     note = ("This is the study's protocol." if proto["as_study"] else
-            f"This profile {proto['note']} (config.json, lr_search).")
+            f"This profile's search is {proto['note']} (config.json, lr_search).")
     return [("h", 2, "Baselines' learning rates"),
             ("p", "Each baseline's learning rate is searched once per optimizee and used by every experiment "
                   "that runs it there: every rate of the grid trains `runs` optimizees (seeds 10,000, ...) for "
