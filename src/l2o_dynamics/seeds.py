@@ -13,13 +13,14 @@ from one of four disjoint blocks:
                                        choice (recipe, variant, learning rate, selected epoch)
                                        has ever read a run on them
     LR_SEARCH    10,000 .. 999,999     the baselines' learning-rate searches (validation split)
-    VALIDATION   1,000,000 .. 1,999,999  meta-training's validation runs (validation split),
-                                       which select the epoch
+    VALIDATION   1,000,000 .. 1,999,999  meta-training's per-epoch selection runs
+                                       (meta.VAL_SEEDS + i; validation split, or training
+                                       split with select='train-runs'), which pick the epoch
 
-REPORT starts at 100, not at 0, because 0-4 (and 0..S-1 for every count used so far)
-are the seeds the default recipe was chosen on: a number measured there is not
-independent of the choice. The blocks below and above it are the searches' and
-meta-training's own seeds. A meta-training's optimizee runs use
+REPORT starts at 100, not at 0, because the default recipe was chosen on meta-test
+seeds 0-4 and every earlier meta-test used 0..S-1: a number measured there is not
+independent of the choices made on it. The two blocks above REPORT are the searches'
+and meta-training's own seeds. A meta-training's optimizee runs use
 `derive_seed("train", seed, epoch, run, task)`, 63-bit hashes: the chance that one falls
 into the two million seeds above is about 2e-13 per run.
 
