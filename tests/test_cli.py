@@ -120,7 +120,7 @@ def test_meta_test_meta_train_and_plot_end_to_end(tmp_path, mnist, capsys):
                  "--out", str(mt), "--no-progress"]) == 0
     assert {"l2o.pt", "checkpoint.pt", "metrics.csv", "config.json"} <= {p.name for p in mt.iterdir()}
     ck = torch.load(mt / "l2o.pt", weights_only=True)
-    assert set(ck["net"]) == {"hidden", "layers", "p", "eta"}
+    assert set(ck["net"]) == {"hidden", "layers", "p", "eta", "log_eps"}
     assert main(["meta-train", "--optimizee", "leaky_relu", "--epochs", "1", "--runs", "1",
                  "--horizon", "10", "--unroll", "5", "--val-runs", "1", "--out", str(mt)]) == 2
     assert "--resume" in capsys.readouterr().err
