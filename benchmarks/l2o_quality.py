@@ -8,10 +8,12 @@
    given, each in its own process with one thread (`--jobs` at a time). A killed
    benchmark resumes: finished meta-trainings are kept, unfinished ones resume from
    their checkpoint.
-2. Meta-tests each selected L2O for 200 steps on `--test-seeds` held-out seeds
-   (0, 1, ...; meta-training and validation never use them) on its own optimizee and
-   on the unseen ones, next to SGD, Adam and Lion with learning rates searched on the
-   validation split (runner.search_lr, 200 steps).
+2. Meta-tests each selected L2O for 200 steps on `--test-seeds` (the CLI's seed syntax:
+   a count N is the first N report seeds, 100, 101, ...; no choice has seen them, and
+   meta-training, validation and learning-rate searches never use them: seeds.py) on its
+   own optimizee and on the unseen ones, next to SGD, Adam and Lion with learning rates
+   searched on the validation split (runner.search_lr, 200 steps). A comparison that
+   chooses (a recipe, a variant) passes selection seeds instead: `--test-seeds 0-4`.
 3. Prints a table and writes JSON: mean minibatch training loss over steps 1-25 and
    1-100, and the loss at step 200 (mean of the last 3 logged steps), each as mean
    [95% interval]; for the L2O the interval is over meta-training seeds (each seed's
@@ -96,14 +98,14 @@ def _curve_stats(log) -> dict[str, np.ndarray]:
     return {"early": c[1:EARLY + 1].mean(0), "mid": c[1:MID + 1].mean(0), "final": c[-WINDOW:].mean(0)}
 
 
-def evaluate(summaries: list[dict], optimizees: list[str], unseen: list[str], test_seeds: int,
+def evaluate(summaries: list[dict], optimizees: list[str], unseen: list[str], test_seeds: tuple[int, ...],
              steps: int = 200) -> dict:
     from l2o_dynamics import data, learned, runner
     from l2o_dynamics.analysis import interval
     from l2o_dynamics.optimizers import make_baseline
 
     ds = data.load_mnist(verbose=False)
-    seeds = list(range(test_seeds))
+    seeds = list(test_seeds)
     results: dict = {}
     for trained_on in optimizees:
         mine = [s for s in summaries if s["optimizee"] == trained_on]
@@ -163,6 +165,10 @@ def table(results: dict, summaries: list[dict], meta_seeds: int) -> str:
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from l2o_dynamics.cli import SEEDS_HELP, seed_spec
+    from l2o_dynamics.seeds import report_seeds
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="default")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -170,13 +176,14 @@ def main(argv=None) -> int:
     p.add_argument("--optimizees", default="leaky_relu,sigmoid")
     p.add_argument("--unseen", default="relu,sigmoid_2x20")
     p.add_argument("--meta-seeds", type=int, default=3)
-    p.add_argument("--test-seeds", type=int, default=5)
+    p.add_argument("--test-seeds", type=seed_spec, default=report_seeds(5), metavar="SEEDS",
+                   help=f"meta-test seeds: {SEEDS_HELP} (default 5: report seeds 100-104)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "l2o_quality"))
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
     from l2o_dynamics import meta
+    from l2o_dynamics.seeds import families_of
     overrides = _parse_set(a.set)
     meta.recipe(a.recipe, **overrides).validate()  # fail before any work
     tag = a.tag or a.recipe
@@ -192,9 +199,10 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, min(a.jobs, os.cpu_count() or 1)))
     results = evaluate(summaries, optimizees, unseen, a.test_seeds)
-    text = table(results, summaries, a.meta_seeds)
+    text = f"Meta-test on {families_of(a.test_seeds)} (seeds.py).\n\n" + table(results, summaries, a.meta_seeds)
     print(text)
     blob = {"recipe": a.recipe, "overrides": overrides, "tag": tag, "targets": TARGETS,
+            "test_seeds": list(a.test_seeds), "test_seed_families": families_of(a.test_seeds),
             "wall_s": time.time() - started, "summaries": summaries, "results": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(blob, indent=1))

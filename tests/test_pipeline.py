@@ -53,6 +53,66 @@ def test_smoke_profile_produces_every_output(smoke):
     assert "Findings of the study" in summary["text"]
 
 
+def test_the_report_lists_every_searched_learning_rate_and_says_the_smoke_search_is_shortened(smoke):
+    from l2o_dynamics.runner import LR_GRID
+
+    out, _, _ = smoke
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr_search"]["horizon"] == 20 and cfg["lr_search"]["runs"] == 1  # smoke's, not the study's
+    assert cfg["lr_search"]["study"] == {"horizon": 500, "runs": 3} and not cfg["lr_search"]["as_study"]
+    report = (out / "report.md").read_text()
+    section = report.split("## Baselines' learning rates", 1)[1].split("\n## ", 1)[0]
+    assert "shortened from the study's 500 steps x 3 runs" in section
+    rows = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in section.splitlines()
+            if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["optimizer", "optimizee", "horizon", "runs", "chosen lr"]
+    assert header[6:] == [f"{lr:g}" for lr in LR_GRID]
+    searches = [j for j in build_jobs(get_profile("smoke")) if j.kind == "lr-search"]
+    assert len(body) == len(searches) == 6  # one per baseline and optimizee, shared by every experiment
+    for job in searches:
+        found = json.loads((out / "jobs" / job.key / "result.json").read_text())
+        (row,) = [r for r in body if r[:2] == [job.config["optimizer"], job.config["optimizee"]]]
+        assert row[2:5] == ["20", "1", f"{found['lr']:g}"]
+        chosen = row[6 + list(LR_GRID).index(found["lr"])]
+        assert chosen == f"**{found['scores'][repr(found['lr'])]:.4g}**"
+    assert "2 meta-test seeds (report seeds 100-101" in report
+
+
+def test_profiles_meta_test_on_report_seeds_and_search_lrs_by_the_studys_protocol():
+    from l2o_dynamics.seeds import seed_family
+
+    for name in ("quick", "paper"):
+        jobs = build_jobs(get_profile(name))
+        tests = [j for j in jobs if j.kind == "meta-test"]
+        assert {seed_family(s) for j in tests for s in j.config["seeds"]} == {"report"}, name
+        searches = {j.key: j for j in jobs if j.kind == "lr-search"}
+        assert {(j.config["horizon"], tuple(j.config["seeds"])) for j in searches.values()} == \
+            {(500, (10_000, 10_001, 10_002))}, name
+        for j in tests:  # every experiment's baseline, whatever its horizon, uses its optimizee's one search
+            if j.config["optimizer"] != "l2o":
+                src = searches[j.config["source"]].config
+                assert (src["optimizer"], src["optimizee"]) == (j.config["optimizer"], j.config["optimizee"])
+        assert get_profile(name).lr_protocol()["as_study"], name
+    assert get_profile("quick").seeds == (100, 101, 102) and get_profile("paper").seeds == (100, 101, 102, 103, 104)
+
+
+def test_explicit_seeds_replace_the_meta_test_seeds_and_nothing_else():
+    from l2o_dynamics.errors import L2OError
+
+    quick = get_profile("quick")
+    given = pipeline.override(quick, seeds=[7, 9])
+    before, after = build_jobs(quick), build_jobs(given)
+    assert {j.config["seeds"].__repr__() for j in after if j.kind == "meta-test"} == {"[7, 9]"}
+    # the other jobs (searches, L2Os) keep their keys
+    assert {j.key for j in before if j.kind != "meta-test"} == {j.key for j in after if j.kind != "meta-test"}
+    assert given.unseen_seeds == 2  # quick's generalisation table: its 3 seeds, at most the 2 given
+    res = pipeline.reproduce(quick, "unused", seeds=[7, 9], dry_run=True, echo=lambda s: None)
+    assert {tuple(j.config["seeds"]) for j in res["jobs"] if j.kind == "meta-test"} == {(7, 9)}
+    with pytest.raises(L2OError, match="seed 7 is given twice"):
+        pipeline.override(quick, seeds=[7, 7])
+
+
 def test_every_run_of_reproduce_records_the_data_digest(smoke, mnist):
     out, _, _ = smoke
     configs = [json.loads(p.read_text()) for p in (out / "jobs").glob("*/config.json")]

@@ -75,6 +75,7 @@ def test_lr_search_picks_the_best_rate_on_the_validation_split_and_caches(synthe
     assert len(files) == 1 and json.loads(files[0].read_text())["lr"] == found.lr
     again = search_lr("adam", "leaky_relu", synthetic, 15, grid=grid, seeds=(1, 2))
     assert again.cached and again.lr == found.lr and len(seen) == 1
+    assert found.to_dict()["seeds"] == again.to_dict()["seeds"] == [1, 2]  # the report's "runs"
 
 
 def test_a_diverging_run_is_flagged_and_warned_about(synthetic):
@@ -103,3 +104,37 @@ def test_a_poisoned_lr_cache_is_ignored_with_a_warning_and_recomputed(poison, sy
         again = search_lr("sgd", "relu", synthetic, 5, grid=grid, seeds=(1,))
     assert not again.cached and again.lr == found.lr
     assert json.loads(path.read_text())["lr"] == found.lr  # the cache is healed
+
+
+# ---- seed families (seeds.py) ------------------------------------------------------------------
+def test_seed_families_are_disjoint_and_hold_the_searches_and_validation_runs():
+    from l2o_dynamics import meta, seeds
+
+    blocks = list(seeds.FAMILIES.values())
+    for i, a in enumerate(blocks):
+        for b in blocks[i + 1:]:
+            assert a.stop <= b.start or b.stop <= a.start, (a, b)
+    assert seeds.seed_family(4) == "selection" and seeds.seed_family(100) == "report"  # docs' 0-4; report from 100
+    assert {seeds.seed_family(s) for s in runner.SEARCH_SEEDS} == {"lr-search"}
+    top = meta.VAL_SEEDS + meta.RANGES["val_runs"].hi - 1  # the most validation runs a config may ask for
+    assert seeds.seed_family(meta.VAL_SEEDS) == seeds.seed_family(top) == "validation"
+
+
+def test_first_seeds_of_each_family_are_the_documented_blocks():
+    from l2o_dynamics.seeds import describe_seeds, lr_search_seeds, report_seeds, selection_seeds
+
+    assert report_seeds(3) == (100, 101, 102)
+    assert selection_seeds(5) == (0, 1, 2, 3, 4)
+    assert lr_search_seeds(3) == (10_000, 10_001, 10_002)
+    assert describe_seeds([100, 101, 102, 107, 3]) == "100-102, 107, 3"
+
+
+@pytest.mark.parametrize("bad,message", [([], "no seeds given"), ([100, -1], "out of range"),
+                                         ([100, 100], "given twice"), ([1.0], "not an integer"),
+                                         ([True], "not an integer"), ("100", "list of integer seeds"),
+                                         (list(range(1001)), "at most 1000")])
+def test_check_seeds_rejects_a_bad_list_in_one_line(bad, message):
+    from l2o_dynamics.seeds import check_seeds
+
+    with pytest.raises(L2OError, match=message):
+        check_seeds(bad)

@@ -14,6 +14,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one
     import contextlib
     import json
     import os
+    import re
     import time
     from pathlib import Path
 
@@ -22,6 +23,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one
     from .errors import L2OError, Range
     from .files import check_run_dir, run_dir
     from .locks import locked_dir
+    from .seeds import MAX_SEEDS, REPORT, check_seeds, report_seeds
 except KeyboardInterrupt:
     print(f"{PROG}: interrupted while starting; nothing was done", file=sys.stderr)
     raise SystemExit(INTERRUPTED) from None
@@ -70,7 +72,41 @@ def _lr(s: str) -> float | str:
 
 STEPS = Range(1, 1_000_000, integer=True)
 TRAIN_BATCH = Range(1, N_TRAIN - MNIST.val_size, integer=True)  # the images of MNIST's training split
-SEEDS = Range(1, 1000, integer=True)
+SEEDS_HELP = (f"N (the first N report seeds, {REPORT.start}..{REPORT.start}+N-1), a range A-B, or a list "
+              f"A,B,C of seeds and ranges (e.g. 3 = {REPORT.start}-{REPORT.start + 2}; 0-4; 100,101,107)")
+
+
+_COUNT = re.compile(r"[0-9]+")
+_SEED_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")  # A or A-B
+
+
+def seed_spec(s: str) -> tuple[int, ...]:
+    """An argparse `type` for meta-test seeds (seeds.py): 'N' is a count, the first N
+    report seeds; 'A-B' the seeds A..B; 'A,B-C,...' a list of seeds and ranges (one seed
+    alone: 'A-A'). Empty, reversed, negative, repeated or more than MAX_SEEDS seeds fail."""
+    text = s.strip()
+    try:
+        if not text:
+            raise L2OError(f"no seeds given; expected {SEEDS_HELP}")
+        if _COUNT.fullmatch(text):
+            return report_seeds(int(text))
+        out: list[int] = []
+        for part in text.split(","):
+            m = _SEED_ITEM.fullmatch(part)
+            if m is None:
+                negative = re.match(r"\s*-\s*[0-9]", part) or re.search(r"--", part)
+                raise L2OError(f"seeds must be non-negative integers, got {s!r}" if negative
+                               else f"expected {SEEDS_HELP}, got {s!r}")
+            lo = int(m[1])
+            hi = lo if m[2] is None else int(m[2])
+            if hi < lo:
+                raise L2OError(f"the range {lo}-{hi} is reversed; write it low-high ({hi}-{lo})")
+            if len(out) + hi - lo + 1 > MAX_SEEDS:
+                raise L2OError(f"{s!r} gives more than {MAX_SEEDS} seeds")
+            out += range(lo, hi + 1)
+        return check_seeds(out, "")
+    except L2OError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def ray_address(s: str) -> str:
@@ -137,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
     t.add_argument("--optimizee", required=True, choices=list(ZOO))
     t.add_argument("--steps", type=ranged(STEPS), default=200)
-    t.add_argument("--seeds", type=ranged(SEEDS), default=3, help="number of seeds (0..S-1)")
+    t.add_argument("--seeds", type=seed_spec, default=report_seeds(3), metavar="SEEDS", help=SEEDS_HELP)
     t.add_argument("--lr", type=_lr, default="auto", help="learning rate, or 'auto' to search it")
     t.add_argument("--checkpoint", help="l2o.pt written by meta-train, or pretrained:NAME (e.g. pretrained:leaky_relu, "
                    "pretrained:bn_relu/beta=0.5) "
@@ -242,12 +278,15 @@ def _add_experiment_parsers(sub) -> None:
     r.add_argument("--meta-seeds", type=ranged(META_SEEDS), default=None, metavar="K",
                    help="meta-train K L2Os per setting (seeds 0..K-1; needs --l2os train) and take the "
                         "findings' intervals over them (default: the profile's; paper 3, quick 1)")
+    r.add_argument("--seeds", type=seed_spec, default=None, metavar="SEEDS",
+                   help=f"meta-test seeds: {SEEDS_HELP} (default: the profile's, quick 3, paper 5)")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _pipeline_options(r)
     e = sub.add_parser("experiment", help="run one experiment of the study")
     e.add_argument("name", choices=EXPERIMENTS)
     e.add_argument("--scale", choices=("quick", "paper", "smoke"), default="quick")
-    e.add_argument("--seeds", type=ranged(SEEDS), default=None, help="meta-test seeds (default 5; smoke: 2)")
+    e.add_argument("--seeds", type=seed_spec, default=None, metavar="SEEDS",
+                   help=f"meta-test seeds: {SEEDS_HELP} (default 5, smoke 2)")
     e.add_argument("--cov-unit", choices=("minibatch", "sample"), default="minibatch")
     e.add_argument("--cov-center", choices=("mean", "fullbatch"), default="mean")
     _pipeline_options(e)
@@ -318,7 +357,7 @@ def cmd_meta_test(args) -> int:
     opt, info = make_optimizer(args.optimizer, model, args.steps, args.lr, args.checkpoint, ds, device,
                                args.progress)
     out = Path(args.out)
-    seeds = list(range(args.seeds))
+    seeds = list(args.seeds)
     probes = [symmetry.probe(args.record_symmetry)] if args.record_symmetry else []
     log = MetricLog("meta-test", model.name, opt.name, seeds)
     meta_test(opt, model, ds.split("train"), seeds, args.steps, batch_size=args.batch_size,
@@ -392,7 +431,7 @@ def cmd_reproduce(args) -> int:
     from .pipeline import override, reproduce
 
     learned.set_fusion(args.fusion)
-    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds, args.seeds)
     _check_pipeline_paths(args)
     reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,

@@ -27,7 +27,8 @@ import torch
 
 from .results import l2o_label
 from .errors import L2OError
-from .seeds import stable_hash
+from .runner import STUDY_LR_HORIZON, STUDY_LR_RUNS
+from .seeds import check_seeds, lr_search_seeds, report_seeds, stable_hash
 
 EXPERIMENTS = ("symmetry-breaking", "regularization", "noise")
 BASELINES = ("sgd", "adam", "lion")
@@ -40,20 +41,24 @@ UNSEEN = {"leaky_relu": ("sigmoid", "relu", "sigmoid_2x20", "sigmoid_40", "bn_re
 # ---- profiles -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Profile:
-    """Scale of a reproduction. `meta` holds MetaTrainConfig fields."""
+    """Scale of a reproduction. `meta` holds MetaTrainConfig fields; `seeds` are the
+    meta-test seeds (report seeds by default: seeds.py)."""
 
     name: str
-    seeds: int
+    seeds: tuple[int, ...]
     meta: Mapping[str, Any]
     symmetry_steps: int = 100
     regularization_steps: int = 200
     betas: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0)
     unseen: int = 5  # how many of UNSEEN[...] the generalisation table covers
-    unseen_seeds: int | None = None  # default: seeds
+    unseen_seeds: int | None = None  # the generalisation table meta-tests on the first k seeds (default: all)
     noise_steps: int = 1000
     noise_every: int = 10
     noise_minibatches: int | None = None  # None: the whole training split
-    lr_seeds: int = 2
+    # the baselines' learning-rate search: every rate of runner.LR_GRID over lr_horizon steps in
+    # lr_runs runs (seeds 10,000, ...), on the validation split; the study's protocol is 500 x 3
+    lr_horizon: int = STUDY_LR_HORIZON
+    lr_runs: int = STUDY_LR_RUNS
     eval_every: int = 10
     cov_unit: str = "minibatch"  # update-covariance samples: minibatches or single examples
     cov_center: str = "mean"  # centre: mean update, or the full-batch update
@@ -65,26 +70,36 @@ class Profile:
     meta_seeds: int = 1
 
     def to_dict(self) -> dict:
-        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
+        return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
+                for k, v in self.__dict__.items()}
+
+    def lr_protocol(self) -> dict:
+        """The baselines' learning-rate search of this profile, and whether it is the study's."""
+        study = {"horizon": STUDY_LR_HORIZON, "runs": STUDY_LR_RUNS}
+        mine = {"horizon": self.lr_horizon, "runs": self.lr_runs}
+        return {**mine, "study": study, "as_study": mine == study,
+                "note": "the study's protocol" if mine == study else
+                f"shortened from the study's {STUDY_LR_HORIZON} steps x {STUDY_LR_RUNS} runs: these "
+                "learning rates are not the study's"}
 
 
 PROFILES = {
     "smoke": Profile(
-        "smoke", seeds=2,
+        "smoke", seeds=report_seeds(2),
         meta=dict(epochs=2, runs=1, horizon=20, unroll=5, val_runs=1, meta_lr=1e-3, clip_grad=1.0,
                   rollback=1.5),
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
-        noise_every=10, noise_minibatches=40, lr_seeds=1, eval_every=5, recipe="plain"),
+        noise_every=10, noise_minibatches=40, lr_horizon=20, lr_runs=1, eval_every=5, recipe="plain"),
     "quick": Profile(
-        "quick", seeds=3,
+        "quick", seeds=report_seeds(3),
         meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
-        noise_steps=1000, noise_every=250, unseen_seeds=3, lr_seeds=2, l2os="pretrained"),
+        noise_steps=1000, noise_every=250, unseen_seeds=3, l2os="pretrained"),
     # paper: the default recipe at the published number of meta-steps (50 epochs of 100 runs,
     # 90 of them one unroll: 9,500 meta-steps per L2O; the published schedule is 10,000)
     "paper": Profile(
-        "paper", seeds=5,
+        "paper", seeds=report_seeds(5),
         meta=dict(epochs=50, runs=100, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
-        noise_steps=1000, noise_every=10, lr_seeds=3, meta_seeds=3),
+        noise_steps=1000, noise_every=10, meta_seeds=3),
 }
 
 
@@ -149,29 +164,33 @@ def pretrained_job(optimizee: str, beta: float) -> Job:
                estimate_s=COST["job"])
 
 
-def lr_search_job(profile: Profile, optimizer: str, optimizee: str, horizon: int, device: str) -> Job:
-    cfg = {"optimizer": optimizer, "optimizee": optimizee, "horizon": horizon,
-           "seeds": [10_000 + i for i in range(profile.lr_seeds)], "device": device}
-    est = horizon * 10 * profile.lr_seeds * COST["base_step_seed"] + COST["job"]
-    return Job("lr-search", cfg, f"lr search {optimizer} on {optimizee} ({horizon} steps)", estimate_s=est)
+def lr_search_job(profile: Profile, optimizer: str, optimizee: str, device: str) -> Job:
+    """A baseline's learning rate for `optimizee`, by the profile's protocol (the study's:
+    500 steps x 3 runs), shared by every experiment that runs the baseline there."""
+    h, runs = profile.lr_horizon, profile.lr_runs
+    cfg = {"optimizer": optimizer, "optimizee": optimizee, "horizon": h,
+           "seeds": list(lr_search_seeds(runs)), "device": device}
+    est = h * 10 * runs * COST["base_step_seed"] + COST["job"]
+    return Job("lr-search", cfg, f"lr search {optimizer} on {optimizee} ({h} steps x {runs} run{'s' * (runs > 1)})",
+               estimate_s=est)
 
 
 def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee: str, steps: int,
-                  seeds: int, profile: Profile, device: str, beta: float | None = None,
+                  seeds: tuple[int, ...], profile: Profile, device: str, beta: float | None = None,
                   trained_on: str | None = None, symmetry_every: int | None = None,
                   noise: Mapping[str, Any] | None = None, eval_every: int | None = None,
                   meta_seed: int = 0) -> Job:
     cfg = {"experiment": experiment, "optimizer": optimizer, "optimizee": optimizee, "steps": steps,
-           "seeds": list(range(seeds)), "eval_every": eval_every or profile.eval_every, "beta": beta,
+           "seeds": list(seeds), "eval_every": eval_every or profile.eval_every, "beta": beta,
            "trained_on": trained_on, "symmetry_every": symmetry_every,
            "noise": dict(noise) if noise else None, "source": optimizer_job.key, "device": device}
     if meta_seed:  # absent for seed 0, so that one-seed job keys stay as they were
         cfg["meta_seed"] = meta_seed
     per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
-    est = steps * seeds * (per + (COST["sym_step_seed"] if symmetry_every else 0))
+    est = steps * len(seeds) * (per + (COST["sym_step_seed"] if symmetry_every else 0))
     if noise:
         ck = steps // noise["every"] + 1
-        est += ck * seeds * (COST["noise_ckpt_l2o"] if optimizer == "l2o" else COST["noise_ckpt"])
+        est += ck * len(seeds) * (COST["noise_ckpt_l2o"] if optimizer == "l2o" else COST["noise_ckpt"])
     name = l2o_label(optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})", meta_seed)
     lbl = f"{experiment}: {name}{'' if beta is None else f' beta={beta:g}'} on {optimizee} ({steps} steps)"
     return Job("meta-test", cfg, lbl, deps=(optimizer_job.key,), estimate_s=est + COST["job"])
@@ -194,47 +213,53 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
         raise L2OError(f"unknown L2O source {profile.l2os!r}; valid: {', '.join(L2O_SOURCES)}")
     if not isinstance(profile.meta_seeds, int) or profile.meta_seeds < 1:
         raise L2OError(f"meta_seeds must be a positive integer, got {profile.meta_seeds!r}")
+    S = check_seeds(profile.seeds, "the profile's seeds")
+    if profile.unseen_seeds is not None and not 1 <= profile.unseen_seeds <= len(S):
+        raise L2OError(f"unseen_seeds must be in 1..{len(S)} (the number of seeds), got {profile.unseen_seeds!r}")
+    S_unseen = S[:profile.unseen_seeds]
+    for name in ("lr_horizon", "lr_runs"):
+        if not isinstance(getattr(profile, name), int) or getattr(profile, name) < 1:
+            raise L2OError(f"{name} must be a positive integer, got {getattr(profile, name)!r}")
     # the shipped set holds one L2O per setting
     meta_seeds = range(1 if profile.l2os == "pretrained" else profile.meta_seeds)
 
-    def source(optimizer: str, optimizee: str, horizon: int, beta: float = 0.0, meta_seed: int = 0) -> Job:
+    def source(optimizer: str, optimizee: str, beta: float = 0.0, meta_seed: int = 0) -> Job:
         if optimizer == "l2o" and profile.l2os == "pretrained":
             return add(pretrained_job(optimizee, beta))
         if optimizer == "l2o":
             return add(meta_train_job(profile, optimizee, beta, device, meta_seed))
-        return add(lr_search_job(profile, optimizer, optimizee, horizon, device))
+        return add(lr_search_job(profile, optimizer, optimizee, device))
 
     if profile.l2os == "pretrained":  # the analyses use the shipped set; one short meta-training
         add(meta_train_job(profile, "leaky_relu", 0.0, device))  # shows the whole pipeline
 
-    S = profile.seeds
     if "symmetry-breaking" in experiments:
         for optimizee in TRAINED_ON:
             for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
-                src = source(opt, optimizee, profile.symmetry_steps, meta_seed=k)
+                src = source(opt, optimizee, meta_seed=k)
                 add(meta_test_job("symmetry-breaking", src, opt, optimizee, profile.symmetry_steps, S,
                                   profile, device, symmetry_every=1, meta_seed=k))
     if "regularization" in experiments:
         T = profile.regularization_steps
         for optimizee in TRAINED_ON:
             for opt in BASELINES:
-                add(meta_test_job("regularization", source(opt, optimizee, T), opt, optimizee, T, S,
+                add(meta_test_job("regularization", source(opt, optimizee), opt, optimizee, T, S,
                                   profile, device))
             for beta in profile.betas:
                 for k in meta_seeds:
-                    src = source("l2o", optimizee, T, beta, meta_seed=k)
+                    src = source("l2o", optimizee, beta, meta_seed=k)
                     add(meta_test_job("regularization", src, "l2o", optimizee, T, S, profile, device,
                                       beta=beta, meta_seed=k))
                     for unseen in UNSEEN[optimizee][:profile.unseen]:
                         add(meta_test_job("generalization", src, "l2o", unseen, T,
-                                          profile.unseen_seeds or S, profile, device, beta=beta,
+                                          S_unseen, profile, device, beta=beta,
                                           trained_on=optimizee, eval_every=max(profile.eval_every, T // 4),
                                           meta_seed=k))
     if "noise" in experiments:
         noise = {"every": profile.noise_every, "minibatches": profile.noise_minibatches,
                  "cov_unit": profile.cov_unit, "cov_center": profile.cov_center}
         for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
-            src = source(opt, "leaky_relu", profile.noise_steps, meta_seed=k)
+            src = source(opt, "leaky_relu", meta_seed=k)
             add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
                               noise=noise, meta_seed=k))
     # dependencies first; within a kind the longest first, so a pool's workers finish together

@@ -40,7 +40,7 @@ from .runner import init_params, meta_test
 from .env import resolve_device
 from .errors import L2OError, Range
 from .files import atomic_torch_save
-from .seeds import derive_seed, generator
+from .seeds import VALIDATION, derive_seed, generator
 
 META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")
@@ -58,7 +58,7 @@ REGS = ("rescale", "scale", "translation", "all")
 # Drift alone is no sign: an untrained L2O drifts (~0.5-1.0) and still trains.
 COLLAPSE_UNROLLS = 3
 DEAD, CHANCE = 0.5, 0.9
-VAL_SEEDS = 1_000_000
+VAL_SEEDS = VALIDATION.start  # validation runs use seeds VAL_SEEDS + i (seeds.py)
 EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25  # validation runs use seeds VAL_SEEDS + i, never a training seed
 
 

@@ -28,7 +28,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -347,9 +347,13 @@ def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", t
     return LocalExecutor(workers, threads=threads, fusion=fusion)
 
 
-def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None) -> Profile:
-    """The profile with where its L2Os come from and how many per setting replaced."""
+def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None,
+             seeds: Sequence[int] | None = None) -> Profile:
+    """The profile with where its L2Os come from, how many per setting, and its meta-test
+    seeds replaced (the generalisation table keeps its share: at most as many as before)."""
     from dataclasses import replace
+
+    from .seeds import check_seeds
 
     if l2os is not None:
         profile = replace(profile, l2os=l2os)
@@ -358,6 +362,10 @@ def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None =
             raise L2OError(f"--meta-seeds {meta_seeds} needs --l2os train: the shipped set has one L2O per "
                            "optimizee and beta")
         profile = replace(profile, meta_seeds=meta_seeds)
+    if seeds is not None:
+        seeds = check_seeds(seeds, "seeds")
+        unseen = None if profile.unseen_seeds is None else min(profile.unseen_seeds, len(seeds))
+        profile = replace(profile, seeds=seeds, unseen_seeds=unseen)
     return profile
 
 
@@ -365,15 +373,17 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
-              l2os: str | None = None, meta_seeds: int | None = None, echo=print) -> dict:
+              l2os: str | None = None, meta_seeds: int | None = None, seeds: Sequence[int] | None = None,
+              echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
-    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from, and
-    `meta_seeds` how many L2Os it meta-trains per setting."""
+    `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from,
+    `meta_seeds` how many L2Os it meta-trains per setting, and `seeds` (a list of ints)
+    its meta-test seeds (default: the profile's report seeds; seeds.py)."""
     from . import data as data_mod
     from .report import write_outputs
 
     profile = override(profile_name if isinstance(profile_name, Profile) else get_profile(profile_name),
-                       l2os, meta_seeds)
+                       l2os, meta_seeds, seeds)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
@@ -420,7 +430,10 @@ def _made_by_an_earlier_version(out: Path) -> bool:
 
 
 def format_plan(jobs: list[Job], done: set[str], profile) -> str:
-    lines = [f"profile {profile.name}: {len(jobs)} jobs ({len(done)} already done)", ""]
+    from .seeds import families_of
+
+    lines = [f"profile {profile.name}: {len(jobs)} jobs ({len(done)} already done); meta-tests on "
+             f"{families_of(profile.seeds)}", ""]
     width = max(len(j.label) for j in jobs)
     for j in jobs:
         state = "done" if j.key in done else _hms(j.estimate_s)
@@ -437,15 +450,17 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def experiment_profile(name: str, scale: str = "quick", seeds: int | None = None,
+def experiment_profile(name: str, scale: str = "quick", seeds: Sequence[int] | None = None,
                        cov_unit: str = "minibatch", cov_center: str = "mean") -> Profile:
     """The profile `experiment NAME --scale SCALE` runs: the scale's profile with `seeds`
-    meta-test seeds (default 5; smoke: its own) and the noise experiment's covariance settings."""
+    meta-test seeds (default the first 5 report seeds; smoke: its own) and the noise
+    experiment's covariance settings."""
     from dataclasses import replace
 
+    from .seeds import report_seeds
+
     base = get_profile(scale)
-    seeds = seeds if seeds is not None else (base.seeds if base.name == "smoke" else 5)
-    base = replace(base, seeds=seeds, unseen_seeds=None if base.unseen_seeds is None else min(base.unseen_seeds, seeds))
+    base = override(base, seeds=seeds or (base.seeds if base.name == "smoke" else report_seeds(5)))
     if (cov_unit, cov_center) != ("minibatch", "mean") and name != "noise":
         raise L2OError("--cov-unit/--cov-center apply to the noise experiment only")
     return replace(base, cov_unit=cov_unit, cov_center=cov_center)

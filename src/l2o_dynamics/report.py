@@ -16,6 +16,7 @@ from .experiments import Job, Profile
 from .results import COLUMNS, Table
 from .env import environment
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .seeds import families_of
 
 VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "inconclusive-opposite": "inconclusive, opposite sign (CI includes 0)",
@@ -177,11 +178,60 @@ def _recipe_text(profile: Profile) -> str:
     return ", ".join(parts)
 
 
+def seeds_text(profile: Profile) -> str:
+    """'3 meta-test seeds (report seeds 100-102: ...)', saying whether any choice saw them."""
+    from .seeds import seed_family
+
+    fams = {seed_family(s) for s in profile.seeds}
+    why = ("no choice of this project has seen them" if fams == {"report"} else
+           "not only report seeds: numbers on selection seeds are not independent of the choices "
+           "made on them" if "selection" in fams else "not the report seeds")
+    return f"{len(profile.seeds)} meta-test seeds ({families_of(profile.seeds)}; {why}; seeds.py)"
+
+
+def lr_search_block(jobs: list[Job], store, profile: Profile) -> list[Block]:
+    """Every learning rate searched for a baseline: protocol, chosen rate and each rate's score."""
+    from .runner import LR_GRID
+
+    searches = [j for j in jobs if j.kind == "lr-search" and store.done(j.key)]
+    if not searches:
+        return []
+    used: dict[str, set[str]] = {}
+    for j in jobs:
+        for d in j.deps:
+            if j.kind == "meta-test":
+                used.setdefault(d, set()).add(j.config["experiment"])
+    header = ["optimizer", "optimizee", "horizon", "runs", "chosen lr", "used by"] + [f"{lr:g}" for lr in LR_GRID]
+    body = []
+    for j in sorted(searches, key=lambda j: (j.config["optimizee"], j.config["optimizer"])):
+        found = json.loads((store.path(j.key) / "result.json").read_text())
+        scores = {float(k): v for k, v in found["scores"].items()}
+
+        def cell(lr: float) -> str:
+            v = scores.get(lr)
+            text = "-" if v is None else "diverged" if v == float("inf") else f"{v:.4g}"
+            return f"**{text}**" if lr == found["lr"] else text
+        body.append([j.config["optimizer"], j.config["optimizee"], str(j.config["horizon"]),
+                     str(len(j.config["seeds"])), f"{found['lr']:g}", ", ".join(sorted(used.get(j.key, ())))]
+                    + [cell(lr) for lr in LR_GRID])
+    proto = profile.lr_protocol()
+    note = ("This is the study's protocol." if proto["as_study"] else
+            f"This profile's search is {proto['note']} (config.json, lr_search).")
+    return [("h", 2, "Baselines' learning rates"),
+            ("p", "Each baseline's learning rate is searched once per optimizee and used by every experiment "
+                  "that runs it there: every rate of the grid trains `runs` optimizees (seeds 10,000, ...) for "
+                  "`horizon` steps on the validation split, and the lowest mean summed training loss wins "
+                  "(bold). The study's protocol is 500 steps x 3 runs (the authors' scripts/meta_test.py:153-167, "
+                  f"l2o/training.py:467-505). {note} Scores: mean over runs of the summed minibatch training "
+                  "loss; 'diverged': a run's loss was not finite."),
+            ("table", header, body)]
+
+
 def build_report(table: Table, findings, figures: dict[str, Path], profile: Profile, jobs: list[Job],
                  store, env: dict, wall_time_s: float, executor: str) -> list[Block]:
     blocks: list[Block] = [
         ("h", 1, "l2o-dynamics: reproduction of \"Investigation into Training Dynamics of Learned Optimizers\""),
-        ("p", f"Profile **{profile.name}**: {profile.seeds} seeds; meta-training: {_recipe_text(profile)}. "
+        ("p", f"Profile **{profile.name}**: {seeds_text(profile)}; meta-training: {_recipe_text(profile)}. "
               f"{L2O_SOURCE[profile.l2os]} Noise runs of {profile.noise_steps} steps with "
               f"checkpoints every {profile.noise_every}. Wall time {wall_time_s / 60:.1f} min on {executor}. "
               "Numbers are mean [95% t-interval] over seeds; comparisons are paired by seed (same init and "
@@ -202,6 +252,7 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
         blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
                    ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
     blocks += [("h", 2, "How the L2O compares with Adam")] + pooled_note + _speed_block(table)
+    blocks += lr_search_block(jobs, store, profile)
     blocks += [("h", 2, "Figures")] + pooled_note
     captions = {
         "symmetry_breaking.png": "Figure 1: deviation from the rescale (left) and scale (right) constraints.",
@@ -303,6 +354,7 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
     atomic_write_text(out / "report.html", to_html(blocks))
     atomic_write_json(out / "config.json", {
         "kind": "reproduce", "profile": profile.to_dict(), "experiments": list(experiments),
+        "lr_search": profile.lr_protocol(),
         "data_digests": data_digests(store, jobs),
         "jobs": [{"key": j.key, "kind": j.kind, "label": j.label, "config": dict(j.config)} for j in jobs],
         "environment": env, "wall_time_s": round(wall_time_s, 1), "executor": executor,
@@ -314,6 +366,6 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
             atomic_write_bytes(docs / "figures" / name, path.read_bytes())
         header, rows = findings_table(findings)
         atomic_write_text(docs / "findings.md", to_markdown([
-            ("p", f"Profile `{profile.name}`, {profile.seeds} seeds, {wall_time_s / 60:.1f} min on {executor} "
+            ("p", f"Profile `{profile.name}`, {seeds_text(profile)}, {wall_time_s / 60:.1f} min on {executor} "
                   f"({env.get('device')}, torch {env['torch']})."), ("table", header, rows)]))
     return {"findings": findings, "figures": figures, "text": summary_text(findings, out, figures)}

@@ -31,11 +31,15 @@ from .results import MetricLog
 from .env import cache_dir
 from .errors import L2OError, Range
 from .files import atomic_write_json
-from .seeds import generator, stable_hash
+from .seeds import generator, lr_search_seeds, stable_hash
 
+# The study's protocol for the baselines' learning rates (authors' scripts/meta_test.py:153-167,
+# l2o/training.py:467-505): every rate of LR_GRID trained for half the meta-test horizon
+# (1000 // 2 = STUDY_LR_HORIZON steps) in STUDY_LR_RUNS runs; the lowest summed training loss wins.
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
 STEP_COUNT = Range(1, 10**12, integer=True)
-SEARCH_SEEDS = (10_000, 10_001)  # held out from every meta-test seed (0, 1, 2, ...)
+STUDY_LR_HORIZON, STUDY_LR_RUNS = 500, 3
+SEARCH_SEEDS = lr_search_seeds(2)  # search_lr's default runs: 10,000 and 10,001 (seeds.LR_SEARCH)
 
 
 def init_params(model: Optimizee, seeds: Sequence[int], dtype=torch.float32, device=None) -> Params:
@@ -124,10 +128,11 @@ class LRSearch:
     lr: float
     scores: dict[float, float]  # lr -> mean summed training loss (inf if it diverged)
     cached: bool = False
+    seeds: tuple[int, ...] = ()  # one run per seed and rate
 
     def to_dict(self) -> dict:
         return {"optimizer": self.optimizer, "optimizee": self.optimizee, "horizon": self.horizon,
-                "lr": self.lr, "scores": {repr(k): v for k, v in self.scores.items()}}
+                "seeds": list(self.seeds), "lr": self.lr, "scores": {repr(k): v for k, v in self.scores.items()}}
 
 
 def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon: int, *,
@@ -137,7 +142,8 @@ def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon
     """Pick a baseline's learning rate from `grid` by the summed training loss of short
     runs (`horizon` steps, one per seed) trained on the validation split. All rates and
     seeds train at once as one batched computation. Cached per (optimizer, optimizee,
-    horizon, grid, seeds, batch size)."""
+    horizon, grid, seeds, batch size). The study's protocol is `horizon=STUDY_LR_HORIZON`
+    with `seeds=lr_search_seeds(STUDY_LR_RUNS)` (what the reproduce profiles use)."""
     model = get_optimizee(model)
     key = {"optimizer": name, "optimizee": model.name, "horizon": horizon, "grid": list(grid),
            "seeds": list(seeds), "batch_size": batch_size, "version": 1}
@@ -145,7 +151,7 @@ def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon
     if use_cache and path.exists():
         cached = _read_lr_cache(path, grid)
         if cached is not None:
-            return LRSearch(name, model.name, horizon, *cached, cached=True)
+            return LRSearch(name, model.name, horizon, *cached, cached=True, seeds=tuple(seeds))
     rates = torch.tensor([lr for lr in grid for _ in seeds], dtype=torch.float32)
     run_seeds = [s for _ in grid for s in seeds]
     opt = make_baseline(name, lr=rates.to(device or "cpu"))
@@ -156,7 +162,7 @@ def search_lr(name: str, model: Optimizee | str, data: "data_mod.MNIST", horizon
     scores = {float(lr): (float(row.mean()) if np.all(np.isfinite(row)) else math.inf)
               for lr, row in zip(grid, totals)}
     best = min(scores, key=lambda lr: (scores[lr], lr))
-    result = LRSearch(name, model.name, horizon, best, scores)
+    result = LRSearch(name, model.name, horizon, best, scores, seeds=tuple(seeds))
     if use_cache:
         try:
             atomic_write_json(path, {**key, **result.to_dict()})
