@@ -7,6 +7,7 @@ the mean over seeds with a 95% t-interval band.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -174,8 +175,10 @@ def symmetry_figure(table: Table, path, suffix: str = "") -> Path:
             curve(ax, sub.where(optimizer=opt), opt, beta, log=True)
         _panel(ax, f"{kind.capitalize()} symmetry breaking ({optimizee})", "iteration", what, log=True)
     legend_outside(fig, axes)
-    fig.suptitle("Deviation of each optimizer's updates from the symmetry constraints "
-                 "(mean, 95% band over seeds)", fontsize=11)
+    what_of = ("the vectors the study's code measured as updates" if suffix == PUBLISHED
+               else "each optimizer's updates")
+    fig.suptitle(f"Deviation of {what_of} from the symmetry constraints (mean, 95% band over seeds)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, path)
 
@@ -242,8 +245,8 @@ def noise_figure(table: Table, path) -> Path:
                   label_text=f"{label(opt)} gradient")
         curve(axes[-1], sub.where(metric="cov_max_eig"), opt, beta, log=True, marker="o")
     for ax, suffix in zip(axes, suffixes):
-        _panel(ax, f"Noise tail index, leaky_relu\n{ESTIMATOR_LABELS.get(suffix, suffix)}", "iteration",
-               "tail index alpha")
+        _panel(ax, "Noise tail index, leaky_relu\n" + textwrap.fill(ESTIMATOR_LABELS.get(suffix, suffix), 60),
+               "iteration", "tail index alpha")
         ax.title.set_fontsize(8)
         ax.axhline(2.0, color="0.5", lw=0.8, ls=":")
     axes[0].legend(fontsize=7, ncol=2)
