@@ -362,3 +362,66 @@ def test_a_run_flagged_diverged_is_left_out_of_every_window_and_counted():
     assert early[0] == 2.0 and math.isnan(early[1])
     assert per_seed(t.where(metric="train_loss"), steps=(0, 0)) == {0: 2.0, 1: 2.0}  # unmasked: it would count
     assert paired(early, {0: 1.0, 1: 1.0}).diverged == 1
+
+
+def _concat(*tables: Table) -> Table:
+    return Table({c: np.concatenate([t.cols[c] for t in tables]) for c in tables[0].cols})
+
+
+def test_the_covariance_finding_never_averages_step_0_with_later_checkpoints():
+    # 5 checkpoints x 3 seeds. Adam's first, sign-like step: 0.1 at step 0, then 1e-4; the L2O 1e-2
+    # throughout. Averaged with step 0 Adam's mean would be (0.1 + 4e-4) / 5 = 0.02 > 0.01; after
+    # step 0 the L2O is 100x Adam (log10 ratio 2)
+    T, S = 5, 3
+    adam = np.full((T, S), 1e-4)
+    adam[0] = 0.1
+    curves = {("sgd", None): np.full((T, S), 1e-4), ("adam", None): adam, ("l2o", None): np.full((T, S), 1e-2)}
+    (f,) = [f for f in analysis.noise_findings(_table(curves, "cov_max_eig", "noise")) if f.key == "cov_max_eig"]
+    assert f.stats["log10(L2O / adam)"] == pytest.approx([2.0] * S)
+    assert f.stats["cov_max_eig adam, step 0"] == pytest.approx([0.1] * S)  # shown apart
+    assert f.stats["cov_max_eig adam, after step 0"] == pytest.approx([1e-4] * S)
+    assert f.verdict == "held"
+
+
+def _published_deviations(l2o_ratio: float) -> Table:
+    """rescale deviations of 4 seeds over 20 steps: corrected, the L2O equal to Adam; as
+    published, the L2O `l2o_ratio` x its corrected deviation and SGD at rounding level."""
+    rng = np.random.default_rng(3)
+    T, S = 20, 4
+    dev = {o: (1.0 + 0.05 * rng.standard_normal((T, S))) for o in ("sgd", "adam", "lion", "l2o")}
+    pub = {**dev, "sgd": np.full((T, S), 1e-9), "l2o": l2o_ratio * dev["l2o"]}
+    return _concat(*(_table({(o, None): v for o, v in d.items()}, metric, "symmetry-breaking")
+                     for d, metric in ((dev, "rescale_deviation"), (pub, "rescale_deviation_published"))))
+
+
+def test_symmetry_findings_as_published_stand_beside_the_corrected_ones_and_read_their_metric():
+    found = {f.key: f for f in analysis.symmetry_findings(_published_deviations(10.0))}
+    keys = list(found)
+    assert keys.index("deviation_rescale_total_published") == keys.index("deviation_rescale_total") + 1
+    assert "deviation_rescale_timing_published" in found
+    corrected, published = found["deviation_rescale_total"], found["deviation_rescale_total_published"]
+    assert corrected.verdict != "held"  # the L2O equals Adam on its real step
+    assert published.verdict == "held" and published.claim.startswith("(as published")
+    # log10(10 * x / 1e-9) - log10(x / x') per seed: 1 + 9 above the corrected ratios
+    assert np.mean(published.stats["log10(L2O / sgd)"]) == pytest.approx(
+        np.mean(corrected.stats["log10(L2O / sgd)"]) + 10, abs=0.05)
+    # without the published metric (older runs), only the corrected findings
+    plain = _published_deviations(10.0)
+    plain = Table({c: a[plain.cols["metric"] == "rescale_deviation"] for c, a in plain.cols.items()})
+    assert not [f for f in analysis.symmetry_findings(plain) if f.key.endswith("_published")]
+
+
+def test_noise_findings_as_published_read_the_float32_centred_alphas():
+    T, S = 4, 3
+    exact = {("sgd", None): np.full((T, S), 0.8), ("adam", None): np.full((T, S), 0.81),
+             ("l2o", None): np.full((T, S), 0.79) + 0.001 * np.arange(S)}
+    as_published = {**exact, ("l2o", None): exact[("l2o", None)] + 0.12}  # the residue raises the L2O's alpha
+    t = _concat(*(_table(c, m, "noise") for c, m in (
+        (exact, "alpha_update_pub"), (exact, "alpha_grad_pub"),
+        (as_published, "alpha_update_pub_published"), (exact, "alpha_grad_pub_published"))))
+    found = {f.key: f for f in analysis.noise_findings(t)}
+    assert found["alpha_update_vs_baselines_pub"].verdict == "contradicted"  # 0.79 below Adam's 0.81
+    published = found["alpha_update_vs_baselines_pub_published"]
+    assert published.verdict == "held" and "as published" in published.claim
+    assert published.stats["L2O minus adam"] == pytest.approx([0.1, 0.101, 0.102])
+    assert "alpha_update_vs_baselines" not in found  # an estimator that was not recorded: no finding

@@ -1,8 +1,10 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from l2o_dynamics import noise
+from l2o_dynamics import noise, tail
 from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.optimizees import ZOO, flatten
 from l2o_dynamics.optimizers import SGD, Adam, Lion, tree_index
@@ -100,8 +102,8 @@ def test_analysis_does_not_disturb_the_run(make, synthetic):
     b = [v for m, _, v in analysed.entries if m == "train_loss"]
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     got = {m for m, _, _ in analysed.entries}
-    assert {"alpha_grad", "alpha_update", "alpha_grad_std", "alpha_update_std", "cov_max_eig",
-            "cov_trace"} <= got
+    assert {"alpha_grad", "alpha_update", "alpha_grad_std", "alpha_update_std", "alpha_update_pub",
+            "alpha_update_pub_published", "cov_max_eig", "cov_trace"} <= got
     steps = sorted({s for m, s, _ in analysed.entries if m == "alpha_update"})
     assert steps == [0, 3, 6]
     alphas = [v for m, _, v in analysed.entries if m.startswith("alpha")]
@@ -116,3 +118,56 @@ def test_columns_that_do_not_vary_are_exact_zeros_in_the_noise():
     C = noise.centred(X)
     assert (C[:, 1] == 0).all() and (C[:, 2] == 0).all()
     torch.testing.assert_close(C[:, [0, 3, 4, 5]], (X - X.mean(0))[:, [0, 3, 4, 5]])
+
+
+def _constant_coordinates(N=469, P=100, dead=8):
+    """N samples of P coordinates, float32: Gaussian noise (sd 0.01) except the first `dead`
+    (8%) coordinates, which hold 0.1 (not representable in float32) in every sample, as an
+    L2O's update does on always-blank pixels."""
+    g = torch.Generator().manual_seed(0)
+    X = 0.01 * torch.randn(N, P, generator=g)
+    X[:, :dead] = 0.1
+    return X
+
+
+def test_float32_centring_leaves_rounding_residue_where_exact_centring_gives_zeros():
+    X = _constant_coordinates()
+    plain, exact = noise.centred_as_published(X), noise.centred(X)
+    assert (exact[:, :8] == 0).all()
+    # the float32 mean of 469 copies of 0.1f is off by rounding: nonzero residue, within the
+    # error bound of a 469-term float32 sum of terms 0.1 (469 * eps32 * 0.1 = 5.6e-6)
+    residue = plain[:, :8].abs()
+    assert (residue > 0).all() and (residue <= 469 * torch.finfo(torch.float32).eps * 0.1).all()
+    torch.testing.assert_close(plain[:, 8:], exact[:, 8:], rtol=0, atol=0)  # elsewhere the same
+
+
+def test_the_residue_raises_the_published_estimators_alpha():
+    X = _constant_coordinates()
+    plain, exact = noise.centred_as_published(X), noise.centred(X)
+    # N = 46,900 samples, m = block_size = 175. Exact: the 8% zeros add 0.08 * log(eps) to the
+    # mean of log(|x| + eps); float32: 0.08 * mean log(|r| + eps) with r ~ 1.5e-8 instead, a
+    # difference of 0.08 * (-18.0 + 36.0) = 1.44. The block sums of 175 values (~0.12) do not
+    # feel either, so 1/alpha drops by 1.44 / log 175 = 0.279 (alpha 1.03 -> 1.44).
+    eps = tail.PUBLISHED_EPS
+    shift = 0.08 * float((plain[:, :8].double().abs() + eps).log().mean() - math.log(eps))
+    a_plain, a_exact = tail.mohammadi_published(plain), tail.mohammadi_published(exact)
+    assert 1 / a_exact - 1 / a_plain == pytest.approx(shift / math.log(175), rel=1e-3)
+    assert a_plain > a_exact + 0.3
+
+
+def test_each_estimator_reads_the_centring_it_is_recorded_under():
+    G = _constant_coordinates()
+    G[:, :8] = 0.0  # gradients on blank pixels: exact zeros under either centring
+    U = _constant_coordinates()
+    U[:, 8:] *= 1 + torch.rand(U.shape[0], U.shape[1] - 8, generator=torch.Generator().manual_seed(1))  # != G
+    out = noise.noise_alphas(G, U)
+    assert set(out) == {f"alpha_{w}{s}" for w in ("grad", "update")
+                        for s in ("_pub", "_pub_published", "", "_std")}
+    # the study's estimator: exact centring under its own name, float32 centring as published
+    assert out["alpha_update_pub"] == tail.mohammadi_published(noise.centred(U))
+    assert out["alpha_update_pub_published"] == tail.mohammadi_published(U - U.mean(0))
+    assert out["alpha_update_pub_published"] > out["alpha_update_pub"] + 0.2  # the residue (test above)
+    assert out["alpha_update"] == tail.mohammadi(noise.centred(U))
+    assert out["alpha_update_std"] == tail.mohammadi_std(noise.centred(U))
+    assert out["alpha_grad_pub_published"] == out["alpha_grad_pub"]  # exact zeros either way
+    assert not any(k.endswith("_published") for k in noise.noise_alphas(G, U, published=False))

@@ -12,7 +12,7 @@ def test_python_tour_runs(tmp_path, monkeypatch, mnist):
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert (tmp_path / "runs" / "l2o" / "l2o.pt").exists()
-    assert set(namespace["alpha"]) == {"alpha_grad_pub", "alpha_grad", "alpha_grad_std"}
+    assert set(namespace["alpha"]) == {"alpha_grad_pub", "alpha_grad_pub_published", "alpha_grad", "alpha_grad_std"}
     assert namespace["dev"]["rel"].shape == (3,)
 
 

@@ -146,5 +146,75 @@ def test_recording_does_not_change_the_trajectory(make, synthetic):
     for a, b in zip(loss(plain), loss(recorded)):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     metrics = {m for m, _, _ in recorded.entries}
-    assert {"rescale_deviation", "rescale_deviation_rel", "grad_translation_deviation_unit"} <= metrics
+    assert {"rescale_deviation", "rescale_deviation_rel", "grad_translation_deviation_unit",
+            "rescale_deviation_published", "translation_deviation_published"} <= metrics
     assert "scale_deviation" not in metrics
+
+
+def _l2o_step(synthetic, steps=3):
+    """An L2O with random phi, after a few steps on leaky_relu (one run, float32): the model, the
+    L2O, params and state, and the next step's gradient and update."""
+    from l2o_dynamics.data import Batcher, stack_batches
+    from l2o_dynamics.runner import init_params
+
+    model, l2o = ZOO["leaky_relu"], L2O(init_phi(generator("phi")))
+    params = init_params(model, [0])  # (1, ...)
+    state = l2o.init(params, batch_ndim=1)
+    batchers = [Batcher(*synthetic.split("train"), seed=0)]
+    for t in range(steps + 1):
+        _, grads, _ = model.loss_and_grad(params, *stack_batches(batchers))
+        updates, new_state = l2o.update(grads, state, params)
+        if t < steps:
+            params, state = {k: params[k] + updates[k] for k in params}, new_state
+    return model, l2o, params, state, grads, updates
+
+
+def test_the_l2os_deviation_as_published_is_its_raw_output_one_over_eta_times_its_steps(synthetic):
+    from tolerance import reduction_atol
+
+    model, l2o, params, state, grads, updates = _l2o_step(synthetic)
+    raw, _ = dataclasses.replace(l2o, eta=1.0).update(grads, state, params)  # the network's output itself
+    published = symmetry.published_update(l2o, grads, updates)
+    eps = torch.finfo(torch.float32).eps
+    for k in raw:  # (eta * o) / eta = o up to two roundings
+        torch.testing.assert_close(published[k], raw[k], rtol=2 * eps, atol=0)
+    # each deviation is linear in the vector: 1/eta = 10x the step's, up to the rounding of
+    # the P-term sums (terms |o_i| |theta_i|)
+    scale = max(float(raw[k].abs().max()) for k in raw) * max(float(params[k].abs().max()) for k in params)
+    for kind in symmetry.applicable(model.structure):
+        step_dev = symmetry.measures(kind, updates, params, model.structure)["total"]
+        raw_dev = symmetry.measures(kind, published, params, model.structure)["total"]
+        assert l2o.eta == 0.1 and float(raw_dev) > 0
+        assert abs(float(raw_dev) - float(step_dev) / l2o.eta) <= reduction_atol(torch.float32, model.num_params, scale)
+
+
+def test_sgd_as_published_ignores_its_momentum_and_satisfies_the_constraints():
+    # float64: the gradient constraint holds to ~1e-16 relative (test_gradients_satisfy_...)
+    model = ZOO["leaky_relu"]
+    params, grads = _grad(model, torch.float64, batch=())
+    sgd = SGD(lr=0.1, momentum=0.9)
+    # an earlier step fills the momentum buffer with a gradient taken at other parameters, which
+    # is off the constraints at the new ones
+    first, state = sgd.update(grads, sgd.init(params), params)
+    params = {k: params[k] + first[k] for k in params}
+    g = torch.Generator().manual_seed(5)
+    _, g2, _ = model.loss_and_grad(params, torch.rand(64, 784, generator=g, dtype=torch.float64),
+                                   torch.randint(0, 10, (64,), generator=g))  # another minibatch's gradient
+    updates, _ = sgd.update(g2, state, params)  # -0.1 * (g2 + 0.9 * grads)
+    published = symmetry.published_update(sgd, g2, updates)
+    for k in params:
+        torch.testing.assert_close(published[k], -0.1 * g2[k], rtol=0, atol=0)
+    for kind in symmetry.applicable(model.structure):
+        assert float(symmetry.measures(kind, published, params, model.structure)["total"]) < 1e-12
+    # the real step deviates through its momentum (rescale's generator moves with theta; the
+    # translation constraint does not depend on theta, so every sum of gradients keeps it)
+    assert float(symmetry.measures("rescale", updates, params, model.structure)["total"]) > 1e-6
+
+
+@pytest.mark.parametrize("make", [lambda: Adam(lr=1e-2), lambda: Lion(lr=1e-3)], ids=["adam", "lion"])
+def test_adam_and_lion_are_measured_as_published_on_their_real_step(make):
+    model = ZOO["leaky_relu"]
+    params, grads = _grad(model, torch.float64, batch=())
+    opt = make()
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert symmetry.published_update(opt, grads, updates) is updates

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from .results import Table, split_label
+from .results import PUBLISHED, Table, split_label
 
 LEVEL = 0.95
 BOOTSTRAP_REPS = 2000  # resamples of the two-level bootstrap (its SE to ~1.6%)
@@ -251,44 +251,73 @@ SYM_PANELS = (("leaky_relu", "rescale"), ("bn_relu", "scale"))
 
 def symmetry_findings(t: Table) -> list[Finding]:
     """Per panel of Figure 1 (rescale on leaky_relu, scale on bn_relu): L2O deviates more
-    than SGD and Adam (studied and scale-free measures); L2O rises early, Lion later."""
+    than SGD and Adam (studied and scale-free measures); L2O rises early, Lion later.
+    Each on the corrected measurement (the real steps: `{kind}_deviation`), and the studied
+    measure's findings again as published (`{kind}_deviation_published`: the L2O's raw
+    network output, SGD without momentum; symmetry.published_update) where recorded."""
     t = t.where(experiment="symmetry-breaking")
     out = []
     for optimizee, kind in SYM_PANELS:
         panel = t.where(optimizee=optimizee)
         if not len(panel):
             continue
-        for suffix, name in (("", "total"), ("_rel", "rel")):
-            sub = panel.where(metric=f"{kind}_deviation{suffix}")
-            means = {o: per_seed(sub.where(optimizer=o)) for o in ("sgd", "adam", "lion", "l2o")}
-            stats: dict = {o: list(m.values()) for o, m in means.items()}
-            tests = [f"log10(L2O / {b})" for b in ("sgd", "adam")]
-            stats.update({lbl: paired(means["l2o"], means[b], log_ratio) for lbl, b in zip(tests, ("sgd", "adam"))})
-            claim = (f"{kind.capitalize()} symmetry ({optimizee}): the L2O's updates deviate from the "
-                     "geometric constraint much more than SGD's and Adam's.")
-            if name == "rel":
-                claim = f"(companion) {kind.capitalize()} symmetry ({optimizee}), scale-free measure: the same."
-            out.append(finding(
-                f"deviation_{kind}_{name}", claim,
-                f"mean over iterations of `{kind}_deviation{suffix}` per seed; paired log10 ratio L2O / baseline",
-                stats, tests, "symmetry_breaking.png" if name == "total" else "symmetry_breaking_rel.png"))
-        sub = panel.where(metric=f"{kind}_deviation")
-        T = int(sub.cols["step"].max())
-        half = {o: per_seed(sub.where(optimizer=o), reduce=rise_time) for o in ("l2o", "lion")}
-        end = {o: per_seed(sub.where(optimizer=o), steps=(int(0.9 * T), T)) for o in ("l2o", "lion")}
-        stats = {"half-total iteration, L2O": list(half["l2o"].values()),
-                 "half-total iteration, Lion": list(half["lion"].values()),
-                 # > 0: the L2O reaches half its total sooner; Lion higher at the end
-                 "Lion minus L2O (iterations)": paired(half["lion"], half["l2o"]),
-                 "last 10%, log10(Lion / L2O)": paired(end["lion"], end["l2o"], log_ratio)}
-        out.append(finding(
-            f"deviation_{kind}_timing",
-            f"{kind.capitalize()} symmetry ({optimizee}): symmetry breaking rises fastest for the L2O at the "
-            "beginning, while Lion's rises more gradually and ends higher.",
-            "per seed: the iteration at which the cumulative deviation reaches half its total (L2O "
-            "before Lion?) and the mean deviation over the last 10% of iterations (Lion above L2O?)",
-            stats, ["Lion minus L2O (iterations)", "last 10%, log10(Lion / L2O)"], "symmetry_breaking.png"))
+        published = len(panel.where(metric=f"{kind}_deviation{PUBLISHED}")) > 0
+        out.append(_deviation_size(panel, optimizee, kind, ""))
+        if published:
+            out.append(_deviation_size(panel, optimizee, kind, PUBLISHED))
+        out.append(_deviation_size(panel, optimizee, kind, "_rel"))
+        out.append(_deviation_timing(panel, optimizee, kind, ""))
+        if published:
+            out.append(_deviation_timing(panel, optimizee, kind, PUBLISHED))
     return out
+
+
+AS_PUBLISHED = ("(as published: the L2O's raw network output, 1/eta = 10x its step; SGD's -lr*g "
+                "without its momentum) ")
+
+
+def _deviation_size(panel: Table, optimizee: str, kind: str, suffix: str) -> Finding:
+    """L2O vs SGD and Adam on `{kind}_deviation{suffix}` ('' total, '_rel', or PUBLISHED)."""
+    metric = f"{kind}_deviation{suffix}"
+    sub = panel.where(metric=metric)
+    means = {o: per_seed(sub.where(optimizer=o)) for o in ("sgd", "adam", "lion", "l2o")}
+    stats: dict = {o: list(m.values()) for o, m in means.items()}
+    tests = [f"log10(L2O / {b})" for b in ("sgd", "adam")]
+    stats.update({lbl: paired(means["l2o"], means[b], log_ratio) for lbl, b in zip(tests, ("sgd", "adam"))})
+    claim = (f"{kind.capitalize()} symmetry ({optimizee}): the L2O's updates deviate from the "
+             "geometric constraint much more than SGD's and Adam's.")
+    name = {"": "total", "_rel": "rel", PUBLISHED: "total" + PUBLISHED}[suffix]
+    if suffix == "_rel":
+        claim = f"(companion) {kind.capitalize()} symmetry ({optimizee}), scale-free measure: the same."
+    elif suffix == PUBLISHED:
+        claim = AS_PUBLISHED + claim
+    figure = {"": "symmetry_breaking.png", "_rel": "symmetry_breaking_rel.png",
+              PUBLISHED: "symmetry_breaking_published.png"}[suffix]
+    return finding(f"deviation_{kind}_{name}", claim,
+                   f"mean over iterations of `{metric}` per seed; paired log10 ratio L2O / baseline",
+                   stats, tests, figure)
+
+
+def _deviation_timing(panel: Table, optimizee: str, kind: str, suffix: str) -> Finding:
+    """L2O rises before Lion, Lion ends above the L2O, on `{kind}_deviation{suffix}`."""
+    metric = f"{kind}_deviation{suffix}"
+    sub = panel.where(metric=metric)
+    T = int(sub.cols["step"].max())
+    half = {o: per_seed(sub.where(optimizer=o), reduce=rise_time) for o in ("l2o", "lion")}
+    end = {o: per_seed(sub.where(optimizer=o), steps=(int(0.9 * T), T)) for o in ("l2o", "lion")}
+    stats = {"half-total iteration, L2O": list(half["l2o"].values()),
+             "half-total iteration, Lion": list(half["lion"].values()),
+             # > 0: the L2O reaches half its total sooner; Lion higher at the end
+             "Lion minus L2O (iterations)": paired(half["lion"], half["l2o"]),
+             "last 10%, log10(Lion / L2O)": paired(end["lion"], end["l2o"], log_ratio)}
+    claim = (f"{kind.capitalize()} symmetry ({optimizee}): symmetry breaking rises fastest for the L2O at the "
+             "beginning, while Lion's rises more gradually and ends higher.")
+    return finding(
+        f"deviation_{kind}_timing{suffix}", (AS_PUBLISHED if suffix else "") + claim,
+        f"on `{metric}`, per seed: the iteration at which the cumulative deviation reaches half its total "
+        "(L2O before Lion?) and the mean deviation over the last 10% of iterations (Lion above L2O?)",
+        stats, ["Lion minus L2O (iterations)", "last 10%, log10(Lion / L2O)"],
+        "symmetry_breaking_published.png" if suffix else "symmetry_breaking.png")
 
 
 def rise_time(steps: np.ndarray, values: np.ndarray) -> float:
@@ -408,6 +437,10 @@ RULES = {"all": _combine, "most": majority}  # Finding.rule -> how its tests' ve
 
 # ---- noise -------------------------------------------------------------------------------------------
 def noise_findings(t: Table) -> list[Finding]:
+    """Figure 3's claims, once per tail estimator (noise.ESTIMATOR_LABELS) that was
+    recorded: the study's estimator on the exact centring (`_pub`), then the same as
+    published (`_pub_published`: float32 centring), then the other estimators; and the
+    update covariance over the checkpoints after step 0 (step 0 shown apart)."""
     t = t.where(experiment="noise", optimizee="leaky_relu")
     out = []
     if not len(t):
@@ -417,42 +450,61 @@ def noise_findings(t: Table) -> list[Finding]:
         return out
     from .noise import ESTIMATOR_LABELS
 
+    recorded = set(t.unique("metric"))
     base = [o for o in ("sgd", "adam") if o in opts]
     for suffix, name in ESTIMATOR_LABELS.items():
-        au = {o: per_seed(t.where(optimizer=o, metric=f"alpha_update{suffix}")) for o in opts}
-        ag = {o: per_seed(t.where(optimizer=o, metric=f"alpha_grad{suffix}")) for o in opts}
-        tests = [f"L2O minus {o}" for o in base]
-        out.append(finding(
-            f"alpha_update_vs_baselines{suffix}",
-            "The noise in the L2O's updates is less heavy-tailed (larger alpha) than the updates of "
-            f"SGD and Adam. [{name}]",
-            f"mean over checkpoints of alpha_update{suffix} per seed; paired L2O minus baseline",
-            {**{f"alpha_update {o}": list(au[o].values()) for o in opts},
-             **{lbl: paired(au["l2o"], au[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
-        out.append(finding(
-            f"alpha_update_vs_grad{suffix}",
-            f"The L2O's update noise is much less heavy-tailed than its gradient noise. [{name}]",
-            f"alpha_update{suffix} minus alpha_grad{suffix} on the L2O's run, per seed",
-            {"alpha_update L2O": list(au["l2o"].values()), "alpha_grad L2O": list(ag["l2o"].values()),
-             "difference": paired(au["l2o"], ag["l2o"])}, ["difference"], "noise.png"))
-        gain = {o: {s: au[o][s] - ag[o][s] for s in set(au[o]) & set(ag[o])} for o in opts}
-        out.append(finding(
-            f"noise_filtering{suffix}",
-            f"This filtering of gradient noise is much more pronounced for the L2O than for the "
-            f"baselines. [{name}]",
-            f"(alpha_update - alpha_grad){suffix} per seed; paired L2O minus baseline",
-            {**{f"filtering {o}": list(gain[o].values()) for o in opts},
-             **{lbl: paired(gain["l2o"], gain[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
-    eig = {o: per_seed(t.where(optimizer=o, metric="cov_max_eig")) for o in opts}
-    tests = [f"log10(L2O / {o})" for o in base]
+        if f"alpha_update{suffix}" not in recorded:
+            continue
+        out += _alpha_findings(t, opts, base, suffix, name)
+    out.append(_covariance_finding(t, opts, base))
+    return out
+
+
+def _alpha_findings(t: Table, opts: list[str], base: list[str], suffix: str, name: str) -> list[Finding]:
+    au = {o: per_seed(t.where(optimizer=o, metric=f"alpha_update{suffix}")) for o in opts}
+    ag = {o: per_seed(t.where(optimizer=o, metric=f"alpha_grad{suffix}")) for o in opts}
+    tests = [f"L2O minus {o}" for o in base]
+    out = [finding(
+        f"alpha_update_vs_baselines{suffix}",
+        "The noise in the L2O's updates is less heavy-tailed (larger alpha) than the updates of "
+        f"SGD and Adam. [{name}]",
+        f"mean over checkpoints of alpha_update{suffix} per seed; paired L2O minus baseline",
+        {**{f"alpha_update {o}": list(au[o].values()) for o in opts},
+         **{lbl: paired(au["l2o"], au[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png")]
     out.append(finding(
+        f"alpha_update_vs_grad{suffix}",
+        f"The L2O's update noise is much less heavy-tailed than its gradient noise. [{name}]",
+        f"alpha_update{suffix} minus alpha_grad{suffix} on the L2O's run, per seed",
+        {"alpha_update L2O": list(au["l2o"].values()), "alpha_grad L2O": list(ag["l2o"].values()),
+         "difference": paired(au["l2o"], ag["l2o"])}, ["difference"], "noise.png"))
+    gain = {o: {s: au[o][s] - ag[o][s] for s in set(au[o]) & set(ag[o])} for o in opts}
+    out.append(finding(
+        f"noise_filtering{suffix}",
+        f"This filtering of gradient noise is much more pronounced for the L2O than for the "
+        f"baselines. [{name}]",
+        f"(alpha_update - alpha_grad){suffix} per seed; paired L2O minus baseline",
+        {**{f"filtering {o}": list(gain[o].values()) for o in opts},
+         **{lbl: paired(gain["l2o"], gain[o]) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
+    return out
+
+
+def _covariance_finding(t: Table, opts: list[str], base: list[str]) -> Finding:
+    """cov_max_eig, L2O vs SGD and Adam, over the checkpoints after step 0 only: at step 0
+    Adam's and Lion's first, sign-like steps dominate and would swamp the mean."""
+    cov = t.where(metric="cov_max_eig")
+    last = int(cov.cols["step"].max()) if len(cov) else 0
+    eig = {o: per_seed(cov.where(optimizer=o), steps=(1, last)) for o in opts}
+    first = {o: per_seed(cov.where(optimizer=o), steps=(0, 0)) for o in opts}
+    tests = [f"log10(L2O / {o})" for o in base]
+    return finding(
         "cov_max_eig",
         "The L2O's updates vary more across minibatches: a larger largest eigenvalue of the update "
         "covariance than SGD and Adam.",
-        "mean over checkpoints of cov_max_eig per seed; paired log10 ratio L2O / baseline",
-        {**{f"cov_max_eig {o}": list(eig[o].values()) for o in opts},
-         **{lbl: paired(eig["l2o"], eig[o], log_ratio) for lbl, o in zip(tests, base)}}, tests, "noise.png"))
-    return out
+        "mean over the checkpoints after step 0 of cov_max_eig per seed (step 0 shown apart, never "
+        "averaged in); paired log10 ratio L2O / baseline; the curves per checkpoint are in the figure",
+        {**{f"cov_max_eig {o}, after step 0": list(eig[o].values()) for o in opts},
+         **{f"cov_max_eig {o}, step 0": list(first[o].values()) for o in opts},
+         **{lbl: paired(eig["l2o"], eig[o], log_ratio) for lbl, o in zip(tests, base)}}, tests, "noise.png")
 
 
 # ---- L2O vs Adam ------------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee
            "noise": dict(noise) if noise else None, "source": optimizer_job.key, "device": device}
     if meta_seed:  # absent for seed 0, so that one-seed job keys stay as they were
         cfg["meta_seed"] = meta_seed
+    if symmetry_every or noise:  # the probes also record the study's measurements as published
+        cfg["published"] = True  # (results.PUBLISHED); new keys: the alphas now use exact centring
     per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
     est = steps * len(seeds) * (per + (COST["sym_step_seed"] if symmetry_every else 0))
     if noise:
@@ -356,7 +358,8 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
         lr = LR_RANGE.check("the searched learning rate", json.loads(source["result.json"])["lr"])
         opt = make_baseline(cfg["optimizer"], lr=lr)
         name = cfg["optimizer"]
-    probes = [symmetry.probe(cfg["symmetry_every"])] if cfg.get("symmetry_every") else []
+    published = bool(cfg.get("published"))
+    probes = [symmetry.probe(cfg["symmetry_every"], published)] if cfg.get("symmetry_every") else []
     train = ds.split("train")
     if cfg.get("noise"):
         n = cfg["noise"]
@@ -364,7 +367,8 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
         if n.get("minibatches"):
             x, y = x[:n["minibatches"] * 128], y[:n["minibatches"] * 128]
         probes.append(noise_mod.noise_probe((x.to(device), y.to(device)), cfg["seeds"], every=n["every"],
-                                            cov_unit=n["cov_unit"], cov_center=n["cov_center"]))
+                                            cov_unit=n["cov_unit"], cov_center=n["cov_center"],
+                                            published=published))
     log = MetricLog(cfg["experiment"], cfg["optimizee"], name, cfg["seeds"], beta=cfg["beta"])
     meta_test(opt, cfg["optimizee"], train, cfg["seeds"], cfg["steps"], eval_set=ds.split("test"),
               eval_every=cfg["eval_every"], probes=probes, log=log, device=device, progress=progress,

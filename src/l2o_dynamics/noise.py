@@ -11,10 +11,21 @@ and the update covariance K = (1/N) sum_i (u_i - c)(u_i - c)^T over N minibatche
 Everything is computed batched (many minibatches per call); the analysed run's
 tensors are only read, and no random generator of the run is touched.
 
-Numerical note: an L2O's update noise has near-constant coordinates (inputs that are
-almost never active) whose centred values are at float32 rounding level; the pooled
-estimator's mean of log|x| feels them, so alpha_update of an L2O reproduces to ~1%
-across processes (thread counts, MKL kernels), not bitwise.
+Centring, exact and as published. On MNIST 8.4% of the first layer's inputs are
+always blank, so those coordinates of g_i are exactly 0 and an L2O's u_i there is
+one constant for every minibatch: their noise is exactly 0. `centred` (the default,
+"exact") gives those exact zeros. The study centred in float32 (X - X.mean(0)),
+whose mean of N equal float32 values is off by rounding, so those coordinates
+hold residue ~1e-9 (log ~ -21 instead of log(eps) = -36 in the published
+estimator's mean of logs): that alone raises an L2O's update alpha. Each estimator
+in PLAIN_CENTRING is therefore recorded twice: on the exact centring under its own
+name, and on the float32 centring as published under the name + '_published'
+(`results.PUBLISHED`), which exists to explain the study's numbers.
+
+Numerical note: an L2O's update noise also has coordinates that vary only by
+rounding; `centred` zeroes them, and the pooled estimators still reproduce to ~1%
+across processes (thread counts, MKL kernels), not bitwise. The '_published'
+variants read the rounding itself and do not reproduce across processes.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ from .optimizees import Optimizee, Params, flatten, unflatten
 from .optimizers import Optimizer, tree_index
 from .hooks import Probe
 from .errors import L2OError
+from .results import PUBLISHED
 from .seeds import generator
 
 COV_UNITS = ("minibatch", "sample")
@@ -37,12 +49,14 @@ _SUFFIX = {"mohammadi": "", "mohammadi_std": "_std", "mohammadi_published": "_pu
            "hill": "_hill"}
 # What each metric suffix measures (figures, findings and README use these words).
 ESTIMATOR_LABELS = {
-    "_pub": "the study's estimator as published (pooled, zeros kept, log(|x| + eps))",
+    "_pub": "the study's estimator (pooled, zeros kept, log(|x| + eps)), exact centring",
+    "_pub" + PUBLISHED: "the study's estimator and centring as published (float32 X - mean X: "
+                        "rounding residue where the noise is 0)",
     "": "pooled, exact zeros and non-varying coordinates excluded",
     "_std": "per-coordinate standardised",
 }
-# The published estimator reads plainly centred noise (X - mean X): the authors' zeros are
-# the exact zeros of that; `centred` also zeroes coordinates that vary only by rounding.
+# The estimators also recorded on the study's float32 centring (`centred_as_published`),
+# as '{prefix}{suffix}_published'; every estimator reads the exact centring (`centred`).
 PLAIN_CENTRING = {"mohammadi_published"}
 
 
@@ -105,45 +119,58 @@ def updates_at(optimizer: Optimizer, state, params: Params, grads_flat: torch.Te
 
 
 def centred(X: torch.Tensor, rel: float = 1e-6) -> torch.Tensor:
-    """X - mean(X) over samples (N, P), with columns that do not vary (spread <= rel of
-    their magnitude: dead inputs, or identical updates that differ only by float
-    rounding) set to exactly zero, so the estimators drop them consistently instead
-    of reading rounding noise as tiny samples (log|x| of 1e-12 dominates a mean of logs)."""
+    """The exact centring: X - mean(X) over samples (N, P), with columns that do not vary
+    (spread <= rel of their magnitude: dead inputs, identical updates, or updates that
+    differ only by float rounding) set to exactly zero, so the estimators drop them
+    consistently instead of reading rounding noise as tiny samples (log|x| of 1e-12
+    dominates a mean of logs)."""
     hi, lo = X.max(0).values, X.min(0).values
     flat = (hi - lo) <= rel * torch.maximum(hi.abs(), lo.abs())
     return (X - X.mean(0)).masked_fill(flat, 0.0)
 
 
+def centred_as_published(X: torch.Tensor) -> torch.Tensor:
+    """The study's centring, X - X.mean(0) in X's dtype (float32 for the runs): a column of
+    N equal values keeps the rounding error of their mean (~1e-9 for values ~0.1)."""
+    return X - X.mean(0)
+
+
 def tail_indices(noise: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
                  prefix: str = "alpha_grad", plain: torch.Tensor | None = None) -> dict[str, float]:
-    """{prefix + suffix: alpha} of a centred noise matrix (N samples, P coordinates).
-    `plain` (X - mean X, no column zeroed) feeds the estimators in PLAIN_CENTRING;
-    without it they read `noise` too."""
+    """{prefix + suffix: alpha} of a centred noise matrix (N samples, P coordinates), and
+    with `plain` (the same noise centred as published, `centred_as_published`) also
+    {prefix + suffix + '_published': alpha} of it for the estimators in PLAIN_CENTRING."""
     out = {}
     for name in estimators:
         if name not in tail.ESTIMATORS:
             raise L2OError(f"unknown tail estimator {name!r}; valid: {', '.join(tail.ESTIMATORS)}")
-        x = plain if plain is not None and name in PLAIN_CENTRING else noise
-        out[prefix + _SUFFIX.get(name, "_" + name)] = float(tail.ESTIMATORS[name](x))
+        metric = prefix + _SUFFIX.get(name, "_" + name)
+        out[metric] = float(tail.ESTIMATORS[name](noise))
+        if plain is not None and name in PLAIN_CENTRING:
+            out[metric + PUBLISHED] = float(tail.ESTIMATORS[name](plain))
     return out
 
 
-def noise_alphas(G: torch.Tensor, U: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS
-                 ) -> dict[str, float]:
-    """alpha_grad* and alpha_update* of minibatch gradients G and updates U (N, P), each
-    estimator reading the centring it is defined on (`centred`, or plain for PLAIN_CENTRING)."""
-    return {**tail_indices(centred(G), estimators, "alpha_grad", plain=G - G.mean(0)),
-            **tail_indices(centred(U), estimators, "alpha_update", plain=U - U.mean(0))}
+def noise_alphas(G: torch.Tensor, U: torch.Tensor, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+                 published: bool = True) -> dict[str, float]:
+    """alpha_grad* and alpha_update* of minibatch gradients G and updates U (N, P), every
+    estimator on the exact centring (`centred`); with `published`, those in PLAIN_CENTRING
+    also on the float32 centring as published ('..._published')."""
+    return {**tail_indices(centred(G), estimators, "alpha_grad",
+                           plain=centred_as_published(G) if published else None),
+            **tail_indices(centred(U), estimators, "alpha_update",
+                           plain=centred_as_published(U) if published else None)}
 
 
 def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, state,
                      train: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 128,
                      estimators: Sequence[str] = DEFAULT_ESTIMATORS, cov_unit: str = "minibatch",
                      cov_center: str = "mean", cov_n: int | None = None, seed: int = 0,
-                     step: int = 0) -> dict[str, float]:
+                     step: int = 0, published: bool = True) -> dict[str, float]:
     """Every noise metric of one run (unbatched params/state) at one frozen step:
-    alpha_grad*, alpha_update* over all training minibatches, and cov_max_eig,
-    cov_trace of the update covariance."""
+    alpha_grad*, alpha_update* over all training minibatches (with `published`, also
+    the '_published' variants: `noise_alphas`), and cov_max_eig, cov_trace of the
+    update covariance."""
     if cov_unit not in COV_UNITS:
         raise L2OError(f"unknown --cov-unit {cov_unit!r}; valid: {', '.join(COV_UNITS)}")
     if cov_center not in COV_CENTERS:
@@ -151,7 +178,7 @@ def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, sta
     x, y = train
     G = minibatch_gradients(model, params, x, y, batch_size)
     U = updates_at(optimizer, state, params, G)
-    metrics = noise_alphas(G, U, estimators)
+    metrics = noise_alphas(G, U, estimators, published)
     metrics.update(update_covariance(optimizer, model, params, state, train, unit=cov_unit,
                                      center=cov_center, n=cov_n, batch_size=batch_size,
                                      minibatch_updates=U, seed=seed, step=step))
@@ -212,7 +239,8 @@ def full_batch_gradient(model: Optimizee, params: Params, x: torch.Tensor, y: to
 
 def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], *, every: int,
                 batch_size: int = 128, estimators: Sequence[str] = DEFAULT_ESTIMATORS,
-                cov_unit: str = "minibatch", cov_center: str = "mean", cov_n: int | None = None):
+                cov_unit: str = "minibatch", cov_center: str = "mean", cov_n: int | None = None,
+                published: bool = True):
     """A hooks.Probe computing `checkpoint_noise` for every run of a batched meta-test."""
     def fn(ctx) -> Mapping[str, torch.Tensor]:
         per_run = []
@@ -220,7 +248,7 @@ def noise_probe(train: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], 
             per_run.append(checkpoint_noise(
                 ctx.optimizer, ctx.model, tree_index(ctx.params, i), tree_index(ctx.state, i), train,
                 batch_size=batch_size, estimators=estimators, cov_unit=cov_unit,
-                cov_center=cov_center, cov_n=cov_n, seed=seed, step=ctx.step))
+                cov_center=cov_center, cov_n=cov_n, seed=seed, step=ctx.step, published=published))
         return {k: torch.tensor([m[k] for m in per_run], dtype=torch.float64) for k in per_run[0]}
 
     return Probe(fn, every)

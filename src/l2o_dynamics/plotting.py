@@ -7,6 +7,7 @@ the mean over seeds with a 95% t-interval band.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from .results import Table  # noqa: E402
+from .results import PUBLISHED, Table  # noqa: E402
 from .errors import L2OError  # noqa: E402
-from .files import atomic_path
+from .files import atomic_path  # noqa: E402
 
 COLORS = {"sgd": "#1f77b4", "adam": "#ff7f0e", "lion": "#2ca02c", "l2o": "#d62728"}
 ORDER = ("sgd", "adam", "lion", "l2o")
@@ -61,8 +62,9 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.nda
 
 
 def curve(ax, table: Table, optimizer: str, beta: float | None = None, *, log: bool = False,
-          lw: float = 1.6, linestyle: str | None = None, label_text: str | None = None) -> None:
-    """Mean and 95% band over seeds of the one metric left in `table`."""
+          lw: float = 1.6, linestyle: str | None = None, label_text: str | None = None,
+          marker: str | None = None) -> None:
+    """Mean and 95% band over seeds of the one metric left in `table` (`marker` on each step)."""
     if not len(table):
         return
     steps, _, values = table.matrix()
@@ -71,7 +73,7 @@ def curve(ax, table: Table, optimizer: str, beta: float | None = None, *, log: b
     lo, hi = mean - half, mean + half
     if log:
         lo = np.maximum(lo, mean / 3)  # a readable band on a log axis
-    ax.plot(steps, mean, color=c, lw=lw, ls=linestyle or _linestyle(optimizer, beta),
+    ax.plot(steps, mean, color=c, lw=lw, ls=linestyle or _linestyle(optimizer, beta), marker=marker, ms=3,
             label=label(optimizer, beta) if label_text is None else label_text)
     ax.fill_between(steps, lo, hi, color=c, alpha=0.18, lw=0)
     if log:
@@ -166,15 +168,18 @@ def symmetry_figure(table: Table, path, suffix: str = "") -> Path:
     t = table.where(experiment="symmetry-breaking")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     what = {"": "deviation |sum_k c_k|", "_rel": "relative deviation (scale-free)",
-            "_unit": "per-unit deviation sum_k |c_k|"}[suffix]
+            "_unit": "per-unit deviation sum_k |c_k|",
+            PUBLISHED: "deviation as published\n(L2O: raw output = step / eta; SGD: -lr g)"}[suffix]
     for ax, (optimizee, kind) in zip(axes, (("leaky_relu", "rescale"), ("bn_relu", "scale"))):
         sub = t.where(optimizee=optimizee, metric=f"{kind}_deviation{suffix}")
         for opt, beta in runs_in(sub):
             curve(ax, sub.where(optimizer=opt), opt, beta, log=True)
         _panel(ax, f"{kind.capitalize()} symmetry breaking ({optimizee})", "iteration", what, log=True)
     legend_outside(fig, axes)
-    fig.suptitle("Deviation of each optimizer's updates from the symmetry constraints "
-                 "(mean, 95% band over seeds)", fontsize=11)
+    what_of = ("the vectors the study's code measured as updates" if suffix == PUBLISHED
+               else "each optimizer's updates")
+    fig.suptitle(f"Deviation of {what_of} from the symmetry constraints (mean, 95% band over seeds)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, path)
 
@@ -224,7 +229,9 @@ def generalization_figure(table: Table, path) -> Path:
 
 def noise_figure(table: Table, path) -> Path:
     """Figure 3: tail index of update (solid) and gradient (dashed) noise, one panel per
-    estimator (noise.ESTIMATOR_LABELS); largest eigenvalue of the update covariance (log)."""
+    estimator and centring (noise.ESTIMATOR_LABELS: the study's estimator exact and as
+    published side by side); largest eigenvalue of the update covariance (log), one point
+    per checkpoint (step 0 included: the finding reads only the later ones)."""
     from .noise import ESTIMATOR_LABELS
 
     t = table.where(experiment="noise")
@@ -237,14 +244,15 @@ def noise_figure(table: Table, path) -> Path:
             curve(ax, sub.where(metric=f"alpha_update{suffix}"), opt, beta, label_text=f"{label(opt)} update")
             curve(ax, sub.where(metric=f"alpha_grad{suffix}"), opt, beta, linestyle="--",
                   label_text=f"{label(opt)} gradient")
-        curve(axes[-1], sub.where(metric="cov_max_eig"), opt, beta, log=True)
+        curve(axes[-1], sub.where(metric="cov_max_eig"), opt, beta, log=True, marker="o")
     for ax, suffix in zip(axes, suffixes):
-        _panel(ax, f"Noise tail index, leaky_relu\n{ESTIMATOR_LABELS.get(suffix, suffix)}", "iteration",
-               "tail index alpha")
+        _panel(ax, "Noise tail index, leaky_relu\n" + textwrap.fill(ESTIMATOR_LABELS.get(suffix, suffix), 60),
+               "iteration", "tail index alpha")
         ax.title.set_fontsize(8)
         ax.axhline(2.0, color="0.5", lw=0.8, ls=":")
     axes[0].legend(fontsize=7, ncol=2)
-    _panel(axes[-1], "Update covariance, leaky_relu", "iteration", "largest eigenvalue (log)", log=True)
+    _panel(axes[-1], "Update covariance per checkpoint, leaky_relu", "iteration", "largest eigenvalue (log)",
+           log=True)
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)

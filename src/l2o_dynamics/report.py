@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from . import analysis, plotting
 from .experiments import Job, Profile
-from .results import COLUMNS, Table
+from .results import COLUMNS, PUBLISHED, Table
 from .env import environment
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .seeds import families_of
@@ -47,6 +47,9 @@ def make_figures(table: Table, fig_dir: Path, experiments: Iterable[str]) -> dic
             table, fig_dir / "symmetry_breaking_rel.png", "_rel")
         out["symmetry_breaking_unit.png"] = plotting.symmetry_figure(
             table, fig_dir / "symmetry_breaking_unit.png", "_unit")
+        if any(str(m).endswith(f"_deviation{PUBLISHED}") for m in table.unique("metric")):
+            out["symmetry_breaking_published.png"] = plotting.symmetry_figure(
+                table, fig_dir / "symmetry_breaking_published.png", PUBLISHED)
     if "regularization" in experiments and len(table.where(experiment="regularization")):
         out["regularization.png"] = plotting.regularization_figure(table, fig_dir / "regularization.png")
         if len(table.where(experiment="generalization")):
@@ -97,6 +100,9 @@ def _generalization_block(table: Table) -> list[Block]:
             ("table", header, body)]
 
 
+DEVIATION_MEASURES = {"": "total", PUBLISHED: "total as published", "_rel": "rel"}
+
+
 def _deviation_block(table: Table) -> list[Block]:
     t = table.where(experiment="symmetry-breaking")
     if not len(t):
@@ -107,29 +113,52 @@ def _deviation_block(table: Table) -> list[Block]:
     its = [min(i, T) for i in (10, 50, 100)]
     for optimizee, kind in analysis.SYM_PANELS:
         for opt in ("sgd", "adam", "lion", "l2o"):
-            for suffix in ("", "_rel"):
+            for suffix, measure in DEVIATION_MEASURES.items():
                 sub = t.where(optimizee=optimizee, optimizer=opt, metric=f"{kind}_deviation{suffix}")
                 if not len(sub):
                     continue
                 cells = [analysis.fmt(list(analysis.per_seed(sub, steps=(i - 1, i - 1)).values())) for i in its]
-                body.append([f"{optimizee} / {kind}", plotting.label(opt), "total" if not suffix else "rel", *cells])
-    return [("h", 3, "Deviations at iterations 10, 50 and 100"), ("table", header, body)]
+                body.append([f"{optimizee} / {kind}", plotting.label(opt), measure, *cells])
+    return [("h", 3, "Deviations at iterations 10, 50 and 100"),
+            ("p", "'total' is the deviation of each optimizer's real step (the default); 'total as "
+                  "published' is what the study's code measured: the L2O's raw network output (1/eta = 10x "
+                  "its step) and SGD's -lr*g without its momentum; Adam's and Lion's are their steps in both."),
+            ("table", header, body)]
+
+
+NOISE_METRICS = {  # metric -> what it is, in the order of the report's noise table
+    "alpha_grad_pub": "alpha of gradient noise, the study's estimator, exact centring",
+    "alpha_update_pub": "alpha of update noise, the study's estimator, exact centring",
+    "alpha_grad_pub" + PUBLISHED: "alpha of gradient noise, the study's estimator and float32 centring as published",
+    "alpha_update_pub" + PUBLISHED: "alpha of update noise, the study's estimator and float32 centring as published",
+    "alpha_grad": "alpha of gradient noise, pooled without zeros",
+    "alpha_update": "alpha of update noise, pooled without zeros",
+    "alpha_grad_std": "alpha of gradient noise, per-coordinate standardised",
+    "alpha_update_std": "alpha of update noise, per-coordinate standardised",
+}
 
 
 def _noise_block(table: Table) -> list[Block]:
     t = table.where(experiment="noise")
     if not len(t):
         return []
-    metrics = ["alpha_grad_pub", "alpha_update_pub", "alpha_grad", "alpha_update", "alpha_grad_std",
-               "alpha_update_std", "cov_max_eig", "cov_trace"]
-    header = ["optimizer"] + metrics
-    body = []
-    for opt in ("sgd", "adam", "lion", "l2o"):
-        sub = t.where(optimizer=opt)
-        if len(sub):
-            body.append([plotting.label(opt)] + [analysis.fmt(list(analysis.per_seed(sub.where(metric=m)).values()))
-                                                  for m in metrics])
-    return [("h", 3, "Noise statistics, mean over checkpoints"), ("table", header, body)]
+    opts = [o for o in ("sgd", "adam", "lion", "l2o") if len(t.where(optimizer=o))]
+    header = ["quantity"] + [plotting.label(o) for o in opts]
+    last = int(t.cols["step"].max())
+    rows = [(text, m, None) for m, text in NOISE_METRICS.items()]
+    rows += [("largest eigenvalue of the update covariance, checkpoints after step 0", "cov_max_eig", (1, last)),
+             ("trace of the update covariance, checkpoints after step 0", "cov_trace", (1, last))]
+    body = [[text] + [analysis.fmt(list(analysis.per_seed(t.where(optimizer=o, metric=m), steps=steps).values()))
+                      for o in opts]
+            for text, m, steps in rows if len(t.where(metric=m))]
+    cov = t.where(metric="cov_max_eig")
+    per_ckpt = [[f"{int(s)}"] + [analysis.fmt(list(analysis.per_seed(cov.where(optimizer=o), steps=(s, s)).values()))
+                                 for o in opts] for s in cov.unique("step")]
+    return [("h", 3, "Noise statistics, mean over checkpoints"), ("table", header, body),
+            ("h", 3, "Largest eigenvalue of the update covariance at each checkpoint"),
+            ("p", "Step 0 is the optimizers' first update (Adam's and Lion's are sign-like there); the "
+                  "finding compares the checkpoints after it."),
+            ("table", ["iteration"] + [plotting.label(o) for o in opts], per_ckpt)]
 
 
 INTERVAL_NOTE = ("Each L2O is one meta-training (seed 0), so the intervals cover meta-test seeds only, "
@@ -258,11 +287,13 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
         "symmetry_breaking.png": "Figure 1: deviation from the rescale (left) and scale (right) constraints.",
         "symmetry_breaking_rel.png": "Figure 1 with the scale-free measure (normalised by update and parameter size).",
         "symmetry_breaking_unit.png": "Figure 1 with the per-unit measure (no cancellation between units).",
+        "symmetry_breaking_published.png": "Figure 1 as the study measured it: the L2O's raw network output "
+                                           "(10x its step) and SGD without momentum; Adam and Lion unchanged.",
         "regularization.png": "Figure 2: training loss of L2Os meta-trained with a symmetry-breaking penalty.",
         "generalization.png": "Regularised L2Os on unseen optimizees.",
-        "noise.png": "Figure 3: tail index of gradient and update noise by three estimators (the study's as "
-                     "published; pooled without zeros; per-coordinate standardised); largest eigenvalue of "
-                     "the update covariance.",
+        "noise.png": "Figure 3: tail index of gradient and update noise: the study's estimator on exactly "
+                     "centred noise, the same on float32-centred noise as published, pooled without zeros, "
+                     "per-coordinate standardised; largest eigenvalue of the update covariance per checkpoint.",
         "meta_training.png": "Meta-training curves of every L2O.",
     }
     for name in figures:

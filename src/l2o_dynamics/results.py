@@ -31,6 +31,10 @@ Row = tuple  # (experiment, optimizee, optimizer, beta, seed, step, metric, valu
 # Several meta-trained L2Os per setting: the one of meta-training seed k > 0 is labelled
 # `l2o@mk` (`l2o(leaky_relu)@mk`); seed 0 keeps the plain label.
 META_SEED_MARK = "@m"
+# A metric named NAME + PUBLISHED is NAME measured as the study's code computed it (for
+# example the L2O's raw network output instead of its step, or float32 centring): it
+# exists to explain the study's numbers; NAME, the corrected measurement, is the default.
+PUBLISHED = "_published"
 
 
 def l2o_label(name: str, meta_seed: int = 0) -> str:

@@ -26,6 +26,15 @@ Measures of an update's deviation (all (*B,), one per stacked parameter set):
             a NaN in v or theta gives NaN)
 
 The groups are read from the optimizee's declared `Structure`, never guessed.
+
+As published. The study's Figure 1 did not measure every optimizer's real step
+(the authors' l2o/analysis.py at db24f2b, the API its notebooks call): the L2O's
+"update" there is the raw network output o with dtheta = eta * o, so its deviation is
+1/eta times the step's (10x at eta = 0.1; every measure is linear in v, `rel` is
+unchanged); SGD's is -lr * g with its momentum ignored, which satisfies every
+constraint as the gradient does (0 up to rounding); Adam's and Lion's are their real
+updates. `published_update` rebuilds that vector, and the probe records its total as
+'{kind}_deviation_published' beside the corrected '{kind}_deviation' (the default).
 """
 from __future__ import annotations
 
@@ -33,9 +42,12 @@ from typing import Mapping
 
 import torch
 
-from .optimizees import Structure
 from .hooks import Probe
 from .errors import L2OError
+from .learned import L2O
+from .optimizees import Structure
+from .optimizers import SGD, _per_run
+from .results import PUBLISHED
 
 KINDS = ("rescale", "scale", "translation")
 MEASURES = ("total", "unit", "rel")
@@ -116,12 +128,30 @@ def deviation(kind: str, v, theta, structure: Structure, measure: str = "total")
     return measures(kind, v, theta, structure)[measure]
 
 
-def probe(every: int = 1):
+def published_update(optimizer, grads, updates):
+    """The vector the study's code measured as `optimizer`'s update (module doc, "As
+    published"): an L2O's raw network output updates / eta, SGD's -lr * g (momentum
+    and weight decay ignored), any other optimizer's real update. Dicts of (*B, ...)."""
+    if isinstance(optimizer, L2O):
+        return {k: u / optimizer.eta for k, u in updates.items()}
+    if isinstance(optimizer, SGD):
+        return {k: -_per_run(optimizer.lr, g) * g for k, g in grads.items()}
+    return updates
+
+
+def probe(every: int = 1, published: bool = True):
     """A hooks.Probe recording the deviations of the applied updates and, as a control,
-    of the gradients ('grad_' prefix) every `every` steps."""
+    of the gradients ('grad_' prefix) every `every` steps; with `published`, also each
+    kind's total deviation of `published_update` ('{kind}_deviation_published')."""
     def fn(ctx) -> dict[str, torch.Tensor]:
-        return {**record(ctx.updates, ctx.params, ctx.model.structure),
-                **record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
+        out = {**record(ctx.updates, ctx.params, ctx.model.structure),
+               **record(ctx.grads, ctx.params, ctx.model.structure, prefix="grad_")}
+        if published:
+            v = published_update(ctx.optimizer, ctx.grads, ctx.updates)
+            with torch.no_grad():
+                for kind in applicable(ctx.model.structure):
+                    out[f"{kind}_deviation{PUBLISHED}"] = measures(kind, v, ctx.params, ctx.model.structure)["total"]
+        return out
 
     return Probe(fn, every)
 
