@@ -13,6 +13,11 @@ meta-test seeds only. With several (a profile's `meta_seeds`; their runs are
 labelled `l2o@m1`, `l2o@m2`, ... beside `l2o`), every finding is computed once per
 L2O, each statistic is averaged over the meta-test seeds, and the interval is over
 the L2Os (`across_l2os`): the variation between meta-trainings is then part of it.
+
+Recipes. The L2Os of further meta-training recipes (labelled `l2o[authors]`, ... beside
+the main recipe's `l2o`) get findings of their own: `recipe_view` is the table with one
+recipe's L2Os under the plain label and every baseline run, and `findings_by_recipe`
+computes every finding on each view.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from .results import Table, split_label
+from .results import Table, split_label, split_recipe
 
 LEVEL = 0.95
 
@@ -423,9 +428,38 @@ def findings_of_one(t: Table) -> list[Finding]:
     return out
 
 
-def all_findings(t: Table) -> list[Finding]:
-    """Every finding; with several meta-training seeds, intervals over the L2Os."""
-    return across_l2os([findings_of_one(v) for v in l2o_views(mask_diverged(t))])
+def all_findings(t: Table, recipe: str | None = None) -> list[Finding]:
+    """Every finding of one recipe's L2Os (None: the main recipe's, labelled `l2o`); with
+    several meta-training seeds, intervals over the L2Os."""
+    return across_l2os([findings_of_one(v) for v in l2o_views(mask_diverged(recipe_view(t, recipe)))])
+
+
+# ---- several meta-training recipes -------------------------------------------------------------
+def recipes(t: Table) -> list[str | None]:
+    """The recipes whose L2Os the table holds: None (the main one, plain `l2o` labels) first,
+    then the further ones (`l2o[NAME]`) by name."""
+    found = {split_recipe(o)[1] for o in t.unique("optimizer") if o.startswith("l2o")}
+    further = sorted(r for r in found if r is not None)
+    return [None] + further if None in found or not further else further
+
+
+def recipe_view(t: Table, recipe: str | None = None) -> Table:
+    """The runs of recipe `recipe`'s L2Os under their labels without the recipe mark
+    (`l2o[authors](leaky_relu)@m1` -> `l2o(leaky_relu)@m1`), and every run that is not an
+    L2O's, as they are."""
+    labels, row = np.unique(t.cols["optimizer"].astype(str), return_inverse=True)
+    split = [split_recipe(o) for o in labels]
+    if recipe is None and all(r is None for _, r in split):
+        return t
+    keep_label = np.asarray([not o.startswith("l2o") or r == recipe for o, (_, r) in zip(labels, split)], dtype=bool)
+    plain = np.asarray([name for name, _ in split], dtype=object)
+    keep = keep_label[row] if len(labels) else np.zeros(0, dtype=bool)
+    return Table({**{c: a[keep] for c, a in t.cols.items()}, "optimizer": plain[row][keep]})
+
+
+def findings_by_recipe(t: Table) -> dict[str | None, list[Finding]]:
+    """Every finding per recipe's L2Os (`all_findings` of each `recipe_view`), main recipe first."""
+    return {r: all_findings(t, r) for r in recipes(t)}
 
 
 # ---- several meta-training seeds ---------------------------------------------------------------

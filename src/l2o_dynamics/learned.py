@@ -273,34 +273,57 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 
 def pretrained(name: str = "leaky_relu") -> str:
     """Path of an L2O shipped with the package: 'OPTIMIZEE' or 'OPTIMIZEE/beta=B' (the one
-    meta-trained on OPTIMIZEE with symmetry penalty weight B; 'OPTIMIZEE' is beta=0), or
+    meta-trained on OPTIMIZEE with symmetry penalty weight B by the default recipe;
+    'OPTIMIZEE' is beta=0), 'RECIPE/OPTIMIZEE[/beta=B]' (the same, meta-trained by another
+    recipe of `meta.RECIPES`: 'authors/leaky_relu', 'authors/bn_relu/beta=0.5'), or
     'base/leaky_relu' (the L2O shipped before the default recipe, kept for comparison).
-    How each was made: pretrained/README.md."""
-    optimizee, _, beta = name.partition("/")
-    if optimizee == "base":
-        rel = f"base/{beta}.pt"
+    Only a name that is one of `available_pretrained()` resolves. How each was made:
+    pretrained/README.md."""
+    parts = name.split("/")
+    if parts[0] == "base":
+        rel = name
     else:
-        if beta and not beta.startswith("beta="):
-            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B")
+        # a recipe's set is a directory of optimizee directories (pretrained/authors/leaky_relu/)
+        recipe = parts.pop(0) if len(parts) > 1 and parts[0] in _recipe_dirs() else None
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("beta=")):
+            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B, "
+                           "optionally after RECIPE/ (e.g. authors/bn_relu/beta=0.5)")
         try:
-            b = float(beta[5:]) if beta else 0.0
+            b = float(parts[1][5:]) if len(parts) == 2 else 0.0
         except ValueError:
             raise L2OError(f"pretrained name {name!r}: beta must be a number") from None
-        rel = f"{optimizee}/beta={b:g}.pt"
-    path = os.path.join(PRETRAINED_DIR, rel)
-    if not os.path.isfile(path):
-        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
-    return path
+        rel = f"{recipe + '/' if recipe else ''}{parts[0]}/beta={b:g}"
+    available = available_pretrained()
+    if rel not in available:
+        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(available) or 'none'}")
+    return os.path.join(PRETRAINED_DIR, *rel.split("/")) + ".pt"
+
+
+def _recipe_dirs() -> list[str]:
+    """Top-level directories of PRETRAINED_DIR that hold optimizee directories: one per
+    recipe other than the default (whose set lies at the top level)."""
+    out = []
+    for sub in sorted(os.listdir(PRETRAINED_DIR)) if os.path.isdir(PRETRAINED_DIR) else ():
+        d = os.path.join(PRETRAINED_DIR, sub)
+        if os.path.isdir(d) and any(os.path.isdir(os.path.join(d, f)) for f in os.listdir(d)):
+            out.append(sub)
+    return out
 
 
 def available_pretrained() -> list[str]:
-    """Names `pretrained` accepts, e.g. ['bn_relu/beta=0', ..., 'leaky_relu/beta=1', 'sigmoid/beta=0']."""
+    """Names `pretrained` accepts, e.g. ['authors/leaky_relu/beta=0', ..., 'bn_relu/beta=0', ...,
+    'leaky_relu/beta=1', 'sigmoid/beta=0']: the .pt files one or two directories down."""
     out = []
     if os.path.isdir(PRETRAINED_DIR):
         for sub in sorted(os.listdir(PRETRAINED_DIR)):
             d = os.path.join(PRETRAINED_DIR, sub)
             if os.path.isdir(d):
-                out += [f"{sub}/{f[:-3]}" for f in sorted(os.listdir(d)) if f.endswith(".pt")]
+                for f in sorted(os.listdir(d)):
+                    if f.endswith(".pt"):
+                        out.append(f"{sub}/{f[:-3]}")
+                    elif os.path.isdir(os.path.join(d, f)):
+                        out += [f"{sub}/{f}/{g[:-3]}" for g in sorted(os.listdir(os.path.join(d, f)))
+                                if g.endswith(".pt")]
     return out
 
 
