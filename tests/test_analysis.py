@@ -425,3 +425,50 @@ def test_noise_findings_as_published_read_the_float32_centred_alphas():
     assert published.verdict == "held" and "as published" in published.claim
     assert published.stats["L2O minus adam"] == pytest.approx([0.1, 0.101, 0.102])
     assert "alpha_update_vs_baselines" not in found  # an estimator that was not recorded: no finding
+
+
+# ---- several meta-training recipes ------------------------------------------------------------------
+def test_labels_of_recipes_round_trip_with_meta_seed_marks():
+    assert results.l2o_label("l2o", 0, "authors") == "l2o[authors]"
+    assert results.l2o_label("l2o(leaky_relu)", 2, "authors") == "l2o[authors](leaky_relu)@m2"
+    assert results.split_label("l2o[authors](leaky_relu)@m2") == ("l2o[authors](leaky_relu)", 2)
+    assert results.split_recipe("l2o[authors](leaky_relu)@m2") == ("l2o(leaky_relu)@m2", "authors")
+    assert results.split_recipe("l2o(leaky_relu)") == ("l2o(leaky_relu)", None)
+    assert results.split_recipe("adam") == ("adam", None) and results.l2o_label("adam", 0, "authors") == "adam"
+
+
+def test_findings_are_computed_per_recipe_each_on_its_own_l2o():
+    # the default recipe's L2O deviates 10x less than SGD and Adam, the authors recipe's 10x more:
+    # one finding, opposite verdicts, each decided on its own L2O against the same baselines
+    S, T = 4, 30
+    rng = np.random.default_rng(3)
+    curves = {(o, None): 1.0 + 0.05 * rng.standard_normal((T, S)) for o in ("sgd", "adam", "lion")}
+    curves[("l2o", None)] = 0.1 + 0.005 * rng.standard_normal((T, S))
+    curves[(results.l2o_label("l2o", 0, "authors"), None)] = 10.0 + 0.5 * rng.standard_normal((T, S))
+    t = _table(curves, metric="rescale_deviation", experiment="symmetry-breaking")
+    assert analysis.recipes(t) == [None, "authors"]
+    by_recipe = analysis.findings_by_recipe(t)
+    (main,) = [f for f in by_recipe[None] if f.key == "deviation_rescale_total"]
+    (authors,) = [f for f in by_recipe["authors"] if f.key == "deviation_rescale_total"]
+    assert main.verdict == "contradicted" and authors.verdict == "held"
+    assert main.stats["log10(L2O / adam)"] == pytest.approx([-1.0] * S, abs=0.1)
+    assert authors.stats["log10(L2O / adam)"] == pytest.approx([1.0] * S, abs=0.1)
+    assert authors.stats["adam"] == main.stats["adam"]  # the same baseline runs
+    # the main recipe's findings are what they are without the other recipe's runs
+    alone = _table({k: v for k, v in curves.items() if k[0] != "l2o[authors]"},
+                   metric="rescale_deviation", experiment="symmetry-breaking")
+    assert [f.stats for f in analysis.all_findings(alone)] == [f.stats for f in by_recipe[None]]
+
+
+def test_a_recipe_view_keeps_its_meta_seeds_apart():
+    curves = {("adam", None): np.ones((40, 5))}
+    for k, off in enumerate([0.3, 0.25, 0.35]):
+        curves[(results.l2o_label("l2o", k, "authors"), 0.0)] = 1 - off + np.zeros((40, 5))
+    curves[("l2o", 0.0)] = 1.5 + np.zeros((40, 5))  # the main recipe: one L2O, behind Adam
+    t = _table(curves)
+    view = analysis.recipe_view(t, "authors")
+    assert view.unique("optimizer") == ["adam", "l2o", "l2o@m1", "l2o@m2"] and analysis.meta_seeds(view) == 3
+    assert analysis.recipe_view(t).unique("optimizer") == ["adam", "l2o"]
+    fast = {r: [f for f in fs if f.key == "l2o_fast_start"][0] for r, fs in analysis.findings_by_recipe(t).items()}
+    assert fast["authors"].stats["leaky_relu: first 5 iterations, Adam minus L2O"] == pytest.approx([0.3, 0.25, 0.35])
+    assert fast["authors"].verdict == "held" and fast[None].verdict == "contradicted"

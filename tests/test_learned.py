@@ -186,3 +186,24 @@ def test_pretrained_names():
                      ("leaky_relu/beta=x", "beta must be a number"), ("leaky_relu/beta=0.3", "available: ")):
         with pytest.raises(L2OError, match=msg):
             pretrained(bad)
+
+
+def test_a_further_recipes_set_loads_by_recipe_name_and_only_shipped_names_resolve(shipped):
+    from l2o_dynamics.learned import available_pretrained, pretrained
+
+    default = shipped("leaky_relu/beta=0", seed=0)
+    authors = shipped("authors/leaky_relu/beta=0", seed=1)
+    shipped("authors/bn_relu/beta=0.5", seed=2)
+    assert available_pretrained() == ["authors/bn_relu/beta=0.5", "authors/leaky_relu/beta=0", "leaky_relu/beta=0"]
+    assert pretrained("leaky_relu") == str(default)
+    assert pretrained("authors/leaky_relu") == pretrained("authors/leaky_relu/beta=0.0") == str(authors)
+    assert pretrained("authors/bn_relu/beta=0.50").endswith("authors/bn_relu/beta=0.5.pt")
+    # loaded by name, it is the authors' file, not the default recipe's of the same setting
+    got = l2o_from_checkpoint("pretrained:authors/leaky_relu").phi["out.weight"]
+    assert torch.equal(got, torch.load(authors, weights_only=True)["phi"]["out.weight"])
+    assert not torch.equal(got, torch.load(default, weights_only=True)["phi"]["out.weight"])
+    for bad, msg in (("authors/bn_relu", "available: "), ("authors/leaky_relu/0", "OPTIMIZEE/beta=B"),
+                     ("authors/../leaky_relu/beta=0", "OPTIMIZEE/beta=B"), ("authors", "available: "),
+                     ("authors/leaky_relu/beta=0/x", "OPTIMIZEE/beta=B"), ("base/../leaky_relu/beta=0", "available: ")):
+        with pytest.raises(L2OError, match=msg):
+            pretrained(bad)

@@ -300,3 +300,87 @@ def test_meta_seeds_meta_train_and_meta_test_one_l2o_per_seed(tmp_path, mnist):
     (f,) = [f for f in summary["findings"] if f.key == "deviation_rescale_total"]
     assert len(f.stats["log10(L2O / sgd)"]) == 3  # one statistic per meta-trained L2O
     assert "3 meta-trained L2Os per setting" in (tmp_path / "report.md").read_text()
+
+
+def test_a_further_recipes_shipped_l2os_are_analysed_beside_the_default_ones(shipped, tmp_path, mnist):
+    import dataclasses
+
+    from l2o_dynamics.experiments import missing_pretrained
+
+    for o in ("leaky_relu", "bn_relu"):
+        for b in ("0", "0.5"):
+            shipped(f"{o}/beta={b}", seed=0)
+    shipped("authors/leaky_relu/beta=0", seed=1)  # bn_relu's and the penalised ones: not shipped
+    base = dataclasses.replace(get_profile("smoke"), l2os="pretrained")
+    both = dataclasses.replace(base, extra_recipes=("published",))  # the alias names the authors recipe
+    jobs0, jobs = build_jobs(base), build_jobs(both)
+    assert {j.key for j in jobs0} < {j.key for j in jobs}  # the default L2Os' jobs (and stores) are reused
+    assert {j.config["name"] for j in jobs if j.kind == "pretrained"} == \
+        {j.config["name"] for j in jobs0 if j.kind == "pretrained"} | {"authors/leaky_relu/beta=0"}
+    extra = [j for j in jobs if j.kind == "meta-test" and j.config.get("recipe") == "authors"]
+    assert sorted((j.config["experiment"], j.config["optimizee"]) for j in extra) == [
+        ("generalization", "relu"), ("generalization", "sigmoid"), ("noise", "leaky_relu"),
+        ("regularization", "leaky_relu"), ("symmetry-breaking", "leaky_relu")]
+    assert missing_pretrained(both) == ["pretrained:authors/bn_relu/beta=0", "pretrained:authors/bn_relu/beta=0.5",
+                                        "pretrained:authors/leaky_relu/beta=0.5"]
+
+    summary = pipeline.reproduce(both, tmp_path, experiments=("symmetry-breaking",), progress=False,
+                                 fusion="eager", echo=lambda s: None)
+    t = Table.read(tmp_path / "metrics.csv").where(experiment="symmetry-breaking")
+    assert set(t.unique("optimizer")) == {"sgd", "adam", "lion", "l2o", "l2o[authors]"}
+    assert t.where(optimizer="l2o[authors]").unique("optimizee") == ["leaky_relu"]
+    by_recipe = {r: {f.key: f for f in fs} for r, fs in summary["findings_by_recipe"].items()}
+    assert list(by_recipe) == ["default", "authors"]
+    main, authors = (by_recipe[r]["deviation_rescale_total"] for r in ("default", "authors"))
+    assert authors.stats["sgd"] == main.stats["sgd"] and authors.stats["l2o"] != main.stats["l2o"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| held here? L2O (default recipe) | held here? L2O [authors] (authors recipe) |" in report
+    assert "**L2O [authors]**: the authors recipe's shipped set, pretrained:authors/OPTIMIZEE/beta=B" in report
+    assert "Not shipped (yet), so those settings have the main recipe's L2O only: " \
+           "pretrained:authors/bn_relu/beta=0." in report
+    assert "- (no L2O of this recipe here)" in report  # the scale panel, bn_relu
+    assert "| leaky_relu / rescale | L2O [authors] | total |" in report
+
+
+def test_a_further_recipes_l2os_are_meta_trained_by_that_recipe_and_labelled_with_it(tmp_path, mnist):
+    import dataclasses
+
+    from l2o_dynamics.experiments import run_job
+    from l2o_dynamics.meta import MetaTrainConfig
+
+    tiny = dict(epochs=1, runs=1, horizon=10, unroll=5, val_runs=1)
+    prof = dataclasses.replace(get_profile("smoke"), extra_recipes=("authors",), extra_meta={"authors": tiny})
+    jobs = build_jobs(prof, ("symmetry-breaking",))
+    assert {j.key for j in build_jobs(dataclasses.replace(prof, extra_recipes=()), ("symmetry-breaking",))} < \
+        {j.key for j in jobs}
+    trains = [j for j in jobs if j.kind == "meta-train" and j.config.get("recipe") == "authors"]
+    assert sorted(j.config["optimizee"] for j in trains) == ["bn_relu", "leaky_relu"]
+    for j in trains:  # the authors' settings, the profile's budget for them
+        c = j.config
+        assert (c["loss_index"], c["log_eps"], c["select"], c["clip_grad"], c["rollback"], c["collapse"]) == \
+            ("current", 1e-8, "train", None, None, None)
+        assert {k: c[k] for k in tiny} == tiny
+    # the paper profile: the authors recipe at its own budget, the study's 10,000 meta-steps
+    paper = [j for j in build_jobs(get_profile("paper"), ("symmetry-breaking",))
+             if j.kind == "meta-train" and j.config.get("recipe") == "authors"]
+    assert len(paper) == 2 * 3 and {MetaTrainConfig.from_dict(j.config).total_meta_steps() for j in paper} == {10_000}
+
+    train = next(j for j in trains if j.config["optimizee"] == "leaky_relu")
+    test = next(j for j in jobs if j.kind == "meta-test" and j.config["source"] == train.key)
+    files = run_job(train, {})
+    (tmp_path / "train.csv").write_bytes(files["metrics.csv"])
+    (tmp_path / "test.csv").write_bytes(run_job(test, {train.key: files})["metrics.csv"])
+    assert Table.read(tmp_path / "train.csv").unique("optimizer") == ["l2o[authors]"]
+    assert Table.read(tmp_path / "test.csv").unique("optimizer") == ["l2o[authors]"]
+
+
+@pytest.mark.parametrize("extra,l2os,msg", [(("nope",), "train", "unknown recipe 'nope'"),
+                                            (("default",), "pretrained", "repeats the main recipe"),
+                                            (("authors", "published"), "train", "repeats")])
+def test_bad_extra_recipes_are_refused(extra, l2os, msg):
+    import dataclasses
+
+    from l2o_dynamics.utils import L2OError
+
+    with pytest.raises(L2OError, match=msg):
+        build_jobs(dataclasses.replace(get_profile("smoke"), l2os=l2os, extra_recipes=extra))

@@ -28,6 +28,11 @@ A plain percentile interval over 3 L2Os cannot reach past their range; on synthe
 and the t-interval over the L2O means alone covered 13% where the shared test-seed
 effect does; this interval covered 91-100% in every regime tried
 (tests/test_analysis.py checks its limits and coverage).
+
+Recipes. The L2Os of further meta-training recipes (labelled `l2o[authors]`, ... beside
+the main recipe's `l2o`) get findings of their own: `recipe_view` is the table with one
+recipe's L2Os under the plain label and every baseline run, and `findings_by_recipe`
+computes every finding on each view.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from .results import PUBLISHED, Table, split_label
+from .results import PUBLISHED, Table, split_label, split_recipe
 
 LEVEL = 0.95
 BOOTSTRAP_REPS = 2000  # resamples of the two-level bootstrap (its SE to ~1.6%)
@@ -579,9 +584,11 @@ def findings_of_one(t: Table) -> list[Finding]:
     return out
 
 
-def all_findings(t: Table) -> list[Finding]:
-    """Every finding; with several meta-training seeds, intervals over the L2Os (the
-    statistics that read no L2O run found on the table with every L2O run masked)."""
+def all_findings(t: Table, recipe: str | None = None) -> list[Finding]:
+    """Every finding of one recipe's L2Os (None: the main recipe's, labelled `l2o`); with
+    several meta-training seeds, intervals over the L2Os (the statistics that read no L2O
+    run found on the table with every L2O run masked)."""
+    t = recipe_view(t, recipe)
     views = l2o_views(mask_diverged(t))
     per_l2o = [findings_of_one(v) for v in views]
     without = findings_of_one(without_l2os(views[0])) if len(views) > 1 else []
@@ -629,6 +636,34 @@ def trend_over_beta(findings: list[Finding], t: Table) -> list[Finding]:
                                                        "beta, no verdict on a trend"})
         out.append(f)
     return out
+
+
+# ---- several meta-training recipes -------------------------------------------------------------
+def recipes(t: Table) -> list[str | None]:
+    """The recipes whose L2Os the table holds: None (the main one, plain `l2o` labels) first,
+    then the further ones (`l2o[NAME]`) by name."""
+    found = {split_recipe(o)[1] for o in t.unique("optimizer") if o.startswith("l2o")}
+    further = sorted(r for r in found if r is not None)
+    return [None] + further if None in found or not further else further
+
+
+def recipe_view(t: Table, recipe: str | None = None) -> Table:
+    """The runs of recipe `recipe`'s L2Os under their labels without the recipe mark
+    (`l2o[authors](leaky_relu)@m1` -> `l2o(leaky_relu)@m1`), and every run that is not an
+    L2O's, as they are."""
+    labels, row = np.unique(t.cols["optimizer"].astype(str), return_inverse=True)
+    split = [split_recipe(o) for o in labels]
+    if recipe is None and all(r is None for _, r in split):
+        return t
+    keep_label = np.asarray([not o.startswith("l2o") or r == recipe for o, (_, r) in zip(labels, split)], dtype=bool)
+    plain = np.asarray([name for name, _ in split], dtype=object)
+    keep = keep_label[row] if len(labels) else np.zeros(0, dtype=bool)
+    return Table({**{c: a[keep] for c, a in t.cols.items()}, "optimizer": plain[row][keep]})
+
+
+def findings_by_recipe(t: Table) -> dict[str | None, list[Finding]]:
+    """Every finding per recipe's L2Os (`all_findings` of each `recipe_view`), main recipe first."""
+    return {r: all_findings(t, r) for r in recipes(t)}
 
 
 # ---- several meta-training seeds ---------------------------------------------------------------

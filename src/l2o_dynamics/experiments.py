@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,6 +68,14 @@ class Profile:
     # seeds; findings then take intervals over L2Os (analysis.across_l2os). With l2os="pretrained"
     # there is one (the shipped set).
     meta_seeds: int = 1
+    # Further meta-training recipes (meta.RECIPES) whose L2Os are analysed beside the main ones,
+    # each labelled l2o[NAME] (results.l2o_label; the main ones keep `l2o`): with
+    # l2os="pretrained" the shipped set pretrained/NAME/ (a setting it lacks is skipped, and the
+    # report lists it), with "train" meta-trained here by recipe NAME with extra_meta[NAME] over it
+    # (none: the recipe's own budget, 10,000 meta-steps for 'authors'), meta_seeds of each.
+    extra_recipes: tuple[str, ...] = ()
+    extra_meta: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    extra_unseen: int | None = None  # how many unseen optimizees their L2Os are tested on (default: unseen)
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
@@ -93,13 +101,17 @@ PROFILES = {
     "quick": Profile(
         "quick", seeds=report_seeds(3),
         meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
-        noise_steps=1000, noise_every=250, unseen_seeds=3, l2os="pretrained"),
+        noise_steps=1000, noise_every=250, unseen_seeds=3, l2os="pretrained",
+        # the study's recipe beside the default one (the shipped pretrained/authors/ set); its L2Os
+        # skip the generalisation table, which keeps `make demo` within a minute of its former time
+        extra_recipes=("authors",), extra_meta={"authors": dict(epochs=6, runs=2)}, extra_unseen=0),
     # paper: the default recipe at the published number of meta-steps (50 epochs of 100 runs,
-    # 90 of them one unroll: 9,500 meta-steps per L2O; the published schedule is 10,000)
+    # 90 of them one unroll: 9,500 meta-steps per L2O; the published schedule is 10,000), and the
+    # authors' recipe at its own, the study's, budget (10,000 meta-steps)
     "paper": Profile(
         "paper", seeds=report_seeds(5),
         meta=dict(epochs=50, runs=100, horizon=200, unroll=20, val_runs=3, meta_lr=1e-3),
-        noise_steps=1000, noise_every=10, meta_seeds=3),
+        noise_steps=1000, noise_every=10, meta_seeds=3, extra_recipes=("authors",)),
 }
 
 
@@ -132,17 +144,23 @@ COST = {"unroll": 0.45, "val_step": 0.006, "l2o_step_seed": 0.004, "base_step_se
         "noise_ckpt": 0.8, "noise_ckpt_l2o": 2.5, "sym_step_seed": 0.0015, "job": 2.0}
 
 
-def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, meta_seed: int = 0) -> Job:
+def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, meta_seed: int = 0,
+                   extra: str | None = None) -> Job:
+    """An L2O of the profile's recipe, or of its further recipe `extra` (extra_recipes)."""
     from .meta import recipe
 
     reg = TRAINED_ON[optimizee] if beta else None
-    cfg = {**recipe(profile.recipe).to_dict(), **profile.meta, "optimizee": optimizee, "reg": reg,
-           "beta": float(beta), "seed": meta_seed, "device": device}
-    m = profile.meta
+    if extra is None:
+        settings = {**recipe(profile.recipe).to_dict(), **profile.meta}
+    else:  # the recipe name in the config: its meta-test rows are labelled l2o[NAME]
+        settings = {**recipe(extra).to_dict(), **profile.extra_meta.get(extra, {}), "recipe": extra}
+    cfg = {**settings, "optimizee": optimizee, "reg": reg, "beta": float(beta), "seed": meta_seed,
+           "device": device}
     unrolls = _meta_steps(cfg)
-    est = unrolls * COST["unroll"] + m["epochs"] * m.get("val_runs", 3) * m["horizon"] * COST["val_step"]
+    est = unrolls * COST["unroll"] + cfg["epochs"] * cfg["val_runs"] * cfg["horizon"] * COST["val_step"]
     seed = f", seed {meta_seed}" if meta_seed else ""
-    return Job("meta-train", cfg, f"meta-train L2O on {optimizee} (beta={beta:g}{seed})",
+    name = "L2O" if extra is None else f"L2O [{extra}]"
+    return Job("meta-train", cfg, f"meta-train {name} on {optimizee} (beta={beta:g}{seed})",
                estimate_s=est + COST["job"])
 
 
@@ -152,13 +170,19 @@ def _meta_steps(cfg: Mapping[str, Any]) -> int:
     return MetaTrainConfig.from_dict(cfg).total_meta_steps()
 
 
-def pretrained_job(optimizee: str, beta: float) -> Job:
+def pretrained_name(optimizee: str, beta: float, extra: str | None = None) -> str:
+    """The shipped L2O of a setting: 'leaky_relu/beta=0' (the default recipe's set), or
+    'authors/leaky_relu/beta=0' (recipe `extra`'s set, pretrained/authors/)."""
+    return f"{extra + '/' if extra else ''}{optimizee}/beta={beta:g}"
+
+
+def pretrained_job(optimizee: str, beta: float, extra: str | None = None) -> Job:
     """A shipped L2O (learned.pretrained); its file's digest is part of the key."""
     import hashlib
 
     from .learned import pretrained
 
-    name = f"{optimizee}/beta={beta:g}"
+    name = pretrained_name(optimizee, beta, extra)
     digest = hashlib.sha256(Path(pretrained(name)).read_bytes()).hexdigest()
     return Job("pretrained", {"name": name, "sha256": digest}, f"shipped L2O pretrained:{name}",
                estimate_s=COST["job"])
@@ -179,7 +203,7 @@ def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee
                   seeds: tuple[int, ...], profile: Profile, device: str, beta: float | None = None,
                   trained_on: str | None = None, symmetry_every: int | None = None,
                   noise: Mapping[str, Any] | None = None, eval_every: int | None = None,
-                  meta_seed: int = 0) -> Job:
+                  meta_seed: int = 0, extra: str | None = None) -> Job:
     cfg = {"experiment": experiment, "optimizer": optimizer, "optimizee": optimizee, "steps": steps,
            "seeds": list(seeds), "eval_every": eval_every or profile.eval_every, "beta": beta,
            "trained_on": trained_on, "symmetry_every": symmetry_every,
@@ -188,20 +212,70 @@ def meta_test_job(experiment: str, optimizer_job: Job, optimizer: str, optimizee
         cfg["meta_seed"] = meta_seed
     if symmetry_every or noise:  # the probes also record the study's measurements as published
         cfg["published"] = True  # (results.PUBLISHED); new keys: the alphas now use exact centring
+    if extra:  # absent for the main recipe's L2Os, whose job keys stay as they were
+        cfg["recipe"] = extra
     per = COST["l2o_step_seed"] if optimizer == "l2o" else COST["base_step_seed"]
     est = steps * len(seeds) * (per + (COST["sym_step_seed"] if symmetry_every else 0))
     if noise:
         ck = steps // noise["every"] + 1
         est += ck * len(seeds) * (COST["noise_ckpt_l2o"] if optimizer == "l2o" else COST["noise_ckpt"])
-    name = l2o_label(optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})", meta_seed)
+    name = l2o_label(optimizer if trained_on in (None, optimizee) else f"l2o({trained_on})", meta_seed, extra)
     lbl = f"{experiment}: {name}{'' if beta is None else f' beta={beta:g}'} on {optimizee} ({steps} steps)"
     return Job("meta-test", cfg, lbl, deps=(optimizer_job.key,), estimate_s=est + COST["job"])
+
+
+def extra_recipes(profile: Profile) -> tuple[str, ...]:
+    """The profile's further recipes by their canonical names (meta.RECIPE_ALIASES), each a
+    recipe of meta.RECIPES other than the main one's (with l2os="pretrained": 'default', the
+    shipped set's), listed once."""
+    from .meta import RECIPE_ALIASES, RECIPES
+
+    main = "default" if profile.l2os == "pretrained" else RECIPE_ALIASES.get(profile.recipe, profile.recipe)
+    out: list[str] = []
+    for given in profile.extra_recipes:
+        name = RECIPE_ALIASES.get(given, given)
+        if name not in RECIPES:
+            raise L2OError(f"unknown recipe {given!r} in extra_recipes; valid: {', '.join(RECIPES)}")
+        if name == main or name in out:
+            raise L2OError(f"extra recipe {given!r} repeats the main recipe ({main}) or another extra one; "
+                           f"list each recipe once, other than {main}")
+        out.append(name)
+    return tuple(out)
+
+
+def l2o_settings(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS) -> list[tuple[str, float]]:
+    """The (optimizee, beta) settings whose L2Os the experiments meta-test."""
+    found = set()
+    if "symmetry-breaking" in experiments:
+        found |= {(o, 0.0) for o in TRAINED_ON}
+    if "regularization" in experiments:
+        found |= {(o, float(b)) for o in TRAINED_ON for b in profile.betas}
+    if "noise" in experiments:
+        found.add(("leaky_relu", 0.0))
+    return sorted(found)
+
+
+def missing_pretrained(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS) -> list[str]:
+    """With l2os="pretrained": the L2Os of the further recipes that the experiments would
+    analyse but that are not shipped ('pretrained:authors/bn_relu/beta=0.5', ...); their
+    settings are analysed with the main recipe's L2O only."""
+    from .learned import available_pretrained
+
+    if profile.l2os != "pretrained":
+        return []
+    shipped = set(available_pretrained())
+    return [f"pretrained:{pretrained_name(o, b, r)}" for r in extra_recipes(profile)
+            for o, b in l2o_settings(profile, experiments) if pretrained_name(o, b, r) not in shipped]
 
 
 def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, device: str = "cpu"
                ) -> list[Job]:
     """The job graph, dependencies first. Jobs shared by several experiments (the
-    beta = 0 L2Os, learning-rate searches) appear once."""
+    beta = 0 L2Os, learning-rate searches) appear once. The L2Os of the profile's further
+    recipes (`extra_recipes`) are meta-tested beside the main ones; a shipped set that lacks
+    a setting is skipped there (`missing_pretrained`)."""
+    from .learned import available_pretrained
+
     for e in experiments:
         if e not in EXPERIMENTS:
             raise L2OError(f"unknown experiment {e!r}; valid: {', '.join(EXPERIMENTS)}")
@@ -224,23 +298,32 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
             raise L2OError(f"{name} must be a positive integer, got {getattr(profile, name)!r}")
     # the shipped set holds one L2O per setting
     meta_seeds = range(1 if profile.l2os == "pretrained" else profile.meta_seeds)
+    extras = extra_recipes(profile)
+    # (recipe, meta seed) of every L2O per setting; recipe None: the main one
+    l2os = [(r, k) for r in (None, *extras) for k in meta_seeds]
+    shipped = set(available_pretrained()) if extras and profile.l2os == "pretrained" else set()
 
-    def source(optimizer: str, optimizee: str, beta: float = 0.0, meta_seed: int = 0) -> Job:
+    def source(optimizer: str, optimizee: str, beta: float = 0.0, meta_seed: int = 0,
+               extra: str | None = None) -> Job | None:
         if optimizer == "l2o" and profile.l2os == "pretrained":
-            return add(pretrained_job(optimizee, beta))
+            if extra is not None and pretrained_name(optimizee, beta, extra) not in shipped:
+                return None  # not shipped (yet): missing_pretrained lists it
+            return add(pretrained_job(optimizee, beta, extra))
         if optimizer == "l2o":
-            return add(meta_train_job(profile, optimizee, beta, device, meta_seed))
+            return add(meta_train_job(profile, optimizee, beta, device, meta_seed, extra))
         return add(lr_search_job(profile, optimizer, optimizee, device))
 
     if profile.l2os == "pretrained":  # the analyses use the shipped set; one short meta-training
         add(meta_train_job(profile, "leaky_relu", 0.0, device))  # shows the whole pipeline
 
+    runs = [(o, 0, None) for o in BASELINES] + [("l2o", k, r) for r, k in l2os]
     if "symmetry-breaking" in experiments:
         for optimizee in TRAINED_ON:
-            for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
-                src = source(opt, optimizee, meta_seed=k)
-                add(meta_test_job("symmetry-breaking", src, opt, optimizee, profile.symmetry_steps, S,
-                                  profile, device, symmetry_every=1, meta_seed=k))
+            for opt, k, r in runs:
+                src = source(opt, optimizee, meta_seed=k, extra=r)
+                if src is not None:
+                    add(meta_test_job("symmetry-breaking", src, opt, optimizee, profile.symmetry_steps, S,
+                                      profile, device, symmetry_every=1, meta_seed=k, extra=r))
     if "regularization" in experiments:
         T = profile.regularization_steps
         for optimizee in TRAINED_ON:
@@ -248,22 +331,26 @@ def build_jobs(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS, dev
                 add(meta_test_job("regularization", source(opt, optimizee), opt, optimizee, T, S,
                                   profile, device))
             for beta in profile.betas:
-                for k in meta_seeds:
-                    src = source("l2o", optimizee, beta, meta_seed=k)
+                for r, k in l2os:
+                    src = source("l2o", optimizee, beta, meta_seed=k, extra=r)
+                    if src is None:
+                        continue
                     add(meta_test_job("regularization", src, "l2o", optimizee, T, S, profile, device,
-                                      beta=beta, meta_seed=k))
-                    for unseen in UNSEEN[optimizee][:profile.unseen]:
-                        add(meta_test_job("generalization", src, "l2o", unseen, T,
+                                      beta=beta, meta_seed=k, extra=r))
+                    unseen = profile.unseen if r is None or profile.extra_unseen is None else profile.extra_unseen
+                    for name in UNSEEN[optimizee][:unseen]:
+                        add(meta_test_job("generalization", src, "l2o", name, T,
                                           S_unseen, profile, device, beta=beta,
                                           trained_on=optimizee, eval_every=max(profile.eval_every, T // 4),
-                                          meta_seed=k))
+                                          meta_seed=k, extra=r))
     if "noise" in experiments:
         noise = {"every": profile.noise_every, "minibatches": profile.noise_minibatches,
                  "cov_unit": profile.cov_unit, "cov_center": profile.cov_center}
-        for opt, k in [(o, 0) for o in BASELINES] + [("l2o", k) for k in meta_seeds]:
-            src = source(opt, "leaky_relu", meta_seed=k)
-            add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
-                              noise=noise, meta_seed=k))
+        for opt, k, r in runs:
+            src = source(opt, "leaky_relu", meta_seed=k, extra=r)
+            if src is not None:
+                add(meta_test_job("noise", src, opt, "leaky_relu", profile.noise_steps, S, profile, device,
+                                  noise=noise, meta_seed=k, extra=r))
     # dependencies first; within a kind the longest first, so a pool's workers finish together
     order = {"pretrained": 0, "lr-search": 0, "meta-train": 1, "meta-test": 2}
     return sorted(jobs.values(), key=lambda j: (order[j.kind], -j.estimate_s))
@@ -323,6 +410,7 @@ def _run_meta_train(cfg, workdir, progress) -> Files:
         out = Path(where)
         res = meta_train(mcfg, out, data=load_mnist(verbose=False), resume=True, progress=progress)
         files = {name: (out / name).read_bytes() for name in ("l2o.pt", "config.json")}
+    res.log.optimizer = l2o_label("l2o", recipe=cfg.get("recipe"))  # l2o[NAME] for a further recipe's
     files["metrics.csv"] = format_rows(res.log.rows()).encode()
     return files
 
@@ -352,7 +440,7 @@ def _run_meta_test(cfg, source: Files, progress) -> Files:
     if cfg["optimizer"] == "l2o":
         opt = l2o_from_checkpoint(source["l2o.pt"], device)
         name = l2o_label("l2o" if cfg["trained_on"] in (None, cfg["optimizee"]) else f"l2o({cfg['trained_on']})",
-                         cfg.get("meta_seed", 0))
+                         cfg.get("meta_seed", 0), cfg.get("recipe"))
         lr = None
     else:
         lr = LR_RANGE.check("the searched learning rate", json.loads(source["result.json"])["lr"])

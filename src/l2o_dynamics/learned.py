@@ -298,56 +298,80 @@ PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 
 def pretrained(name: str = "leaky_relu") -> str:
     """Path of an L2O shipped with the package: 'OPTIMIZEE' or 'OPTIMIZEE/beta=B' (the one
-    meta-trained on OPTIMIZEE with symmetry penalty weight B; 'OPTIMIZEE' is beta=0), or
+    meta-trained on OPTIMIZEE with symmetry penalty weight B by the default recipe;
+    'OPTIMIZEE' is beta=0), 'RECIPE/OPTIMIZEE[/beta=B]' (the same, meta-trained by another
+    recipe of `meta.RECIPES`: 'authors/leaky_relu', 'authors/bn_relu/beta=0.5'), or
     'base/leaky_relu' (the L2O shipped before the default recipe, kept for comparison).
-    How each was made: pretrained/README.md.
+    How each was made: pretrained/README.md (and pretrained/RECIPE/README.md).
 
     A name resolves only to a file of the shipped set (`available_pretrained`): the path
     comes from the package's listing, never from the name, and B must equal a shipped
     beta exactly (0.5 and 0.50 name the same file; 0.5000001 names none)."""
     shipped = _shipped_pretrained()
-    optimizee, _, rest = name.partition("/")
-    if optimizee == "base" or name in shipped:
-        key = name
-    else:
-        if rest and not rest.startswith("beta="):
-            raise L2OError(f"pretrained name {name!r}: expected OPTIMIZEE or OPTIMIZEE/beta=B; "
-                           f"available: {', '.join(shipped) or 'none'}")
-        try:
-            beta = float(rest[5:]) if rest else 0.0
-        except ValueError:
-            raise L2OError(f"pretrained name {name!r}: beta must be a number; "
-                           f"available: {', '.join(shipped) or 'none'}") from None
-        key = next((k for k in shipped if k.partition("/")[0] == optimizee and _shipped_beta(k) == beta), name)
-    if key not in shipped:
+    if name in shipped:
+        return shipped[name]
+    parts = name.split("/")
+    recipe = parts.pop(0) if len(parts) > 1 and parts[0] in _recipe_dirs() else None
+    if parts[0] == "base" or len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("beta=")):
+        raise L2OError(f"no pretrained L2O {name!r} (expected [RECIPE/]OPTIMIZEE[/beta=B]); "
+                       f"available: {', '.join(shipped) or 'none'}")
+    try:
+        beta = float(parts[1][5:]) if len(parts) == 2 else 0.0
+    except ValueError:
+        raise L2OError(f"pretrained name {name!r}: beta must be a number; "
+                       f"available: {', '.join(shipped) or 'none'}") from None
+    prefix = f"{recipe}/{parts[0]}" if recipe else parts[0]
+    key = next((k for k in shipped if k.rpartition("/")[0] == prefix and _shipped_beta(k) == beta), None)
+    if key is None:
         raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(shipped) or 'none'}")
     return shipped[key]
 
 
 def _shipped_beta(key: str) -> float | None:
-    """The beta of a shipped name 'OPTIMIZEE/beta=B' (None for other names)."""
-    tail = key.partition("/")[2]
+    """The beta of a shipped name '[RECIPE/]OPTIMIZEE/beta=B' (None for other names)."""
+    tail = key.rpartition("/")[2]
     try:
         return float(tail[5:]) if tail.startswith("beta=") else None
     except ValueError:
         return None
 
 
+def _recipe_dirs() -> list[str]:
+    """Top-level directories of PRETRAINED_DIR that hold optimizee directories: one per
+    recipe other than the default (whose set lies at the top level)."""
+    out = []
+    for sub in sorted(os.listdir(PRETRAINED_DIR)) if os.path.isdir(PRETRAINED_DIR) else ():
+        d = os.path.join(PRETRAINED_DIR, sub)
+        if os.path.isdir(d) and not os.path.islink(d) and any(os.path.isdir(os.path.join(d, f)) for f in os.listdir(d)):
+            out.append(sub)
+    return out
+
+
 def _shipped_pretrained() -> dict[str, str]:
-    """{'OPTIMIZEE/beta=B': path} of every .pt file one level below PRETRAINED_DIR."""
+    """{'[RECIPE/]OPTIMIZEE/beta=B': path} of every regular .pt file one directory below
+    PRETRAINED_DIR, or two below inside a recipe's directory."""
     out = {}
-    if os.path.isdir(PRETRAINED_DIR):
-        for sub in sorted(os.listdir(PRETRAINED_DIR)):
-            d = os.path.join(PRETRAINED_DIR, sub)
-            if os.path.isdir(d):
-                for f in sorted(os.listdir(d)):
-                    if f.endswith(".pt") and os.path.isfile(os.path.join(d, f)):
-                        out[f"{sub}/{f[:-3]}"] = os.path.join(d, f)
+    if not os.path.isdir(PRETRAINED_DIR):
+        return out
+    for sub in sorted(os.listdir(PRETRAINED_DIR)):
+        d = os.path.join(PRETRAINED_DIR, sub)
+        if not os.path.isdir(d) or os.path.islink(d):
+            continue
+        for f in sorted(os.listdir(d)):
+            path = os.path.join(d, f)
+            if f.endswith(".pt") and os.path.isfile(path) and not os.path.islink(path):
+                out[f"{sub}/{f[:-3]}"] = path
+            elif os.path.isdir(path) and not os.path.islink(path):
+                for g in sorted(os.listdir(path)):
+                    q = os.path.join(path, g)
+                    if g.endswith(".pt") and os.path.isfile(q) and not os.path.islink(q):
+                        out[f"{sub}/{f}/{g[:-3]}"] = q
     return out
 
 
 def available_pretrained() -> list[str]:
-    """Names `pretrained` accepts, e.g. ['bn_relu/beta=0', ..., 'leaky_relu/beta=1', 'sigmoid/beta=0']."""
+    """Names `pretrained` accepts, e.g. ['authors/leaky_relu/beta=0', ..., 'bn_relu/beta=0', ...,
+    'leaky_relu/beta=1', 'sigmoid/beta=0']."""
     return list(_shipped_pretrained())
 
 

@@ -1,7 +1,8 @@
 """Figures, drawn only from tidy metrics files.
 
 One colour per optimizer everywhere in the project; L2Os meta-trained with a
-symmetry penalty get darker shades of the L2O colour as beta grows. Curves are
+symmetry penalty get darker shades of the L2O colour as beta grows; the L2Os of a
+further meta-training recipe (`l2o[authors]`) get a hue of their own. Curves are
 the mean over seeds with a 95% t-interval band.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from .results import PUBLISHED, Table  # noqa: E402
+from .results import PUBLISHED, Table, split_recipe  # noqa: E402
 from .errors import L2OError  # noqa: E402
 from .files import atomic_path  # noqa: E402
 
@@ -28,11 +29,19 @@ LABELS = {"sgd": "SGD", "adam": "Adam", "lion": "Lion", "l2o": "L2O"}
 
 
 BETA_STYLES = {0.1: ("#f4a582", "--"), 0.5: ("#a50f15", "-."), 1.0: ("#3f0008", ":")}
+# L2Os of further recipes: (colour at beta 0, colour map of the penalised ones)
+RECIPE_COLORS = {"authors": ("#6a3d9a", "Purples")}
+OTHER_RECIPE = ("#8c564b", "copper_r")
 
 
 def color(optimizer: str, beta: float | None = None) -> str | tuple:
-    """The optimizer's colour; penalised L2Os (beta > 0) get lighter/darker reds."""
+    """The optimizer's colour; penalised L2Os (beta > 0) get lighter/darker reds, a further
+    recipe's L2Os (`l2o[NAME]`) its own hue (RECIPE_COLORS)."""
     base = "l2o" if optimizer.startswith("l2o") else optimizer
+    recipe = split_recipe(optimizer)[1]
+    if recipe is not None:
+        first, cmap = RECIPE_COLORS.get(recipe, OTHER_RECIPE)
+        return matplotlib.colormaps[cmap](0.45 + 0.5 * min(beta, 1.0)) if beta else first
     if base == "l2o" and beta:
         return BETA_STYLES.get(round(beta, 3), (matplotlib.colormaps["Reds"](min(0.5 + 0.5 * beta, 1.0)),))[0]
     return COLORS.get(base, "#7f7f7f")
@@ -45,7 +54,11 @@ def _linestyle(optimizer: str, beta: float | None = None) -> str:
 
 
 def label(optimizer: str, beta: float | None = None) -> str:
-    base = LABELS.get(optimizer, optimizer.replace("l2o", "L2O"))
+    """'L2O', 'L2O [authors] (β=0.5)', 'L2O(leaky_relu)'..."""
+    name, recipe = split_recipe(optimizer)
+    base = LABELS.get(name, name.replace("l2o", "L2O"))
+    if recipe is not None:
+        base = base.replace("L2O", f"L2O [{recipe}]", 1)
     return f"{base} (β={beta:g})" if beta is not None and optimizer.startswith("l2o") else base
 
 
@@ -219,9 +232,10 @@ def generalization_figure(table: Table, path) -> Path:
                 means.append(m[0])
                 halves.append(h[0])
             x = np.arange(len(optimizees)) + (i - (len(betas) - 1) / 2) * width
-            ax.bar(x, means, width, yerr=halves, color=color("l2o", b), label=label("l2o", b), capsize=2)
+            ax.bar(x, means, width, yerr=halves, color=color(src, b), label=label(src.split("(")[0], b),
+                   capsize=2)
         ax.set_xticks(np.arange(len(optimizees)), optimizees, rotation=20, fontsize=8)
-        _panel(ax, f"{src} on unseen optimizees", "", "mean training loss over the run")
+        _panel(ax, f"{label(src)} on unseen optimizees", "", "mean training loss over the run")
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)
@@ -262,25 +276,27 @@ def meta_training_figure(table: Table, path) -> Path:
     """Meta-loss (running mean) and validation score of every meta-training."""
     t = table.where(experiment="meta-train")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    runs = sorted({(o, None if np.isnan(b) else float(b)) for o, b in zip(t.cols["optimizee"], t.cols["beta"])},
-                  key=lambda ob: (ob[0], ob[1] or 0))
+    runs = sorted({(opt, o, None if np.isnan(b) else float(b))
+                   for opt, o, b in zip(t.cols["optimizer"], t.cols["optimizee"], t.cols["beta"])},
+                  key=lambda r: (r[0], r[1], r[2] or 0))
     markers = {"leaky_relu": "o", "bn_relu": "s"}
-    for optimizee, beta in runs:
-        sub = t.where(optimizee=optimizee, beta=beta)
-        lab = f"{optimizee} β={beta or 0:g}"
+    for opt, optimizee, beta in runs:
+        sub = t.where(optimizer=opt, optimizee=optimizee, beta=beta)
+        recipe = split_recipe(opt)[1]
+        lab = f"{optimizee} β={beta or 0:g}" + (f" [{recipe}]" if recipe else "")
         ml = sub.where(metric="meta_loss")
         if len(ml):
             steps, _, vals = ml.matrix()
             v = vals[:, 0]
             k = max(1, len(v) // 25)
             smooth = np.convolve(v, np.ones(k) / k, mode="valid")
-            axes[0].plot(steps[k - 1:], smooth, color=color("l2o", beta), ls=_linestyle("l2o", beta),
+            axes[0].plot(steps[k - 1:], smooth, color=color(opt, beta), ls=_linestyle("l2o", beta),
                          marker=markers.get(optimizee, "o"), markevery=max(1, len(smooth) // 8), ms=4,
                          label=lab, lw=1.2)
         vs = sub.where(metric="val_score")
         if len(vs):
             steps, _, vals = vs.matrix()
-            axes[1].plot(steps, vals[:, 0], marker=markers.get(optimizee, "o"), ms=4, color=color("l2o", beta),
+            axes[1].plot(steps, vals[:, 0], marker=markers.get(optimizee, "o"), ms=4, color=color(opt, beta),
                          ls=_linestyle("l2o", beta), label=lab)
     _panel(axes[0], "Meta-training loss (running mean; o leaky_relu, □ bn_relu)", "meta-step (unroll)",
            "meta-loss log(sum of losses)")

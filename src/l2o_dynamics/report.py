@@ -1,7 +1,9 @@
 """Outputs of a reproduction: merged metrics.csv, figures/, report.md and report.html.
 
 The report is built as a list of blocks (heading, paragraph, table, image) that
-render to both Markdown and HTML, so the two always say the same thing.
+render to both Markdown and HTML, so the two always say the same thing. With the L2Os
+of several meta-training recipes (`l2o`, `l2o[authors]`), every finding is computed per
+recipe's L2O and shown in one column per recipe; tables and figures show each L2O.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import analysis, plotting
-from .experiments import Job, Profile
-from .results import COLUMNS, PUBLISHED, Table
+from .experiments import Job, Profile, missing_pretrained
+from .results import COLUMNS, PUBLISHED, Table, l2o_label, split_recipe
 from .env import environment
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .seeds import families_of
@@ -23,6 +25,7 @@ VERDICT = {"held": "held", "weak": "weak (CI includes 0)",
            "contradicted": "contradicted (CI excludes 0)",
            "n/a": "n/a (fewer than 3 usable seeds, L2Os or comparisons)"}
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+ByRecipe = dict  # recipe (None: the main one, plain `l2o` labels) -> its L2Os' findings (analysis.findings_by_recipe)
 
 
 def merge_metrics(store, jobs: Iterable[Job], path: Path) -> None:
@@ -61,14 +64,88 @@ def make_figures(table: Table, fig_dir: Path, experiments: Iterable[str]) -> dic
     return out
 
 
-def findings_table(findings: list[analysis.Finding]) -> tuple[list[str], list[list[str]]]:
-    header = ["finding of the study", "held here?", "figure"]
-    rows = [[f.claim, VERDICT[f.verdict], f.figure or ""] for f in findings]
+def _by_recipe(findings: list[analysis.Finding] | ByRecipe) -> ByRecipe:
+    return findings if isinstance(findings, dict) else {None: findings}
+
+
+def _columns(by_recipe: ByRecipe, names: dict | None) -> list[str]:
+    """One heading per recipe's L2O: 'L2O (default recipe)', 'L2O [authors] (authors recipe)'."""
+    names = names or {}
+    return [f"{plotting.label(l2o_label('l2o', recipe=r))} ({names.get(r, r or 'main')} recipe)" for r in by_recipe]
+
+
+def _keyed(by_recipe: ByRecipe) -> list[tuple[str, dict]]:
+    """(finding key, {recipe: Finding}) in the order the findings come, main recipe first."""
+    out: dict[str, dict] = {}
+    for r, fs in by_recipe.items():
+        for f in fs:
+            out.setdefault(f.key, {})[r] = f
+    return list(out.items())
+
+
+NO_RUNS = "- (no L2O of this recipe here)"
+
+
+def _verdict_cell(per: dict, r) -> str:
+    """The verdict of recipe r's L2O on a finding; NO_RUNS where it has no runs behind the
+    finding at all (a setting whose L2O is not shipped), which 'n/a' would misstate."""
+    f = per.get(r)
+    if f is None:
+        return NO_RUNS
+    empty = f.tests and all(len(f.stats.get(t, ())) == 0 and not getattr(f.stats.get(t), "diverged", 0)
+                            for t in f.tests)
+    return NO_RUNS if empty else VERDICT[f.verdict]
+
+
+def findings_table(findings: list[analysis.Finding] | ByRecipe, names: dict | None = None
+                   ) -> tuple[list[str], list[list[str]]]:
+    """The findings and their verdicts: one verdict column, or one per recipe's L2O."""
+    by_recipe = _by_recipe(findings)
+    if len(by_recipe) == 1:
+        (fs,) = by_recipe.values()
+        return ["finding of the study", "held here?", "figure"], [[f.claim, VERDICT[f.verdict], f.figure or ""]
+                                                                  for f in fs]
+    header = ["finding of the study"] + [f"held here? {c}" for c in _columns(by_recipe, names)] + ["figure"]
+    rows = []
+    for _, per in _keyed(by_recipe):
+        f0 = next(iter(per.values()))
+        rows.append([f0.claim] + [_verdict_cell(per, r) for r in by_recipe]
+                    + [f0.figure or ""])
     return header, rows
 
 
+def _finding_blocks(by_recipe: ByRecipe, names: dict) -> list[Block]:
+    """Per finding: its verdict(s), measure and values (one column per recipe's L2O)."""
+    blocks: list[Block] = []
+    if len(by_recipe) == 1:
+        for f in next(iter(by_recipe.values())):
+            blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
+                       ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
+        return blocks
+    columns = _columns(by_recipe, names)
+    for _, per in _keyed(by_recipe):
+        f0 = next(iter(per.values()))
+        held = "; ".join(f"{c}: **{_verdict_cell(per, r)}**" for c, r in zip(columns, by_recipe))
+        quantities = list(dict.fromkeys(k for f in per.values() for k in f.values))
+        blocks += [("h", 3, f0.claim), ("p", f"Held here: {held}. Measure: {f0.measure}."),
+                   ("table", ["quantity"] + columns,
+                    [[k] + [per[r].values.get(k, "") if r in per else "-" for r in by_recipe] for k in quantities])]
+    return blocks
+
+
+def _optimizers(table: Table) -> list[str]:
+    """The baselines, then each recipe's L2O (`l2o`, `l2o[authors]`, ...) that `table` holds."""
+    present = set(table.unique("optimizer"))
+    return [o for o in ("sgd", "adam", "lion", "l2o") if o in present] + sorted(
+        o for o in present if o.startswith("l2o[") and "(" not in o)
+
+
 def _speed_block(table: Table) -> list[Block]:
-    rows = analysis.speed_table(table)
+    rows = analysis.speed_table(analysis.recipe_view(table))
+    for r in analysis.recipes(table):  # the L2O of each further recipe below the main one's
+        if r is not None:
+            rows += [{**row, "optimizer": l2o_label("l2o", recipe=r)}
+                     for row in analysis.speed_table(analysis.recipe_view(table, r)) if row["optimizer"] == "l2o"]
     if not rows:
         return []
     steps = [k for k in rows[0] if isinstance(k, int)]
@@ -94,7 +171,9 @@ def _generalization_block(table: Table) -> list[Block]:
                 s = sub.where(beta=beta)
                 T = int(s.cols["step"].max())
                 final = analysis.per_seed(s, steps=(T - 9, T))
-                body.append([opt[4:-1] if opt.startswith("l2o(") else opt, optimizee, f"{beta:g}",
+                name, recipe = split_recipe(opt)
+                trained_on = (name[4:-1] if name.startswith("l2o(") else name) + (f" [{recipe}]" if recipe else "")
+                body.append([trained_on, optimizee, f"{beta:g}",
                              analysis.fmt(list(final.values())), analysis.fmt(list(analysis.auc(s).values()))])
     return [("h", 3, "Regularised L2Os on optimizees they were not meta-trained on"),
             ("table", header, body)]
@@ -112,7 +191,7 @@ def _deviation_block(table: Table) -> list[Block]:
     T = int(t.cols["step"].max())
     its = [min(i, T) for i in (10, 50, 100)]
     for optimizee, kind in analysis.SYM_PANELS:
-        for opt in ("sgd", "adam", "lion", "l2o"):
+        for opt in _optimizers(t):
             for suffix, measure in DEVIATION_MEASURES.items():
                 sub = t.where(optimizee=optimizee, optimizer=opt, metric=f"{kind}_deviation{suffix}")
                 if not len(sub):
@@ -142,7 +221,7 @@ def _noise_block(table: Table) -> list[Block]:
     t = table.where(experiment="noise")
     if not len(t):
         return []
-    opts = [o for o in ("sgd", "adam", "lion", "l2o") if len(t.where(optimizer=o))]
+    opts = [o for o in _optimizers(t) if len(t.where(optimizer=o))]
     header = ["quantity"] + [plotting.label(o) for o in opts]
     last = int(t.cols["step"].max())
     rows = [(text, m, None) for m, text in NOISE_METRICS.items()]
@@ -189,12 +268,55 @@ L2O_SOURCE = {
 }
 
 
-def _recipe_text(profile: Profile) -> str:
+def recipe_names(profile: Profile, by_recipe: ByRecipe) -> dict:
+    """recipe key of `by_recipe` -> the recipe's name (the main one: 'default' for the shipped set)."""
+    main = "default" if profile.l2os == "pretrained" else profile.recipe
+    return {r: main if r is None else r for r in by_recipe}
+
+
+def _sources_text(profile: Profile, by_recipe: ByRecipe, missing: list[str]) -> str:
+    """Which recipe each L2O of the report comes from, and which further L2Os are not shipped."""
+    missing_text = (" Not shipped (yet), so those settings have the main recipe's L2O only: "
+                    + ", ".join(missing) + ".") if missing else ""
+    if len(by_recipe) == 1:
+        return L2O_SOURCE[profile.l2os] + missing_text
+    parts = []
+    for r, name in recipe_names(profile, by_recipe).items():
+        lbl = plotting.label(l2o_label("l2o", recipe=r))
+        if profile.l2os == "pretrained" and r is None:
+            parts.append(f"**{lbl}**: the {name} recipe's shipped set, pretrained:OPTIMIZEE/beta=B "
+                         "(docs/meta_training.md)")
+        elif profile.l2os == "pretrained":
+            parts.append(f"**{lbl}**: the {name} recipe's shipped set, pretrained:{r}/OPTIMIZEE/beta=B "
+                         f"({_recipe_text(profile, r)}, as meta.RECIPES defines it)")
+        elif r is None:
+            parts.append(f"**{lbl}**: meta-trained in this run by the {name} recipe with the settings above")
+        else:
+            parts.append(f"**{lbl}**: meta-trained in this run by the {name} recipe ({_recipe_text(profile, r)})")
+    text = ("The L2Os of several meta-training recipes are analysed side by side, each finding once per "
+            "recipe's L2O: " + "; ".join(parts) + ".")
+    if profile.l2os == "pretrained":
+        text += (" Each shipped L2O's model card is in src/l2o_dynamics/pretrained/README.md; the one "
+                 "meta-training run here (leaky_relu, beta 0) only demonstrates the pipeline and is not analysed.")
+    return text + missing_text
+
+
+def _recipe_text(profile: Profile, extra: str | None = None) -> str:
+    """The meta-training settings of the profile's recipe, or of its further recipe `extra`
+    (with l2os="pretrained": the recipe's own, as the shipped set was trained)."""
     from .meta import recipe
 
-    c = recipe(profile.recipe, **profile.meta)
-    parts = [f"recipe {profile.recipe}", f"{c.epochs} epochs x {c.runs} runs of {c.horizon} steps",
+    if extra is None:
+        name, c = profile.recipe, recipe(profile.recipe, **profile.meta)
+    else:
+        over = profile.extra_meta.get(extra, {}) if profile.l2os == "train" else {}
+        name, c = extra, recipe(extra, **over)
+    parts = [f"recipe {name}", f"{c.epochs} epochs x {c.runs} runs of {c.horizon} steps",
              f"unroll {c.unroll}", f"{c.total_meta_steps():,} meta-steps", f"meta-lr {c.meta_lr:g}"]
+    if c.loss_index == "current":
+        parts.append("meta-loss over the losses before each update")
+    if c.log_eps:
+        parts.append(f"{c.log_eps:g} added inside the preprocessing log")
     if c.short_runs:
         parts.append(f"{c.short_runs:.0%} of runs cut to their first unroll")
     if c.clip_grad:
@@ -204,6 +326,8 @@ def _recipe_text(profile: Profile) -> str:
                      + ("" if c.rollback_cut == 1 else f", meta-lr x {c.rollback_cut:g} each time"))
     if c.collapse:
         parts.append(f"collapse monitor at drift {c.collapse:g}")
+    if c.select == "train":
+        parts.append("the epoch with the lowest mean meta-training loss kept")
     return ", ".join(parts)
 
 
@@ -257,16 +381,20 @@ def lr_search_block(jobs: list[Job], store, profile: Profile) -> list[Block]:
 
 
 def build_report(table: Table, findings, figures: dict[str, Path], profile: Profile, jobs: list[Job],
-                 store, env: dict, wall_time_s: float, executor: str) -> list[Block]:
+                 store, env: dict, wall_time_s: float, executor: str, missing: Iterable[str] = ()) -> list[Block]:
+    """`findings`: one list, or one per recipe's L2O (analysis.findings_by_recipe); `missing`:
+    the further recipes' L2Os that are not shipped (experiments.missing_pretrained)."""
+    by_recipe = _by_recipe(findings)
+    names = recipe_names(profile, by_recipe)
     blocks: list[Block] = [
         ("h", 1, "l2o-dynamics: reproduction of \"Investigation into Training Dynamics of Learned Optimizers\""),
         ("p", f"Profile **{profile.name}**: {seeds_text(profile)}; meta-training: {_recipe_text(profile)}. "
-              f"{L2O_SOURCE[profile.l2os]} Noise runs of {profile.noise_steps} steps with "
+              f"{_sources_text(profile, by_recipe, list(missing))} Noise runs of {profile.noise_steps} steps with "
               f"checkpoints every {profile.noise_every}. Wall time {wall_time_s / 60:.1f} min on {executor}. "
               "Numbers are mean [95% t-interval] over seeds; comparisons are paired by seed (same init and "
               "data order)."),
         ("h", 2, "Findings"),
-        ("table", *findings_table(findings)),
+        ("table", *findings_table(by_recipe, names)),
         ("p", "Verdicts, from the 95% t-interval over seeds of the paired statistic: 'held': the "
               "claimed direction, interval excludes 0; 'weak': the claimed direction, interval includes 0; "
               "'inconclusive, opposite sign': the other direction, interval includes 0; 'contradicted': the "
@@ -277,9 +405,7 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
     n_l2os = analysis.meta_seeds(table)
     pooled_note = [("p", POOLED_NOTE.format(k=n_l2os))] if n_l2os > 1 else []
     table = analysis.pool_l2os(analysis.mask_diverged(table))  # the tables below: all L2Os' runs together
-    for f in findings:
-        blocks += [("h", 3, f.claim), ("p", f"Held here: **{VERDICT[f.verdict]}**. Measure: {f.measure}."),
-                   ("table", ["quantity", "value"], [[k, v] for k, v in f.values.items()])]
+    blocks += _finding_blocks(by_recipe, names)
     blocks += [("h", 2, "How the L2O compares with Adam")] + pooled_note + _speed_block(table)
     blocks += lr_search_block(jobs, store, profile)
     blocks += [("h", 2, "Figures")] + pooled_note
@@ -296,6 +422,10 @@ def build_report(table: Table, findings, figures: dict[str, Path], profile: Prof
                      "per-coordinate standardised; largest eigenvalue of the update covariance per checkpoint.",
         "meta_training.png": "Meta-training curves of every L2O.",
     }
+    if len(by_recipe) > 1:
+        blocks.append(("p", "In every figure and table, " + "; ".join(
+            f"{plotting.label(l2o_label('l2o', recipe=r))} is the {name} recipe's L2O" for r, name in names.items())
+            + "."))
     for name in figures:
         blocks.append(("img", f"figures/{name}", captions.get(name, name)))
     blocks += _deviation_block(table) + _generalization_block(table) + _noise_block(table)
@@ -351,12 +481,21 @@ def to_html(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
-def summary_text(findings, out: Path, figures: dict[str, Path]) -> str:
+def summary_text(findings, out: Path, figures: dict[str, Path], names: dict | None = None) -> str:
+    """The terminal summary: each finding's verdict, one column per recipe's L2O."""
     width = 92
+    by_recipe = _by_recipe(findings)
     lines = ["", "=" * width, "Findings of the study, tested in this run", "=" * width]
-    for f in findings:
-        claim = f.claim if len(f.claim) <= width - 26 else f.claim[:width - 29] + "..."
-        lines.append(f"{f.verdict:<22}  {claim}")  # the short verdict: one column wide
+    if len(by_recipe) > 1:
+        lines.append("  ".join(f"{(names or {}).get(r, r or 'main'):<22}" for r in by_recipe)
+                     + "  (verdict per recipe's L2O)")
+    room = width - 24 * len(by_recipe) - 2
+    for _, per in _keyed(by_recipe):
+        f0 = next(iter(per.values()))
+        claim = f0.claim if len(f0.claim) <= room else f0.claim[:room - 3] + "..."
+        verdicts = "  ".join(f"{per[r].verdict if _verdict_cell(per, r) != NO_RUNS else '-':<22}"
+                             for r in by_recipe)
+        lines.append(f"{verdicts}  {claim}")  # the short verdict: one column wide
     lines += ["-" * width, f"report:  {out / 'report.md'}  (and report.html)",
               f"metrics: {out / 'metrics.csv'}", f"figures: {out / 'figures'}/ ({len(figures)} files)", "=" * width]
     return "\n".join(lines)
@@ -378,9 +517,11 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
     merge_metrics(store, jobs, out / "metrics.csv")
     table = Table.read(out / "metrics.csv")
     figures = make_figures(analysis.pool_l2os(table), out / "figures", experiments)
-    findings = analysis.all_findings(table)
+    by_recipe = analysis.findings_by_recipe(table)
+    names = recipe_names(profile, by_recipe)
     env = environment(device)
-    blocks = build_report(table, findings, figures, profile, jobs, store, env, wall_time_s, executor)
+    blocks = build_report(table, by_recipe, figures, profile, jobs, store, env, wall_time_s, executor,
+                          missing=missing_pretrained(profile, tuple(experiments)))
     atomic_write_text(out / "report.md", to_markdown(blocks))
     atomic_write_text(out / "report.html", to_html(blocks))
     atomic_write_json(out / "config.json", {
@@ -395,8 +536,11 @@ def write_outputs(out: Path, profile: Profile, jobs: list[Job], store, experimen
         (docs / "figures").mkdir(parents=True, exist_ok=True)
         for name, path in figures.items():
             atomic_write_bytes(docs / "figures" / name, path.read_bytes())
-        header, rows = findings_table(findings)
+        header, rows = findings_table(by_recipe, names)
         atomic_write_text(docs / "findings.md", to_markdown([
             ("p", f"Profile `{profile.name}`, {seeds_text(profile)}, {wall_time_s / 60:.1f} min on {executor} "
                   f"({env.get('device')}, torch {env['torch']})."), ("table", header, rows)]))
-    return {"findings": findings, "figures": figures, "text": summary_text(findings, out, figures)}
+    # findings: the main recipe's L2Os' (the first); findings_by_recipe: every recipe's, by name
+    return {"findings": next(iter(by_recipe.values())), "figures": figures,
+            "findings_by_recipe": {names[r]: fs for r, fs in by_recipe.items()},
+            "text": summary_text(by_recipe, out, figures, names)}

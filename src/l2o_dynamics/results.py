@@ -35,9 +35,14 @@ META_SEED_MARK = "@m"
 # example the L2O's raw network output instead of its step, or float32 centring): it
 # exists to explain the study's numbers; NAME, the corrected measurement, is the default.
 PUBLISHED = "_published"
+# L2Os of a further meta-training recipe beside the main one (experiments.Profile.extra_recipes)
+# carry its name in brackets: `l2o[authors]`, `l2o[authors](leaky_relu)@m1`; the main recipe's
+# keep the plain label.
 
 
-def l2o_label(name: str, meta_seed: int = 0) -> str:
+def l2o_label(name: str, meta_seed: int = 0, recipe: str | None = None) -> str:
+    if recipe:
+        name = f"l2o[{recipe}]{name[3:]}" if name.startswith("l2o") else name
     return f"{name}{META_SEED_MARK}{meta_seed}" if meta_seed else name
 
 
@@ -45,6 +50,16 @@ def split_label(optimizer: str) -> tuple[str, int]:
     """'l2o@m2' -> ('l2o', 2); any other label -> (label, 0)."""
     name, mark, k = optimizer.rpartition(META_SEED_MARK)
     return (name, int(k)) if mark and k.isdigit() else (optimizer, 0)
+
+
+def split_recipe(optimizer: str) -> tuple[str, str | None]:
+    """'l2o[authors](leaky_relu)@m1' -> ('l2o(leaky_relu)@m1', 'authors'); a label without a
+    recipe mark -> (label, None)."""
+    if optimizer.startswith("l2o["):
+        recipe, bracket, rest = optimizer[4:].partition("]")
+        if bracket and recipe:
+            return "l2o" + rest, recipe
+    return optimizer, None
 
 
 class MetricLog:
