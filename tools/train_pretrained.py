@@ -54,7 +54,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--install", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "l2o_quality"))
+    p.add_argument("--cards-only", action="store_true",
+                   help="train nothing: re-measure the shipped set (manifest.json) and rewrite the model cards")
     a = p.parse_args(argv)
+    if a.cards_only:
+        from l2o_dynamics.learned import PRETRAINED_DIR
+
+        manifest = json.loads((Path(PRETRAINED_DIR) / "manifest.json").read_text())
+        install([{**entry, "l2o": str(Path(PRETRAINED_DIR) / f"{name}.pt")} for name, entry in manifest.items()])
+        return 0
     summaries = _quality().train_all(work_items(a.epochs, a.runs, Path(a.out)), a.jobs)
     if a.install:
         install(summaries)
@@ -67,7 +75,7 @@ def install(summaries: list[dict]) -> None:
     from l2o_dynamics import data, runner
     from l2o_dynamics.learned import PRETRAINED_DIR, l2o_from_checkpoint
     from l2o_dynamics.optimizers import make_baseline
-    from l2o_dynamics.seeds import report_seeds
+    from l2o_dynamics.seeds import lr_search_seeds, report_seeds
 
     torch.set_num_threads(2)
     ds = data.load_mnist(verbose=False)
@@ -78,13 +86,15 @@ def install(summaries: list[dict]) -> None:
         name = f"{cfg['optimizee']}/beta={cfg['beta']:g}"
         dest = Path(PRETRAINED_DIR) / f"{name}.pt"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(s["l2o"], dest)
+        if Path(s["l2o"]).resolve() != dest.resolve():
+            shutil.copyfile(s["l2o"], dest)
         rows = []
         for opt_name in ("sgd", "adam", "lion", "l2o"):
             if opt_name == "l2o":
                 opt, label = l2o_from_checkpoint(str(dest)), "L2O"
             else:
-                lr = runner.search_lr(opt_name, cfg["optimizee"], ds, 200).lr
+                lr = runner.search_lr(opt_name, cfg["optimizee"], ds, runner.STUDY_LR_HORIZON,
+                                      seeds=lr_search_seeds(runner.STUDY_LR_RUNS)).lr  # the study's protocol
                 opt, label = make_baseline(opt_name, lr=lr), f"{opt_name} (lr {lr:g})"
             c = runner.meta_test(opt, cfg["optimizee"], ds.split("train"), seeds, 200).curve("train_loss")
             rows.append(f"| {label} | {c[1:26].mean():.3f} | {c[1:101].mean():.3f} | {c[-3:].mean():.3f} |")

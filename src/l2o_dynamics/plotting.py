@@ -306,3 +306,48 @@ def meta_training_figure(table: Table, path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)
+
+
+def study_overlay(table: Table, path) -> Path:
+    """Our Fig. 1 and Fig. 3 (right) curves beside the study's values read off its figures
+    (published.py, x markers): deviations as the study measured them (top row) and corrected
+    (bottom row), and the covariance eigenvalue per checkpoint."""
+    from .published import FIG1, FIG1_OPTIMIZEE, FIG3_COVARIANCE, fig1_as_step
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    sym = table.where(experiment="symmetry-breaking")
+    for col, (kind, optimizee) in enumerate(FIG1_OPTIMIZEE.items()):
+        for row, suffix in enumerate((PUBLISHED, "")):
+            ax = axes[row, col]
+            sub = sym.where(optimizee=optimizee, metric=f"{kind}_deviation{suffix}")
+            for opt in sub.unique("optimizer"):
+                run = sub.where(optimizer=opt)
+                steps, _, vals = run.matrix()
+                ax.plot(steps + 1, vals.mean(axis=1), color=color(opt), label=label(opt), lw=1.2)
+            for opt in ORDER:
+                points = FIG1.get((kind, opt), ())
+                if row == 1:  # the study's L2O converted from its raw output to its step
+                    points = fig1_as_step(points, opt)
+                if points:
+                    its, vs = zip(*points)
+                    ax.plot(its, vs, "x", ms=9, mew=2, color=color(opt), label=f"study: {label(opt)}")
+            what = "as the study measured (L2O raw output, SGD without momentum)" if row == 0 else \
+                "corrected: each optimizer's real step (study's L2O / 10)"
+            _panel(ax, f"{kind} ({optimizee}), {what}", "iteration", "|total deviation|", log=True)
+            ax.legend(fontsize=6, ncol=2)
+    ax = axes[0, 2]
+    cov = table.where(experiment="noise", metric="cov_max_eig")
+    for opt in cov.unique("optimizer") if len(cov) else []:
+        steps, _, vals = cov.where(optimizer=opt).matrix()
+        ax.plot(steps + 1, vals.mean(axis=1), "o-", ms=3, color=color(opt), label=label(opt), lw=1.2)
+    for opt, points in FIG3_COVARIANCE.items():
+        its, vs = zip(*points)
+        ax.plot(its, vs, "x", ms=9, mew=2, color=color(opt), label=f"study: {label(opt)}")
+    _panel(ax, "update covariance, largest eigenvalue (leaky_relu)", "iteration", "largest eigenvalue", log=True)
+    ax.legend(fontsize=6, ncol=2)
+    axes[1, 2].axis("off")
+    axes[1, 2].text(0.02, 0.5, "x: the study's values read off its published figures\n(approximate, +-10%; "
+                    "published.py). Lines: ours, mean over seeds.\nZeros (SGD as the study measured it) are "
+                    "not drawn on the log axes.", fontsize=9, va="center")
+    fig.tight_layout()
+    return save(fig, path)

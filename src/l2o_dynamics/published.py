@@ -51,3 +51,78 @@ def fig1_as_step(points: Points, optimizer: str, eta: float = 0.1) -> Points:
     of its raw output: divided by 1/eta for the L2O, unchanged for the baselines."""
     scale = eta if optimizer.startswith("l2o") else 1.0
     return tuple((it, v * scale) for it, v in points)
+
+
+# ---- our measurements beside the study's ------------------------------------------------------
+FIG1_ITERATIONS = (10, 20, 100)
+RECIPE_OPTIMIZERS = ("sgd", "adam", "lion", "l2o", "l2o[authors]")
+
+
+def _mean_at(table, metric: str, step: int) -> float:
+    """Mean over seeds of `metric` at `step` in `table` (NaN if absent or a seed diverged)."""
+    import math
+
+    import numpy as np
+
+    sub = table.where(metric=metric)
+    if not len(sub):
+        return math.nan
+    steps, _, vals = sub.matrix()
+    row = vals[steps == step]
+    return float(np.mean(row)) if len(row) else math.nan
+
+
+def _fmt(x: float) -> str:
+    import math
+
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def _study_at(points: Points, iteration: int) -> float | None:
+    return next((v for it, v in points if it == iteration), None)
+
+
+def fig1_rows(table, eta: float = 0.1) -> tuple[list[str], list[list[str]]]:
+    """Fig. 1, panel by panel: for each optimizer and iteration 10, 20, 100, the study's value
+    (as plotted, and converted to the step for the L2O), ours as the study measured it
+    (`{kind}_deviation_published`) and ours corrected (`{kind}_deviation`, the real step).
+    Iteration i is the update at step index i - 1. Means over seeds; `table` is a reproduce
+    run's metrics (results.Table) with the symmetry-breaking experiment."""
+    from .results import PUBLISHED
+
+    t = table.where(experiment="symmetry-breaking")
+    header = ["panel", "optimizer", "iteration", "study, as plotted", "study, as a step",
+              "ours, as the study measured", "ours, corrected (the step)"]
+    rows = []
+    for kind, optimizee in FIG1_OPTIMIZEE.items():
+        sub = t.where(optimizee=optimizee)
+        for opt in RECIPE_OPTIMIZERS:
+            run = sub.where(optimizer=opt)
+            study = FIG1.get((kind, "l2o" if opt.startswith("l2o") else opt), ())
+            if not len(run) and not study:
+                continue
+            for it in FIG1_ITERATIONS:
+                plotted = _study_at(study, it)
+                as_step = None if plotted is None else dict(fig1_as_step(((it, plotted),), opt, eta))[it]
+                rows.append([f"{kind} ({optimizee})", opt, str(it), _fmt(plotted), _fmt(as_step),
+                             _fmt(_mean_at(run, f"{kind}_deviation{PUBLISHED}", it - 1)),
+                             _fmt(_mean_at(run, f"{kind}_deviation", it - 1))])
+    return header, rows
+
+
+def covariance_rows(table) -> tuple[list[str], list[list[str]]]:
+    """Fig. 3 right: the largest eigenvalue of the update covariance per checkpoint, ours (mean
+    over seeds, leaky_relu) beside the study's values where it gives one (iteration 1 is our
+    step 0, the first update)."""
+    t = table.where(experiment="noise", metric="cov_max_eig")
+    steps = sorted(int(s) for s in t.unique("step")) if len(t) else []
+    header = ["optimizer", "study (it. 1 / 20 / 1000)"] + [f"ours, step {s}" for s in steps]
+    rows = []
+    for opt in RECIPE_OPTIMIZERS:
+        run = t.where(optimizer=opt)
+        study = FIG3_COVARIANCE.get("l2o" if opt.startswith("l2o") else opt, ())
+        if not len(run):
+            continue
+        given = " / ".join(_fmt(_study_at(study, it)) for it in (1, 20, 1000))
+        rows.append([opt, given] + [_fmt(_mean_at(run, "cov_max_eig", s)) for s in steps])
+    return header, rows
