@@ -12,6 +12,7 @@ import pytest
 
 from l2o_dynamics import pipeline
 from l2o_dynamics.experiments import build_jobs, get_profile
+from l2o_dynamics.files import MARKER
 from l2o_dynamics.results import COLUMNS, Table
 
 
@@ -213,7 +214,7 @@ def test_interrupted_and_killed_reproduce_resumes_without_redoing_finished_jobs(
     assert len(after) == total
     for key, text in second.items():
         assert after[key] == text, f"{key} was redone"
-    assert not [p for p in (out / "jobs").iterdir() if p.name.startswith(".") and p.name != ".work"]
+    assert not [p for p in (out / "jobs").iterdir() if p.name.startswith(".") and p.name not in (".work", MARKER)]
     assert (out / "report.md").exists() and "Findings of the study" in stdout
 
 
