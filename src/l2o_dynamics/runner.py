@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .hooks import Probe, StepContext
 from .optimizees import Optimizee, Params, accuracy, cross_entropy, get_optimizee, stack_params
-from .optimizers import LR_RANGE, Optimizer, make_baseline
+from .optimizers import LR_RANGE, Optimizer, make_baseline  # noqa: F401 (LR_RANGE: re-exported)
 from .results import MetricLog
 from .utils import L2OError, Range, atomic_write_json, cache_dir, generator, stable_hash
 
