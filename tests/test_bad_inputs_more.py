@@ -95,7 +95,7 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(argv, expect, cwd, 
 @pytest.mark.skipif(os.path.exists("/tmp/ray/ray_current_cluster"), reason="a Ray cluster runs on this machine")
 def test_ray_address_auto_without_a_cluster_is_one_line(cwd, capsys):
     pytest.importorskip("ray")
-    assert "--ray-address auto" in _one_line_exit_2(["reproduce", "--out", "o", "--ray-address", "auto"], capsys)
+    assert "(--ray-address) auto" in _one_line_exit_2(["reproduce", "--out", "o", "--ray-address", "auto"], capsys)
     assert not (cwd / "o").exists()
 
 
@@ -103,7 +103,7 @@ def test_an_unanswered_ray_address_times_out_in_one_line():
     def silent(address, timeout):  # a host that drops the packets: connect() times out
         raise TimeoutError("timed out")
 
-    with pytest.raises(L2OError, match=r"--ray-address 10.0.0.1:6379: .*no answer within 0.5 s") as e:
+    with pytest.raises(L2OError, match=r"ray_address \(--ray-address\) 10.0.0.1:6379: .*no answer within 0.5 s") as e:
         pipeline.probe_address("10.0.0.1:6379", timeout_s=0.5, connect=silent)
     assert "\n" not in str(e.value)
 
@@ -218,9 +218,12 @@ def test_a_resumed_run_takes_the_recorded_lstm_cell_under_auto(mode, recorded, a
     assert learned.KERNELS.mode == after
 
 
-def test_a_consistent_resume_checkpoint_passes_the_checks():
-    blob = _resume_checkpoint(phi={k: v.half() for k, v in _phi().items()})
-    assert meta._state_problems(blob, recipe("default")) == []
+def test_a_checkpoint_meta_train_wrote_passes_every_check(tmp_path, synthetic, monkeypatch):
+    monkeypatch.setattr(learned.KERNELS, "mode", "eager")
+    cfg = recipe("default", epochs=2, runs=1, horizon=5, unroll=5, val_runs=1, batch_size=16)
+    meta.meta_train(cfg, tmp_path, data=synthetic, progress=False, stop_after_epochs=1)
+    ck = meta.read_checkpoint(tmp_path / "checkpoint.pt", cfg)
+    assert (ck["epoch"], ck["meta_step"], ck["fusion"]) == (1, 1, "eager")
 
 
 # ---- plot on damaged metrics ---------------------------------------------------------------------
@@ -300,7 +303,8 @@ def _meta_test_job():
 @pytest.mark.parametrize("files,expect", [
     ({"job.json": b'{"key": "K", "wall_time_s": 1.0}', "config.json": b"{}"}, "metrics.csv missing"),
     ({"job.json": b"\x00garbage", "metrics.csv": HEADER.encode(), "config.json": b"{}"}, "job.json is unreadable"),
-    ({"job.json": b"[1, 2]", "metrics.csv": HEADER.encode(), "config.json": b"{}"}, "job.json is not this job's record"),
+    ({"job.json": b"[1, 2]", "metrics.csv": HEADER.encode(), "config.json": b"{}"},
+     "job.json is not this job's record"),
     ({"job.json": b'{"key": "K", "wall_time_s": 1.0}', "metrics.csv": b"oops\n", "config.json": b"{}"},
      "metrics.csv has no tidy header"),
 ], ids=["no metrics", "garbage job.json", "job.json a list", "metrics without header"])
@@ -314,7 +318,8 @@ def test_a_damaged_finished_job_stops_the_run_in_one_line(files, expect, tmp_pat
 
 
 # ---- a full disk -------------------------------------------------------------------------------
-ROWS = [("meta-test", "relu", "sgd", "", 0, 0, "train_loss", 2.5), ("meta-test", "relu", "sgd", "", 0, 1, "train_loss", 1.5)]
+ROWS = [("meta-test", "relu", "sgd", "", 0, 0, "train_loss", 2.5),
+        ("meta-test", "relu", "sgd", "", 0, 1, "train_loss", 1.5)]
 
 
 def _full_disk_at(full: Path, write_run=results.write_run):
@@ -382,7 +387,8 @@ def test_a_config_that_needs_more_than_is_available_is_refused_with_the_estimate
 # ---- data --------------------------------------------------------------------------------------
 def _small_cache(tmp_path: Path) -> Path:
     g = np.random.default_rng(0)
-    arrays = {"train_x": g.integers(0, 256, (20, 784), dtype=np.uint8), "train_y": g.integers(0, 10, 20).astype(np.uint8),
+    arrays = {"train_x": g.integers(0, 256, (20, 784), dtype=np.uint8),
+              "train_y": g.integers(0, 10, 20).astype(np.uint8),
               "test_x": g.integers(0, 256, (10, 784), dtype=np.uint8), "test_y": g.integers(0, 10, 10).astype(np.uint8)}
     path = tmp_path / "cache" / data.CACHE_NAME
     data._write_cache(path, arrays, "test", data.content_digest(arrays))

@@ -553,7 +553,8 @@ def load_mnist(idx_dir: str | os.PathLike | None = None, *, cache: str | os.Path
 def fetch(idx_dir: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
           force: bool = False, verbose: bool = True) -> MNIST:
     """Like load_mnist (downloads allowed); `force` ignores an existing cache and rebuilds it.
-    An explicit `idx_dir` must hold the four IDX files, even when a cache exists."""
+    An explicit `idx_dir` is read and checked in full even when a cache exists, and a cache
+    holding other data is refused unless `force` (never served in its place)."""
     path = _cache_file(cache)
     if idx_dir is not None:  # read and checked in full first: garbage fails here, whatever is cached
         given = Path(idx_dir).expanduser().resolve()
@@ -564,8 +565,8 @@ def fetch(idx_dir: str | os.PathLike | None = None, *, cache: str | os.PathLike 
         if not force and _stat_key(path) is not None:
             ds = load_mnist(idx_dir, cache=cache, download=False, verbose=verbose)
             if ds.digest != digest:
-                raise L2OError(f"idx_dir (--idx-dir) {given} holds other data (digest {digest[:16]}...) than the cache {path} "
-                               f"({ds.digest[:16]}...); pass force=True (--force) to replace the cache with it")
+                raise L2OError(f"idx_dir (--idx-dir) {given} holds other data (digest {digest[:16]}...) than the "
+                               f"cache {path} ({ds.digest[:16]}...); pass force=True (--force) to replace the cache")
             return ds
     if not force:
         return load_mnist(idx_dir, cache=cache, download=True, verbose=verbose)

@@ -204,7 +204,8 @@ RANGES: dict[str, Range] = {
     "meta_lr": Float32Range(0, 1, lo_open=True), "clip_grad": Float32Range(0, 1e6, lo_open=True),
     "beta": Float32Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True),
     "rollback_cut": Float32Range(0, 1, lo_open=True),
-    "short_runs": Range(0, 1, hi_open=True), "log_eps": Float32Range(0, 1), "collapse": Range(0, 1, lo_open=True, hi_open=True),
+    "short_runs": Range(0, 1, hi_open=True), "log_eps": Float32Range(0, 1),
+    "collapse": Range(0, 1, lo_open=True, hi_open=True),
 }
 OPTIONAL = ("clip_grad", "rollback", "collapse")
 MAX_META_STEPS = 10_000_000  # the published recipe takes 10,000

@@ -239,7 +239,7 @@ class RayExecutor:
             try:
                 ray.init(**kw, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             except Exception as e:  # ConnectionError (no cluster), RuntimeError, ValueError, ...
-                raise L2OError(f"--ray-address {address or 'local'}: cannot start or join Ray "
+                raise L2OError(f"ray_address (--ray-address) {address or 'local'}: cannot start or join Ray "
                                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); start a cluster "
                                "(ray start --head) or drop --ray-address") from None
 
@@ -286,7 +286,8 @@ def probe_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S,
     except (OSError, ValueError) as e:
         why = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else \
             (getattr(e, "strerror", None) or type(e).__name__)
-        raise L2OError(f"--ray-address {address}: cannot reach a Ray cluster there ({why}); check the address "
+        raise L2OError(f"ray_address (--ray-address) {address}: cannot reach a Ray cluster there ({why}); check "
+                       "the address "
                        "(ray status on the head node), or drop --ray-address") from None
 
 
