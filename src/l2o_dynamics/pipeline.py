@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile, run_job
+from .experiments import (EXPERIMENTS, L2O_SOURCES, PROFILES, Files, Job, Profile, build_jobs, get_profile,
+                          missing_pretrained, run_job)
 from .utils import LOCK_NAME, L2OError, Range, die_with_parent, fresh_path, locked_dir, resolve_device
 
 DONE_MARKER = "job.json"
@@ -309,6 +310,9 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
+    missing = missing_pretrained(profile, experiments)
+    if missing:
+        echo(f"not shipped, so analysed with the main recipe's L2O only: {', '.join(missing)}")
     out = Path(out)
     store_root = Path(store or out / "jobs")
     if dry_run:
