@@ -153,7 +153,7 @@ def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, m
     if extra is None:
         settings = {**recipe(profile.recipe).to_dict(), **profile.meta}
     else:  # the recipe name in the config: its meta-test rows are labelled l2o[NAME]
-        settings = {**recipe(extra).to_dict(), **profile.extra_meta.get(extra, {}), "recipe": extra}
+        settings = {**recipe(extra).to_dict(), **extra_meta(profile, extra), "recipe": extra}
     cfg = {**settings, "optimizee": optimizee, "reg": reg, "beta": float(beta), "seed": meta_seed,
            "device": device}
     unrolls = _meta_steps(cfg)
@@ -241,6 +241,14 @@ def extra_recipes(profile: Profile) -> tuple[str, ...]:
                            f"list each recipe once, other than {main}")
         out.append(name)
     return tuple(out)
+
+
+def extra_meta(profile: Profile, extra: str) -> dict:
+    """The profile's meta-training settings over further recipe `extra` (keyed by it or an alias)."""
+    from .meta import RECIPE_ALIASES
+
+    return {k: v for name, m in profile.extra_meta.items() if RECIPE_ALIASES.get(name, name) == extra
+            for k, v in m.items()}
 
 
 def l2o_settings(profile: Profile, experiments: tuple[str, ...] = EXPERIMENTS) -> list[tuple[str, float]]:

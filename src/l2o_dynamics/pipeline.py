@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, Files, Job, Profile, build_jobs, get_profile, run_job
+from .experiments import EXPERIMENTS, Files, Job, Profile, build_jobs, get_profile, missing_pretrained, run_job
 from .env import resolve_device
 from .errors import L2OError
 from .files import (TEMP_TAG, check_run_dir, check_store, claim_store, fresh_path, owner, remove_tree,
@@ -388,6 +388,9 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
+    missing = missing_pretrained(profile, experiments)
+    if missing:
+        echo(f"not shipped, so analysed with the main recipe's L2O only: {', '.join(missing)}")
     out = Path(out)
     store_root = Path(store or out / "jobs")
     if dry_run:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import analysis, plotting, published
-from .experiments import Job, Profile, missing_pretrained
+from .experiments import Job, Profile, extra_meta, missing_pretrained
 from .results import COLUMNS, PUBLISHED, Table, l2o_label, split_recipe
 from .env import environment
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -348,7 +348,7 @@ def _recipe_text(profile: Profile, extra: str | None = None) -> str:
     if extra is None:
         name, c = profile.recipe, recipe(profile.recipe, **profile.meta)
     else:
-        over = profile.extra_meta.get(extra, {}) if profile.l2os == "train" else {}
+        over = extra_meta(profile, extra) if profile.l2os == "train" else {}
         name, c = extra, recipe(extra, **over)
     parts = [f"recipe {name}", f"{c.epochs} epochs x {c.runs} runs of {c.horizon} steps",
              f"unroll {c.unroll}", f"{c.total_meta_steps():,} meta-steps", f"meta-lr {c.meta_lr:g}"]
