@@ -312,7 +312,9 @@ def pretrained(name: str = "leaky_relu") -> str:
         return shipped[name]
     parts = name.split("/")
     recipe = parts.pop(0) if len(parts) > 1 and parts[0] in _recipe_dirs() else None
-    if parts[0] == "base" or len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("beta=")):
+    if parts[0] == "base":
+        raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(shipped) or 'none'}")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("beta=")):
         raise L2OError(f"no pretrained L2O {name!r} (expected OPTIMIZEE/beta=B or OPTIMIZEE, optionally "
                        f"after RECIPE/); "
                        f"available: {', '.join(shipped) or 'none'}")
