@@ -87,6 +87,8 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p
 
 
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .meta import LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES
     from .optimizees import ZOO
