@@ -241,8 +241,11 @@ def _python(code: str, **kw) -> subprocess.Popen:
 
 
 def _cli(*args, **kw) -> subprocess.Popen:
+    # SIGINT back to its default: a shell's background job (pytest started with `&`) ignores it,
+    # and children inherit that
     return _python(f"import sys; from l2o_dynamics.cli import main; sys.exit(main({list(args)!r}))",
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:

@@ -170,10 +170,17 @@ def _same_metrics(a: Path, b: Path, label: str, rtol: float = 1e-4) -> None:
     assert np.isfinite(ta.cols["value"][pub]).all() and np.isfinite(tb.cols["value"][pub]).all(), label
 
 
+def _default_sigint() -> None:
+    """SIGINT back to its default in the child: a shell's background job (pytest started with
+    `&`) ignores it, children inherit that, and the Ctrl-C below would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, **kw):
     env = {**os.environ, "L2O_DYNAMICS_FUSION": "eager", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "l2o_dynamics", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _wait_for_jobs(out: Path, n: int, proc, timeout: float = 240) -> None:
