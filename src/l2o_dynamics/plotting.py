@@ -333,7 +333,7 @@ def study_overlay(table: Table, path) -> Path:
                     ax.plot(its, vs, "x", ms=9, mew=2, color=color(opt), label=f"study: {label(opt)}")
             what = "as the study measured (L2O raw output, SGD without momentum)" if row == 0 else \
                 "corrected: each optimizer's real step (study's L2O / 10)"
-            _panel(ax, f"{kind} ({optimizee}), {what}", "iteration", "|total deviation|", log=True)
+            _panel(ax, f"{kind} ({optimizee})\n{what}", "iteration", "|total deviation|", log=True)
             ax.legend(fontsize=6, ncol=2)
     ax = axes[0, 2]
     cov = table.where(experiment="noise", metric="cov_max_eig")
@@ -343,7 +343,8 @@ def study_overlay(table: Table, path) -> Path:
     for opt, points in FIG3_COVARIANCE.items():
         its, vs = zip(*points)
         ax.plot(its, vs, "x", ms=9, mew=2, color=color(opt), label=f"study: {label(opt)}")
-    _panel(ax, "update covariance, largest eigenvalue (leaky_relu)", "iteration", "largest eigenvalue", log=True)
+    _panel(ax, "update covariance, largest eigenvalue\n(leaky_relu, per checkpoint)", "iteration", "largest eigenvalue",
+           log=True)
     ax.legend(fontsize=6, ncol=2)
     axes[1, 2].axis("off")
     axes[1, 2].text(0.02, 0.5, "x: the study's values read off its published figures\n(approximate, +-10%; "
