@@ -332,16 +332,16 @@ def test_a_further_recipes_shipped_l2os_are_analysed_beside_the_default_ones(shi
     assert missing_pretrained(both) == ["pretrained:authors/bn_relu/beta=0", "pretrained:authors/bn_relu/beta=0.5",
                                         "pretrained:authors/leaky_relu/beta=0.5"]
 
-    summary = pipeline.reproduce(both, tmp_path, experiments=("symmetry-breaking",), progress=False,
+    summary = pipeline.reproduce(both, tmp_path / "run", experiments=("symmetry-breaking",), progress=False,
                                  fusion="eager", echo=lambda s: None)
-    t = Table.read(tmp_path / "metrics.csv").where(experiment="symmetry-breaking")
+    t = Table.read(tmp_path / "run" / "metrics.csv").where(experiment="symmetry-breaking")
     assert set(t.unique("optimizer")) == {"sgd", "adam", "lion", "l2o", "l2o[authors]"}
     assert t.where(optimizer="l2o[authors]").unique("optimizee") == ["leaky_relu"]
     by_recipe = {r: {f.key: f for f in fs} for r, fs in summary["findings_by_recipe"].items()}
     assert list(by_recipe) == ["default", "authors"]
     main, authors = (by_recipe[r]["deviation_rescale_total"] for r in ("default", "authors"))
     assert authors.stats["sgd"] == main.stats["sgd"] and authors.stats["l2o"] != main.stats["l2o"]
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
     assert "| held here? L2O (default recipe) | held here? L2O [authors] (authors recipe) |" in report
     assert "**L2O [authors]**: the authors recipe's shipped set, pretrained:authors/OPTIMIZEE/beta=B" in report
     assert "Not shipped (yet), so those settings have the main recipe's L2O only: " \
@@ -366,7 +366,7 @@ def test_a_further_recipes_l2os_are_meta_trained_by_that_recipe_and_labelled_wit
     for j in trains:  # the authors' settings, the profile's budget for them
         c = j.config
         assert (c["loss_index"], c["log_eps"], c["select"], c["clip_grad"], c["rollback"], c["collapse"]) == \
-            ("current", 1e-8, "train", None, None, None)
+            ("current", 1e-8, "train-runs", None, None, None)
         assert {k: c[k] for k in tiny} == tiny
     # the paper profile: the authors recipe at its own budget, the study's 10,000 meta-steps
     paper = [j for j in build_jobs(get_profile("paper"), ("symmetry-breaking",))
@@ -388,7 +388,7 @@ def test_a_further_recipes_l2os_are_meta_trained_by_that_recipe_and_labelled_wit
 def test_bad_extra_recipes_are_refused(extra, l2os, msg):
     import dataclasses
 
-    from l2o_dynamics.utils import L2OError
+    from l2o_dynamics.errors import L2OError
 
     with pytest.raises(L2OError, match=msg):
         build_jobs(dataclasses.replace(get_profile("smoke"), l2os=l2os, extra_recipes=extra))
