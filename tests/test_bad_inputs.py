@@ -18,6 +18,7 @@ import torch
 from l2o_dynamics import cli, data, learned
 from l2o_dynamics.meta import recipe
 from l2o_dynamics.errors import Range
+from cli_checks import one_line_exit_2, tree
 
 FILE = "afile"  # an existing regular file in the working directory
 
@@ -108,18 +109,6 @@ CASES = [
 ]
 
 
-def _tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def _one_line_exit_2(argv, capsys) -> str:
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, (rc, err)
-    assert err[0].startswith("l2o-dynamics: error: ")
-    return err[0]
-
-
 @pytest.fixture
 def cwd(tmp_path, monkeypatch):
     """A fresh working directory holding one file; MNIST loading raises (no case may get there)."""
@@ -135,10 +124,10 @@ def cwd(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,expect", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(argv, expect, cwd, capsys):
-    before = _tree(cwd)
-    line = _one_line_exit_2(argv, capsys)
+    before = tree(cwd)
+    line = one_line_exit_2(argv, capsys)
     assert expect in line
-    assert _tree(cwd) == before
+    assert tree(cwd) == before
 
 
 def _net(**over):
@@ -170,18 +159,18 @@ CHECKPOINTS = [
 @pytest.mark.parametrize("blob,expect", [c[1:] for c in CHECKPOINTS], ids=[c[0] for c in CHECKPOINTS])
 def test_a_malformed_checkpoint_is_refused_in_one_line(blob, expect, command, cwd, capsys):
     torch.save(blob, cwd / "bad.pt")
-    before = _tree(cwd)
+    before = tree(cwd)
     argv = (["meta-test", "--optimizer", "l2o", "--optimizee", "relu", "--checkpoint", "bad.pt", "--out", "o"]
             if command == "meta-test" else ["meta-train", "--init-from", "bad.pt", "--out", "o"])
-    assert expect in _one_line_exit_2(argv, capsys)
-    assert _tree(cwd) == before
+    assert expect in one_line_exit_2(argv, capsys)
+    assert tree(cwd) == before
 
 
 def test_a_truncated_checkpoint_is_refused_in_one_line(cwd, capsys):
     torch.save({"phi": _phi(), "net": _net()}, cwd / "good.pt")
     blob = (cwd / "good.pt").read_bytes()
     (cwd / "cut.pt").write_bytes(blob[: len(blob) // 2])
-    line = _one_line_exit_2(["meta-test", "--optimizer", "l2o", "--optimizee", "relu", "--checkpoint", "cut.pt",
+    line = one_line_exit_2(["meta-test", "--optimizer", "l2o", "--optimizee", "relu", "--checkpoint", "cut.pt",
                              "--out", "o"], capsys)
     assert "cannot read checkpoint 'cut.pt'" in line and not (cwd / "o").exists()
 
@@ -214,7 +203,7 @@ def test_a_damaged_resume_checkpoint_is_refused_before_any_work(content, expect,
     else:
         torch.save(content, run / "checkpoint.pt")
     before = {p: p.read_bytes() for p in run.iterdir()}
-    assert expect in _one_line_exit_2(["meta-train", "--resume", "--out", "run"], capsys)
+    assert expect in one_line_exit_2(["meta-train", "--resume", "--out", "run"], capsys)
     assert {p: p.read_bytes() for p in run.iterdir()} == before
 
 
@@ -223,7 +212,7 @@ def test_an_unwritable_out_dir_is_refused(cwd, capsys):
     locked = cwd / "locked"
     locked.mkdir(mode=0o500)
     try:
-        assert "not writable" in _one_line_exit_2(["reproduce", "--out", "locked/o"], capsys)
+        assert "not writable" in one_line_exit_2(["reproduce", "--out", "locked/o"], capsys)
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)

@@ -24,6 +24,7 @@ from l2o_dynamics.optimizees import get_optimizee
 from l2o_dynamics.optimizers import FLOAT32_TINY, make_baseline
 from l2o_dynamics.runner import meta_test
 from l2o_dynamics.errors import L2OError
+from cli_checks import one_line_exit_2, tree
 
 FILE = "afile"
 EVIL = "pretrained:base/../../../../tmp/x/evil"
@@ -58,18 +59,6 @@ CASES = [
 ]
 
 
-def _tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def _one_line_exit_2(argv, capsys) -> str:
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, (rc, err)
-    assert err[0].startswith("l2o-dynamics: error: ") and err[0].count("error:") == 1, err[0]
-    return err[0]
-
-
 @pytest.fixture
 def cwd(tmp_path, monkeypatch):
     """A fresh working directory holding one file; MNIST loading raises (no case may get
@@ -88,9 +77,9 @@ def cwd(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,expect", CASES, ids=[" ".join(a)[:80] for a, _ in CASES])
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(argv, expect, cwd, capsys):
-    before = _tree(cwd)
-    assert expect in _one_line_exit_2(argv, capsys)
-    assert _tree(cwd) == before
+    before = tree(cwd)
+    assert expect in one_line_exit_2(argv, capsys)
+    assert tree(cwd) == before
 
 
 def test_ray_address_auto_without_a_cluster_is_one_line(cwd, capsys, monkeypatch):
@@ -102,7 +91,7 @@ def test_ray_address_auto_without_a_cluster_is_one_line(cwd, capsys, monkeypatch
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # hermetic: another test may have joined one
     monkeypatch.setattr(ray, "init", no_cluster)
-    line = _one_line_exit_2(["reproduce", "--out", "o", "--ray-address", "auto"], capsys)
+    line = one_line_exit_2(["reproduce", "--out", "o", "--ray-address", "auto"], capsys)
     assert "(--ray-address) auto: cannot start or join Ray (ConnectionError: Could not find" in line
     assert not (cwd / "o").exists()
 
@@ -171,11 +160,11 @@ def test_a_checkpoint_in_another_float_dtype_loads_as_float32(dtype, tmp_path):
 ], ids=["meta device", "sparse", "complex"])
 def test_a_checkpoint_without_dense_real_weights_is_refused_in_one_line(convert, expect, command, cwd, capsys):
     torch.save({"phi": {k: convert(v) for k, v in _phi().items()}, "net": NET}, cwd / "bad.pt")
-    before = _tree(cwd)
+    before = tree(cwd)
     argv = (["meta-test", "--optimizer", "l2o", "--optimizee", "relu", "--checkpoint", "bad.pt", "--out", "o"]
             if command == "meta-test" else ["meta-train", "--init-from", "bad.pt", "--out", "o"])
-    assert expect in _one_line_exit_2(argv, capsys)
-    assert _tree(cwd) == before
+    assert expect in one_line_exit_2(argv, capsys)
+    assert tree(cwd) == before
 
 
 # ---- resume checkpoints ------------------------------------------------------------------------
@@ -213,7 +202,7 @@ def test_a_resume_checkpoint_with_impossible_state_is_refused_before_any_work(ov
     run.mkdir()
     torch.save(_resume_checkpoint(**over), run / "checkpoint.pt")
     before = {p: p.read_bytes() for p in run.iterdir()}
-    line = _one_line_exit_2(["meta-train", "--resume", "--fusion", "eager", "--out", "run"], capsys)
+    line = one_line_exit_2(["meta-train", "--resume", "--fusion", "eager", "--out", "run"], capsys)
     assert expect in line and "remove it" in line or "--fusion compile" in line, line
     assert {p: p.read_bytes() for p in run.iterdir()} == before
 
@@ -267,9 +256,9 @@ def test_plot_on_a_damaged_metrics_csv_is_one_line(content, expect, cwd, capsys)
         os.mkfifo(target)  # opening it for reading would block until a writer comes
     else:
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
-    before = _tree(cwd)
-    assert expect in _one_line_exit_2(["plot", "run"], capsys)
-    assert _tree(cwd) == before
+    before = tree(cwd)
+    assert expect in one_line_exit_2(["plot", "run"], capsys)
+    assert tree(cwd) == before
 
 
 @pytest.mark.parametrize("path", ["/dev/zero", "/dev/null"])
@@ -366,7 +355,7 @@ def test_meta_test_on_a_full_disk_exits_2_with_one_line_naming_the_rescue(cwd, c
     monkeypatch.setattr(data, "load_mnist", lambda *a, **k: synthetic)
     monkeypatch.setattr(results, "write_run", _full_disk_at((cwd / "o").absolute()))
     monkeypatch.setattr("tempfile.tempdir", str(rescue))
-    line = _one_line_exit_2(["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0.1", "--steps", "3",
+    line = one_line_exit_2(["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--lr", "0.1", "--steps", "3",
                              "--seeds", "1", "--batch-size", "16", "--no-progress", "--out", "o"], capsys)
     (saved,) = rescue.iterdir()
     assert "No space left on device" in line and str(saved) in line
@@ -413,7 +402,7 @@ def test_data_fetch_with_a_garbage_idx_dir_fails_although_a_cache_exists(tmp_pat
     for stem in data.IDX_FILES.values():
         (garbage / stem).write_bytes(b"garbage!" * 4)
     before = cache.read_bytes()
-    line = _one_line_exit_2(["data", "fetch", "--idx-dir", str(garbage)], capsys)
+    line = one_line_exit_2(["data", "fetch", "--idx-dir", str(garbage)], capsys)
     assert "bad IDX magic number" in line and "--idx-dir" in line
     assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == [data.CACHE_NAME]
 
