@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def summary_of_run(run_dir: Path) -> dict:
             "metrics": str(run_dir / "metrics.csv")}
 
 
-def measure(name: str, optimizee: str, l2o_path: str) -> dict:
+def measure(optimizee: str, l2o_path: str) -> dict:
     """Meta-test of the installed L2O beside the tuned baselines on the report seeds."""
     from l2o_dynamics import data, runner
     from l2o_dynamics.learned import l2o_from_checkpoint
@@ -125,7 +124,7 @@ def install(summaries: list[dict]) -> None:
     import torch
 
     from l2o_dynamics import plotting
-    from l2o_dynamics.files import atomic_write_text
+    from l2o_dynamics.files import atomic_write_bytes, atomic_write_text
     from l2o_dynamics.results import Table
 
     torch.set_num_threads(2)
@@ -138,12 +137,12 @@ def install(summaries: list[dict]) -> None:
         name = name_of(cfg["optimizee"], cfg["beta"])
         target = dest / f"{name}.pt"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(s["l2o"], target)
+        atomic_write_bytes(target, Path(s["l2o"]).read_bytes())  # renamed into place, never written through
         figure = FIGURES / f"{cfg['optimizee']}_beta{cfg['beta']:g}.png"
         plotting.meta_training_figure(Table.read(s["metrics"]), figure)
         entry = {k: v for k, v in s.items() if k not in ("l2o", "metrics")}
         entry["figure"] = str(figure.relative_to(ROOT))
-        entry["meta_test"] = measure(name, cfg["optimizee"], str(target))
+        entry["meta_test"] = measure(cfg["optimizee"], str(target))
         manifest[name] = entry
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     write_cards(manifest)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -73,6 +72,7 @@ def install(summaries: list[dict]) -> None:
     import torch
 
     from l2o_dynamics import data, runner
+    from l2o_dynamics.files import atomic_write_bytes
     from l2o_dynamics.learned import PRETRAINED_DIR, l2o_from_checkpoint
     from l2o_dynamics.optimizers import make_baseline
     from l2o_dynamics.seeds import lr_search_seeds, report_seeds
@@ -87,7 +87,7 @@ def install(summaries: list[dict]) -> None:
         dest = Path(PRETRAINED_DIR) / f"{name}.pt"
         dest.parent.mkdir(parents=True, exist_ok=True)
         if Path(s["l2o"]).resolve() != dest.resolve():
-            shutil.copyfile(s["l2o"], dest)
+            atomic_write_bytes(dest, Path(s["l2o"]).read_bytes())  # renamed into place, never written through
         rows = []
         for opt_name in ("sgd", "adam", "lion", "l2o"):
             if opt_name == "l2o":

@@ -311,7 +311,8 @@ def pretrained(name: str = "leaky_relu") -> str:
     if name in shipped:
         return shipped[name]
     parts = name.split("/")
-    recipe = parts.pop(0) if len(parts) > 1 and parts[0] in _recipe_dirs() else None
+    recipe_dirs = {key.split("/")[0] for key in shipped if key.count("/") == 2}  # pretrained/RECIPE/OPTIMIZEE/
+    recipe = parts.pop(0) if len(parts) > 1 and parts[0] in recipe_dirs else None
     if parts[0] == "base":
         raise L2OError(f"no pretrained L2O {name!r}; available: {', '.join(shipped) or 'none'}")
     if len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("beta=")):
@@ -337,17 +338,6 @@ def _shipped_beta(key: str) -> float | None:
         return float(tail[5:]) if tail.startswith("beta=") else None
     except ValueError:
         return None
-
-
-def _recipe_dirs() -> list[str]:
-    """Top-level directories of PRETRAINED_DIR that hold optimizee directories: one per
-    recipe other than the default (whose set lies at the top level)."""
-    out = []
-    for sub in sorted(os.listdir(PRETRAINED_DIR)) if os.path.isdir(PRETRAINED_DIR) else ():
-        d = os.path.join(PRETRAINED_DIR, sub)
-        if os.path.isdir(d) and not os.path.islink(d) and any(os.path.isdir(os.path.join(d, f)) for f in os.listdir(d)):
-            out.append(sub)
-    return out
 
 
 def _shipped_pretrained() -> dict[str, str]:
@@ -390,17 +380,12 @@ def check_net(net, name: str) -> dict:
     """`net` = {hidden, layers, p, eta} of a checkpoint, each in NET_RANGES."""
     if not isinstance(net, dict) or set(NET_RANGES) - set(net):
         raise L2OError(f"checkpoint {name}: 'net' must hold {', '.join(NET_RANGES)}; got {net!r:.80}")
-    for key, valid in NET_RANGES.items():
+    present = {**NET_RANGES, **{k: v for k, v in NET_OPTIONAL.items() if k in net}}
+    for key, valid in present.items():
         try:
             valid.check(f"net {key}", net[key])
         except L2OError as e:
             raise L2OError(f"checkpoint {name}: {e}") from None
-    for key, valid in NET_OPTIONAL.items():
-        if key in net:
-            try:
-                valid.check(f"net {key}", net[key])
-            except L2OError as e:
-                raise L2OError(f"checkpoint {name}: {e}") from None
     return net
 
 
@@ -411,7 +396,7 @@ def check_phi(phi, hidden: int, layers: int, name: str,
               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """`phi` must be a dict of finite floating tensors (float16, bfloat16, float32 or
     float64, dense, on a real device) with exactly the names and shapes of a (hidden,
-    layers) network, every |weight| <= MAX_ABS_WEIGHT. Returns it as dense CPU tensors of
+    layers) network, every |weight| <= MAX_ABS_WEIGHT. Returns it as dense tensors of
     `dtype` on their device (half precision widens exactly; float64 rounds to float32).
     Sparse, quantized, complex and meta-device tensors are refused."""
     expected = phi_shapes(hidden, layers)

@@ -45,7 +45,7 @@ from .seeds import VALIDATION, derive_seed, generator
 META_LOSSES = ("logsum", "sum", "meanlog")
 LOSS_INDICES = ("next", "current")
 # val: held-out runs on the validation split; train-runs: fresh runs on the training split (the
-# authors' n_tests=3 path, training.py:316-349); meta-loss: the epoch's mean meta-training loss
+# authors' n_tests=3 path, training.py:318-358); meta-loss: the epoch's mean meta-training loss
 # (their n_tests=0 path: mean over the epoch's runs of the summed training losses, each taken
 # before its update; here the mean per step, the same order)
 SELECTIONS = ("val", "train-runs", "meta-loss")
@@ -58,8 +58,8 @@ REGS = ("rescale", "scale", "translation", "all")
 # Drift alone is no sign: an untrained L2O drifts (~0.5-1.0) and still trains.
 COLLAPSE_UNROLLS = 3
 DEAD, CHANCE = 0.5, 0.9
-VAL_SEEDS = VALIDATION.start  # validation runs use seeds VAL_SEEDS + i (seeds.py)
-EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25  # validation runs use seeds VAL_SEEDS + i, never a training seed
+VAL_SEEDS = VALIDATION.start  # validation runs use seeds VAL_SEEDS + i, never a training seed (seeds.py)
+EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25
 
 
 @dataclass
@@ -283,15 +283,16 @@ def _gib(n: int) -> str:
 
 
 # ---- recipes ---------------------------------------------------------------------------
-# A recipe is a set of MetaTrainConfig fields over the dataclass defaults. 'published'
-# is the studied work's setting (BACKGROUND.md sec. 2), bit for bit; 'default' is what
-# docs/meta_training.md measured to train a fast starter reliably on a 2-core CPU.
+# A recipe is a set of MetaTrainConfig fields over the dataclass defaults. 'authors' is the
+# study's recipe as its code runs it; 'plain' the dataclass defaults, bit for bit what this
+# project ran before recipes existed; 'default' is what docs/meta_training.md measured to
+# train a fast starter reliably on a 2-core CPU.
 RECIPES: dict[str, dict] = {
     # The study's authors' recipe as their code runs it (docs/replication.md lists each setting
     # with its file and line): meta-loss over the losses before each update, +1e-8 inside the
     # preprocessing log, 50 x 20 x 10 = 10,000 meta-steps, meta-Adam 1e-3, no clipping, no
     # rollback or collapse monitor, the epoch whose 3 fresh runs on the training split have the
-    # lowest summed training loss kept (main.ipynb n_tests=3; training.py:316-349).
+    # lowest summed training loss kept (main.ipynb n_tests=3; training.py:318-358).
     "authors": dict(loss_index="current", log_eps=1e-8, select="train-runs"),
     # BACKGROUND.md sec. 2 as first read (the paper's formulas; selection on held-out runs).
     "plain": {},
@@ -429,8 +430,9 @@ def _finite(tensors) -> bool:
 def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *,
                data: data_mod.MNIST | None = None, resume: bool = False, progress: bool = True,
                stop_after_epochs: int | None = None, phi0: dict | None = None) -> MetaTrainResult:
-    """Meta-train an L2O; keep the phi of the epoch with the best score: validation
-    (`cfg.select='val'`), or mean meta-training loss ('train', the authors').
+    """Meta-train an L2O; keep the phi of the epoch with the best score (`cfg.select`):
+    runs on the validation split ('val'), fresh runs on the training split ('train-runs',
+    the authors'), or the epoch's own training losses ('meta-loss').
 
     With `out_dir`, a checkpoint (phi, meta-optimizer state, RNG states, epoch, best
     score, metric rows) is written atomically after every epoch; `resume=True`

@@ -16,6 +16,13 @@ How the study computed each panel (docs/replication.md, from the authors' code):
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from .analysis import per_seed
+from .results import PUBLISHED
+
 Points = tuple[tuple[int, float], ...]
 
 # Fig. 1 left: rescale symmetry, leaky_relu optimizee; right: scale symmetry, bn_relu.
@@ -59,23 +66,14 @@ RECIPE_OPTIMIZERS = ("sgd", "adam", "lion", "l2o", "l2o[authors]")
 
 
 def _mean_at(table, metric: str, step: int) -> float:
-    """Mean over seeds of `metric` at `step` in `table` (NaN if absent or a seed diverged)."""
-    import math
-
-    import numpy as np
-
-    sub = table.where(metric=metric)
-    if not len(sub):
-        return math.nan
-    steps, _, vals = sub.matrix()
-    row = vals[steps == step]
-    return float(np.mean(row)) if len(row) else math.nan
+    """Mean over seeds of `metric` at `step` (NaN if absent, or if a seed diverged there:
+    analysis.per_seed)."""
+    values = list(per_seed(table.where(metric=metric), steps=(step, step)).values())
+    return float(np.mean(values)) if values else math.nan
 
 
-def _fmt(x: float) -> str:
-    import math
-
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3g}"
 
 
 def _study_at(points: Points, iteration: int) -> float | None:
@@ -88,8 +86,6 @@ def fig1_rows(table, eta: float = 0.1) -> tuple[list[str], list[list[str]]]:
     (`{kind}_deviation_published`) and ours corrected (`{kind}_deviation`, the real step).
     Iteration i is the update at step index i - 1. Means over seeds; `table` is a reproduce
     run's metrics (results.Table) with the symmetry-breaking experiment."""
-    from .results import PUBLISHED
-
     t = table.where(experiment="symmetry-breaking")
     header = ["panel", "optimizer", "iteration", "study, as plotted", "study, as a step",
               "ours, as the study measured", "ours, corrected (the step)"]
