@@ -237,7 +237,18 @@ def test_an_interrupted_overwrite_moves_the_old_contents_back(tmp_path):
 
 def _python(code: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC, "L2O_DYNAMICS_FUSION": "eager", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, **kw)
+    # -X faulthandler: a SIGABRT (see _communicate) prints where every thread is
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code], env=env, **kw)
+
+
+def _communicate(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """proc.communicate(timeout), or a failure that shows where the process was stuck."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"{what} within {timeout:g} s; its stderr and threads:\n{err}")
 
 
 def _cli(*args, **kw) -> subprocess.Popen:
@@ -266,7 +277,7 @@ def test_ctrl_c_during_meta_train_overwrite_leaves_the_finished_results_in_place
               120, "the old contents were never moved aside")
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = _communicate(proc, 60, "no exit after Ctrl-C")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from l2o_dynamics import pipeline
+from l2o_dynamics import pipeline, procs
 from l2o_dynamics.experiments import build_jobs, get_profile
 from l2o_dynamics.errors import L2OError
 from l2o_dynamics.files import LOCK_NAME, MARKER, atomic_torch_save, atomic_write_text, run_dir
@@ -227,3 +227,78 @@ def test_run_jobs_removes_a_jobs_work_dir_once_it_is_stored(tmp_path):
     pipeline.run_jobs(jobs, store, Executor(), progress=False)
     assert seen == [True, True] and all(store.done(j.key) for j in jobs)
     assert list((tmp_path / ".work").iterdir()) == []
+
+
+# ---- a Ctrl-C is never lost ----------------------------------------------------------------------
+@pytest.fixture
+def python_sigint():
+    """SIGINT on Python's own handler for the test (a shell's background job ignores it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+class _SignalsInFinalizer:
+    """Sends this process SIGINT from inside `__del__`: Python raises the KeyboardInterrupt
+    there and drops it ("Exception ignored in ..."), as it does for any signal that lands in a
+    finalizer or a weakref callback."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):  # the handler runs at the next check of the eval loop, in here
+            time.sleep(0.001)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_remembered_and_raised_at_the_next_check(python_sigint):
+    with procs.remember_interrupts():
+        _SignalsInFinalizer()  # dropped at once; Python swallows the interrupt raised inside
+        with pytest.raises(KeyboardInterrupt):
+            procs.check_interrupt()
+    procs.check_interrupt()  # forgotten with the block, and Python's handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_without_remember_interrupts_the_swallowed_ctrl_c_is_lost(python_sigint, monkeypatch):
+    # the failure the mechanism exists for: the interrupt goes to sys.unraisablehook, and
+    # the code after it runs on as if no Ctrl-C had come
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    _SignalsInFinalizer()
+    assert dropped == [KeyboardInterrupt]
+    procs.check_interrupt()
+
+
+def test_remember_interrupts_leaves_an_ignored_sigint_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a pool worker
+    try:
+        with procs.remember_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("loop", ["meta_test", "meta_train"])
+def test_the_long_loops_stop_at_a_remembered_ctrl_c(loop, synthetic, monkeypatch):
+    from l2o_dynamics.meta import MetaTrainConfig, meta_train
+    from l2o_dynamics.optimizers import SGD
+    from l2o_dynamics.runner import meta_test
+
+    steps = []
+    real = procs.check_interrupt
+
+    def counting():
+        steps.append(1)
+        if len(steps) == 2:
+            monkeypatch.setattr(procs, "_interrupted", True)  # the Ctrl-C came, and was swallowed
+        real()
+
+    # only the loop under test counts (meta-training's validation runs meta_test too)
+    monkeypatch.setattr(f"l2o_dynamics.{'runner' if loop == 'meta_test' else 'meta'}.check_interrupt", counting)
+    with pytest.raises(KeyboardInterrupt):
+        if loop == "meta_test":
+            meta_test(SGD(lr=0.1), "relu", synthetic.split("train"), [0], 50)
+        else:
+            meta_train(MetaTrainConfig(optimizee="leaky_relu", epochs=2, runs=2, horizon=20, unroll=5, val_runs=1),
+                       data=synthetic, progress=False)
+    assert len(steps) == 2  # stopped at the check after the interrupt, not at the end

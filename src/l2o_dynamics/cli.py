@@ -23,6 +23,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one
     from .errors import L2OError, Range
     from .files import check_run_dir, run_dir
     from .locks import locked_dir
+    from .procs import remember_interrupts
     from .seeds import MAX_SEEDS, REPORT, check_seeds, report_seeds
 except KeyboardInterrupt:
     print(f"{PROG}: interrupted while starting; nothing was done", file=sys.stderr)
@@ -487,7 +488,8 @@ def run_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run_command(build_parser().parse_args(argv))
+        with remember_interrupts():
+            return run_command(build_parser().parse_args(argv))
     except L2OError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from .runner import init_params, meta_test
 from .env import resolve_device
 from .errors import L2OError, Range
 from .files import atomic_torch_save
+from .procs import check_interrupt
 from .seeds import VALIDATION, derive_seed, generator
 
 META_LOSSES = ("logsum", "sum", "meanlog")
@@ -626,6 +627,7 @@ def _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtyp
         st["meta_step"] += 1
         done += 1
         bar.update(1)
+        check_interrupt()
         bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
                             f"meta-loss {value:.3f} |g| {float(norm):.2g} drift {drift:.2f} "
                             f"dead {dead:.2f} best val {st['best_score']:.4f}", refresh=False)

@@ -38,7 +38,7 @@ from .errors import L2OError
 from .files import (TEMP_TAG, check_run_dir, check_store, claim_store, fresh_path, owner, remove_tree,
                     run_dir, sub_dir, sweep_temp_files)
 from .locks import locked_dir
-from .procs import die_with_parent
+from .procs import check_interrupt, die_with_parent
 
 DONE_MARKER = "job.json"
 JOB_FILES = {"lr-search": ("result.json",), "meta-train": ("l2o.pt", "config.json", "metrics.csv"),
@@ -322,6 +322,7 @@ def run_jobs(jobs: list[Job], store: Store, executor, progress: bool = True,
         bar.set_description_str(f"jobs {n_done}/{len(jobs)}")
         bar.set_postfix_str(_current(active), refresh=False)
         bar.update(round(job.estimate_s))
+        check_interrupt()
         if log:
             log(f"done {job.label} ({times[job.key]:.1f} s)")
 

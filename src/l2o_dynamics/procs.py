@@ -1,9 +1,13 @@
-"""Process hygiene: pool workers that end with their parent."""
+"""Process hygiene: pool workers that end with their parent, and a Ctrl-C that is never lost."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from typing import Iterator
+
+_interrupted = False  # set by remember_interrupts' handler; read by check_interrupt
 
 
 def die_with_parent(parent_pid: int, use_prctl: bool = True) -> None:
@@ -39,3 +43,41 @@ def _set_parent_death_signal() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def remember_interrupts() -> Iterator[None]:
+    """For the block, Ctrl-C raises KeyboardInterrupt as usual and is also remembered, so
+    `check_interrupt` raises it again if it was lost. Python drops a KeyboardInterrupt that
+    lands inside a finalizer (`__del__`, a weakref callback: "Exception ignored in ...") or
+    inside a callback whose C caller clears errors; the long loops (meta-training unrolls,
+    meta-test steps, pipeline jobs) call `check_interrupt` once per iteration, so such a
+    Ctrl-C still stops them. A no-op outside the main thread or where SIGINT is not
+    Python's default handler (ignored in pool workers, or the caller's own)."""
+    import signal
+
+    global _interrupted
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    _interrupted = False
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _interrupted = False
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived under `remember_interrupts` (it may have
+    been swallowed where it was first raised)."""
+    if _interrupted:
+        raise KeyboardInterrupt

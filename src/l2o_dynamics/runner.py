@@ -31,6 +31,7 @@ from .results import MetricLog
 from .env import cache_dir
 from .errors import L2OError, Range
 from .files import atomic_write_json
+from .procs import check_interrupt
 from .seeds import generator, lr_search_seeds, stable_hash
 
 # The study's protocol for the baselines' learning rates (authors' scripts/meta_test.py:153-167,
@@ -79,6 +80,7 @@ def meta_test(optimizer: Optimizer, model: Optimizee | str, train: tuple[torch.T
         diverged = torch.zeros(len(seeds), dtype=torch.bool, device=device)  # (S,)
         for t in tqdm(range(steps), desc=desc or f"{optimizer.name} on {model.name}",
                       disable=not progress, leave=False):
+            check_interrupt()
             x, y = data_mod.stack_batches(batchers)
             loss, grads, acc = model.loss_and_grad(params, x.to(dtype), y)
             log.add("train_loss", t, loss)
