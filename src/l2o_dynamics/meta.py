@@ -96,6 +96,14 @@ class MetaTrainConfig:
     eta: float = 0.1
     log_eps: float = 0.0  # added inside the log of the gradient preprocessing (authors: 1e-8)
     select: str = "val"  # keep the epoch with the best: val | train-runs | meta-loss (SELECTIONS)
+    # the meta-gradient estimator (estimators.py): tbptt | es | pes | full-es; the ES family's settings
+    estimator: str = "tbptt"
+    pairs: int = 8  # antithetic pairs N per task
+    sigma: float = 0.01  # std of the perturbations of phi
+    horizon_min: int | None = None  # es/pes/full-es: run lengths log-uniform in [horizon_min, horizon]
+    offsets: bool = True  # es/pes: each epoch's first runs start at a random multiple of unroll
+    full_es_loss: str = "mean"  # full-es: mean of the run's losses, or the last one
+    sign: bool = False  # full-es: the sign of the antithetic loss difference (VeLO)
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -109,6 +117,8 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if value is not None or name not in OPTIONAL:
                 valid.check(name, value)
+        if self.unroll > self.horizon:
+            raise L2OError(f"unroll ({self.unroll}) must be at most horizon ({self.horizon})")
         if self.horizon % self.unroll:
             raise L2OError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         steps = self.epochs * self.runs * (self.horizon // self.unroll)
@@ -150,8 +160,32 @@ class MetaTrainConfig:
                                    f"{', '.join(symmetry.applicable(m.structure))}, all")
         elif self.beta:
             raise L2OError(f"beta={self.beta:g} needs reg (rescale, scale, translation or all)")
+        self._validate_estimator()
         check_fits(self, available_memory(resolve_device(self.device)))
         return self
+
+    def _validate_estimator(self) -> None:
+        from .estimators import ESTIMATORS, FULL_ES_LOSSES
+
+        if self.estimator not in ESTIMATORS:
+            raise L2OError(f"unknown estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.full_es_loss not in FULL_ES_LOSSES:
+            raise L2OError(f"unknown full_es_loss {self.full_es_loss!r}; valid: {', '.join(FULL_ES_LOSSES)}")
+        for name in ("offsets", "sign"):
+            if not isinstance(getattr(self, name), bool):
+                raise L2OError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.horizon_min is not None:
+            low = 1 if self.estimator == "full-es" else self.unroll
+            if not low <= self.horizon_min <= self.horizon:
+                raise L2OError(f"horizon_min ({self.horizon_min}) must be in {low}..horizon ({self.horizon})"
+                               + ("" if low == 1 else " (at least unroll)"))
+        if self.estimator == "tbptt":
+            return
+        given = [name for name, on in (("short_runs", self.short_runs > 0), ("curriculum", self.curriculum),
+                                        ("collapse", self.collapse is not None), ("reg", self.reg)) if on]
+        if given:
+            raise L2OError(f"estimator {self.estimator} does not support {', '.join(given)} (tbptt only; the "
+                           "default recipe sets short_runs and collapse): use recipe plain or authors")
 
     def run_horizon(self, epoch: int, run: int = 0) -> int:
         """Length of run `run` of `epoch`: one unroll for the `short_runs` share of runs
@@ -169,6 +203,9 @@ class MetaTrainConfig:
         return self.runs * self.horizon // self.run_horizon(epoch, -1)
 
     def total_meta_steps(self) -> int:
+        if self.estimator != "tbptt":
+            from .estimators import meta_steps_per_epoch
+            return self.epochs * meta_steps_per_epoch(self)
         return sum(self.run_horizon(e, r) // self.unroll for e in range(self.epochs)
                    for r in range(self.epoch_runs(e)))
 
@@ -201,6 +238,8 @@ RANGES: dict[str, Range] = {
     # validation runs draw minibatches from the validation split (MNIST.val_size images)
     "batch_size": Range(1, data_mod.MNIST.val_size, integer=True), "tasks": Range(1, 10_000, integer=True),
     **NET_RANGES, "seed": Range(0, 2**63 - 1, integer=True),
+    "pairs": Range(1, 100_000, integer=True), "sigma": Range(1e-8, 100),
+    "horizon_min": _COUNT,
     # values that multiply float32 tensors must not underflow (optimizers.Float32Range)
     "meta_lr": Float32Range(0, 1, lo_open=True), "clip_grad": Float32Range(0, 1e6, lo_open=True),
     "beta": Float32Range(0, 1e6), "rollback": Range(1, 1e6, lo_open=True),
@@ -208,7 +247,7 @@ RANGES: dict[str, Range] = {
     "short_runs": Range(0, 1, hi_open=True), "log_eps": Float32Range(0, 1),
     "collapse": Range(0, 1, lo_open=True, hi_open=True),
 }
-OPTIONAL = ("clip_grad", "rollback", "collapse")
+OPTIONAL = ("clip_grad", "rollback", "collapse", "horizon_min")
 MAX_META_STEPS = 10_000_000  # the published recipe takes 10,000
 
 
@@ -222,7 +261,9 @@ def memory_estimate(cfg: MetaTrainConfig) -> dict[str, int]:
     bytes and P the meta-parameter count (`phi_shapes`):
 
         meta_params = 7 P s      phi, its gradient, Adam's two moments, best phi, best Adam state
-        unroll      = K s (R sum_l (I_l + 9H) + sum_l 4H (I_l + H) + 8 B n)
+        population  = (ES family, no graph) s ((2N+1) R (2 L H + 6H + 4) + (2N+2) B P): every copy's
+                      LSTM states, one step's gates, parameters and gradients; the perturbations
+        unroll      = (tbptt) K s (R sum_l (I_l + 9H) + sum_l 4H (I_l + H) + 8 B n)
                       per step and layer the graph keeps [x, h] (R, I_l + H), c, tanh c' (R, H),
                       the gate activations (R, 4H), the new h, c (R, H) and the gate-scaled
                       weights (4H, I_l + H); per step B n-vectors of parameters, gradients, updates
@@ -236,6 +277,11 @@ def memory_estimate(cfg: MetaTrainConfig) -> dict[str, int]:
     inputs = [2] + [h] * (cfg.layers - 1)
     n_phi = sum(math.prod(shape) for shape in phi_shapes(h, cfg.layers).values())
     per_step = rows * sum(i + 9 * h for i in inputs) + sum(4 * h * (i + h) for i in inputs) + 8 * big_b * n
+    if cfg.estimator != "tbptt":  # no graph: C = 2N + 1 copies of the B runs' states, one step's gates
+        copies = (2 * cfg.pairs + 1) * rows
+        population = copies * (2 * cfg.layers * h + 4 * h + 2 * h + 4) + (2 * cfg.pairs + 2) * n_phi * big_b
+        return {"meta_params": 7 * n_phi * s, "population": population * s,
+                "data": data_mod.N_TRAIN * data_mod.DIM + 2 * big_b * cfg.batch_size * data_mod.DIM * s}
     return {"meta_params": 7 * n_phi * s, "unroll": k * per_step * s,
             "data": data_mod.N_TRAIN * data_mod.DIM + 2 * big_b * cfg.batch_size * data_mod.DIM * s}
 
@@ -499,7 +545,11 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         for epoch in range(st["epoch"], cfg.epochs):
             st["drifting"] = 0  # consecutive drifting unrolls (the collapse flag), per epoch
             first_step = st["meta_step"]
-            for run in range(cfg.epoch_runs(epoch)):
+            if cfg.estimator != "tbptt":  # the ES family (estimators.py); one optimizee per epoch
+                from .estimators import run_epoch
+                run_epoch(cfg, phi, opt, models[epoch % len(models)], train, epoch, st, log, bar, device,
+                          total_steps)
+            for run in range(cfg.epoch_runs(epoch) if cfg.estimator == "tbptt" else 0):
                 model = models[(epoch * cfg.runs + run) % len(models)]
                 bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
                                     f"val {st['best_score']:.4f}", refresh=False)
