@@ -47,6 +47,17 @@ CASES = [
     (["meta-train", "--hidden", "4096", "--layers", "16", "--out", "o"], "needs at least"),
     (["meta-train", "--horizon", "1000000", "--unroll", "1000000", "--out", "o"], "needs at least"),
     (["meta-train", "--tasks", "10000", "--out", "o"], "needs at least"),
+    # meta-gradient estimators: bad settings and combinations
+    (["meta-train", "--estimator", "pes", "--pairs", "0", "--out", "o"], "--pairs: must be an integer in 1..100000"),
+    (["meta-train", "--estimator", "pes", "--sigma", "0", "--out", "o"], "--sigma: must be a finite number"),
+    (["meta-train", "--estimator", "es", "--sigma", "nan", "--out", "o"], "--sigma: must be a finite number"),
+    (["meta-train", "--estimator", "full-es", "--sigma", "inf", "--out", "o"], "--sigma: must be a finite number"),
+    (["meta-train", "--estimator", "reinforce", "--out", "o"], "invalid choice: 'reinforce'"),
+    (["meta-train", "--recipe", "plain", "--estimator", "pes", "--unroll", "300", "--out", "o"],
+     "unroll (300) must be at most horizon (200)"),
+    (["meta-train", "--recipe", "plain", "--estimator", "pes", "--horizon-min", "5", "--out", "o"],
+     "horizon_min (5) must be in 20..horizon (200)"),
+    (["meta-train", "--estimator", "pes", "--out", "o"], "estimator pes does not support short_runs, collapse"),
     # names the file system cannot hold
     (["meta-test", "--optimizer", "sgd", "--optimizee", "relu", "--out", LONG], "at most 255 per name"),
     (["meta-train", "--out", f"d/{LONG}"], "at most 255 per name"),

@@ -156,6 +156,7 @@ def _check_name_lengths(p: Path, flag: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .meta import (LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES,
                        SELECTIONS)
+    from .estimators import ESTIMATORS, FULL_ES_LOSSES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
-    m = sub.add_parser("meta-train", help="meta-train the L2O (truncated BPTT)")
+    m = sub.add_parser("meta-train", help="meta-train the L2O (truncated BPTT, ES or PES)")
     m.add_argument("--recipe", choices=[*RECIPES, *RECIPE_ALIASES], default="default",
                    help="default: measured to train a fast starter (docs/meta_training.md); authors (alias "
                         "published): the study's recipe as its authors' code runs it (docs/replication.md); "
@@ -229,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--collapse", type=ranged(RANGES["collapse"]), default=None, metavar="D",
                    help="flag a collapse when the update drift |mean u|/mean|u| stays above D while the "
                         "optimizee dies; roll back to the best validated phi")
+    m.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help="meta-gradient estimator: tbptt (truncated backprop, the default), es (antithetic ES "
+                        "over one truncation), pes (persistent ES, unbiased over the run), full-es (ES over "
+                        "whole runs); the ES family needs --recipe plain or authors (docs/meta_training.md)")
+    m.add_argument("--pairs", type=ranged(RANGES["pairs"]), default=None, metavar="N",
+                   help="ES family: antithetic pairs per task (8)")
+    m.add_argument("--sigma", type=ranged(RANGES["sigma"]), default=None,
+                   help="ES family: std of the perturbations of phi (0.01)")
+    m.add_argument("--horizon-min", type=ranged(RANGES["horizon_min"]), default=None, metavar="H",
+                   help="ES family: run lengths log-uniform between H and --horizon (default: all --horizon)")
+    m.add_argument("--offsets", action=argparse.BooleanOptionalAction, default=None,
+                   help="es, pes: each epoch's first runs start at a random multiple of --unroll (on)")
+    m.add_argument("--full-es-loss", choices=FULL_ES_LOSSES, default=None,
+                   help="full-es: mean of the run's losses (default) or the last one")
+    m.add_argument("--sign", action=argparse.BooleanOptionalAction, default=None,
+                   help="full-es: use the sign of the antithetic loss difference (off)")
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained L2O (an l2o.pt, or pretrained:NAME) instead of a fresh init")
     m.add_argument("--seed", type=ranged(RANGES["seed"]), default=None)
@@ -379,7 +396,8 @@ def cmd_meta_test(args) -> int:
 CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
                 "lr_schedule", "meta_loss", "loss_index", "clip_grad", "out_bias", "short_runs",
                 "curriculum", "reg", "beta", "reg_measure", "val_runs", "rollback", "rollback_cut",
-                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "log_eps", "select", "device")
+                "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "log_eps", "select", "device",
+                "estimator", "pairs", "sigma", "horizon_min", "offsets", "full_es_loss", "sign")
 
 
 def cmd_meta_train(args) -> int:
