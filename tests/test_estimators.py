@@ -132,7 +132,7 @@ def _diff_preprocess(g, p=10.0):
     return torch.stack([first, second], dim=-1)
 
 
-def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON):
+def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON, last=False):
     """d/dphi sum_{t=1..steps} L(theta_t; batch_t), autograd through the whole run: every optimizee
     gradient g_t a function of theta_t (create_graph), torch's own LSTM cell."""
     params, batches = _task()
@@ -156,7 +156,7 @@ def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON):
         theta = new
         loss = TINY.loss(theta, *batches[t])
         grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=True)
-        total = total + loss
+        total = loss if last else total + loss
     return _flat(dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())))))
 
 
@@ -188,6 +188,32 @@ def test_truncated_es_equals_the_exact_gradient_of_its_truncations_meta_loss():
                                         torch.Generator().manual_seed(r), D).estimate(phi).grad)
                            for r in range(40)])
     assert _z_scores(samples, exact).max() < Z
+
+
+def _full_es_samples(phi, **settings):
+    s = E.Settings(estimator="full-es", tasks=1, horizon=HORIZON, pairs=100, sigma=1e-3, **settings)
+    return torch.stack([_flat(E.make(s, L2O(phi, hidden=2, layers=1), TINY, _factory,
+                                     torch.Generator().manual_seed(r), D).estimate(phi).grad) for r in range(40)])
+
+
+@pytest.mark.parametrize("loss", ["mean", "last"])
+def test_full_es_equals_the_exact_gradient_of_the_whole_runs_mean_or_last_loss(loss):
+    phi = _phi()
+    exact = _exact_run_gradient(phi, last=loss == "last") / (HORIZON if loss == "mean" else 1)
+    samples = _full_es_samples(phi, full_es_loss=loss)
+    assert _z_scores(samples, exact).max() < Z
+    assert _z_scores(samples, 1.3 * exact).max() > Z
+
+
+def test_full_es_with_sign_estimates_the_normalised_gradient_direction():
+    # for small sigma, E[eps sign(eps . g)] = sigma sqrt(2 / pi) g / |g|, so the estimate's mean
+    # is sqrt(2 / pi) / (2 sigma) g / |g|
+    phi = _phi()
+    exact = _exact_run_gradient(phi) / HORIZON
+    expected = math.sqrt(2 / math.pi) / (2 * 1e-3) * exact / torch.linalg.vector_norm(exact)
+    samples = _full_es_samples(phi, sign=True)
+    assert _z_scores(samples, expected).max() < Z
+    assert _z_scores(samples, 1.3 * expected).max() > Z
 
 
 # ---- PES bookkeeping --------------------------------------------------------------------------
