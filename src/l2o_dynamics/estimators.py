@@ -283,10 +283,6 @@ class Estimator:
     def estimate(self, phi: Params) -> Estimate:
         raise NotImplementedError
 
-    def _metrics(self, losses, drift, loss0_copy) -> tuple[float, float]:
-        before = torch.cat([loss0_copy[None], losses[:-1]])
-        return float(before.mean()), float(drift.mean())
-
 
 class TruncatedES(Estimator):
     name = "es"
