@@ -174,40 +174,54 @@ class MLPL2O:
     def features(self, grads, state, params):
         """({name: normalised features (*batch, *S, 28)}, the new state). The 11 time features
         of this step are `time_features(state['step'])`."""
+        raw, new_state = self._raw_features(grads, state, params)
+        return {k: x * scale for k, (x, scale) in raw.items()}, new_state
+
+    def _raw_features(self, grads, state, params):
+        """({name: (raw features (*batch, *S, 28), their normaliser (*batch, 1.., 28))}, new state)."""
         mom_d, rms_d, fac_d = decays(self.phi)
-        feats, new_m, new_rms, new_fac = {}, {}, {}, {}
+        raw, new_m, new_rms, new_fac = {}, {}, {}, {}
         for k, shape in state["shapes"].items():
             g, p = grads[k], params[k]
             if not shape:  # a scalar as a length-1 vector
                 g, p = g.unsqueeze(-1), p.unsqueeze(-1)
-            feats[k], new_m[k], new_rms[k], new_fac[k] = _tensor_features(
+            x, scale, new_m[k], new_rms[k], new_fac[k] = _tensor_features(
                 g, p, state["m"][k], state["rms"][k], state["fac"][k], shape or (1,), mom_d, rms_d, fac_d)
-        return feats, {"step": state["step"] + 1, "m": new_m, "rms": new_rms, "fac": new_fac,
-                       "shapes": state["shapes"]}
+            raw[k] = (x, scale)
+        return raw, {"step": state["step"] + 1, "m": new_m, "rms": new_rms, "fac": new_fac,
+                     "shapes": state["shapes"]}
 
     def update(self, grads, state, params):
-        feats, new_state = self.features(grads, state, params)
-        names = list(feats)
-        x = torch.cat([feats[k].reshape(-1, N_NORMALISED) for k in names])  # (N, 28)
-        out = self.mlp(x, state["step"])  # (N, 2)
-        step = out[:, 0] * torch.exp(self.exp_mult * out[:, 1]) * self.step_mult  # (N,)
-        updates, i = {}, 0
-        for k in names:
-            lead = feats[k].shape[:-1]  # (*batch, *S)
-            n = math.prod(lead)
-            u = -step[i:i + n].reshape(lead)
+        raw, new_state = self._raw_features(grads, state, params)
+        updates, bias = {}, None
+        for k, (x, scale) in raw.items():
+            lead = x.shape[:-1]  # (*batch, *S)
+            nd = len(state["shapes"][k]) or 1
+            runs = math.prod(lead[:-nd])
+            bias = self._first_bias(state["step"], x) if bias is None else bias
+            out = self._mlp(x.reshape(runs, -1, N_NORMALISED), bias,
+                            scale.reshape(runs, 1, N_NORMALISED))  # (runs, n, 2)
+            u = -(out[..., 0] * torch.exp(self.exp_mult * out[..., 1]) * self.step_mult).reshape(lead)
             updates[k] = u if state["shapes"][k] else u.squeeze(-1)
-            i += n
         return updates, new_state
 
-    def mlp(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """(N, 28) normalised features at step t -> (N, 2) = (d, m). The time features are the
-        same for every coordinate, so their part of the first layer is folded into its bias."""
+    def mlp(self, x: torch.Tensor, step: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Features x (R, n, 28) of R runs at step t, normalised by `scale` (R, 1, 28) (None: x is
+        normalised) -> (R, n, 2) = (d, m). The per-run normaliser is folded into the first layer's
+        weights, and the time features, the same for every coordinate, into its bias (one
+        (n, 28)-sized product fewer per tensor)."""
+        return self._mlp(x, self._first_bias(step, x), scale)
+
+    def _first_bias(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        """(H,): the first layer's bias plus its response to the time features of step t."""
+        return self.phi["b0"] + time_features(step, like.dtype, like.device) @ self.phi["w0"][N_NORMALISED:]
+
+    def _mlp(self, x: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         w0 = self.phi["w0"]
-        bias = self.phi["b0"] + time_features(step, x.dtype, x.device) @ w0[N_NORMALISED:]
-        h = torch.addmm(bias, x, w0[:N_NORMALISED])
+        w = w0[:N_NORMALISED] if scale is None else scale.transpose(-1, -2) * w0[:N_NORMALISED]  # (R, 28, H)
+        h = torch.baddbmm(bias, x, w.expand(x.shape[0], *w.shape[-2:]))  # (R, n, H)
         for i in range(1, self.hidden_layers + 1):
-            h = torch.addmm(self.phi[f"b{i}"], torch.relu(h), self.phi[f"w{i}"])
+            h = torch.nn.functional.linear(torch.relu_(h), self.phi[f"w{i}"].t(), self.phi[f"b{i}"])
         return h
 
     def detach_state(self, state):
@@ -227,7 +241,8 @@ class MLPL2O:
 
 def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     """One tensor of shape S = `shape`: g (*gb, *S), p (*B, *S), accumulators (*B, ...) ->
-    (features (*gb|B, *S, 28), m, rms, fac) after this gradient. Axes are counted from the
+    (raw features x (*gb|B, *S, 28), normaliser (*gb|B, 1.., 28): x * it are the features,
+    m, rms, fac) after this gradient. Axes are counted from the
     end, so any leading dims pass (and broadcast)."""
     nd = len(shape)
     g1 = g.unsqueeze(-1)  # (*gb, *S, 1)
@@ -259,8 +274,8 @@ def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
               torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), fac_m]
     lead = torch.broadcast_shapes(g.shape, p.shape)  # (*gb|B, *S)
     x = torch.cat([q.expand(*lead, q.shape[-1]) for q in pieces], dim=-1)  # (*gb|B, *S, 28)
-    x = x * torch.rsqrt(1e-5 + x.square().mean(dim=tuple(range(-nd - 1, -1)), keepdim=True))
-    return x, m, rms, fac
+    scale = torch.rsqrt(1e-5 + x.square().mean(dim=tuple(range(-nd - 1, -1)), keepdim=True))
+    return x, scale, m, rms, fac
 
 
 
