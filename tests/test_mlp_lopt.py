@@ -358,3 +358,35 @@ def test_learned_optimization_layout_loads_nested_with_its_decays():
         assert torch.equal(opt.phi[k], expected)
     with pytest.raises(L2OError, match="expected w0"):
         load_small_fc_lopt({**theta, "nn": {"~": {"w0": torch.zeros(28, 32), "b0": torch.zeros(32)}}})
+
+
+def _write_safetensors(path, tensors):
+    """The safetensors layout, written independently of the reader: u64 header length, JSON
+    header with byte offsets, the raw little-endian float32 data."""
+    import json
+    import struct
+
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_pylo_hub_safetensors_file_loads_like_its_state_dict(tmp_path):
+    torch.manual_seed(1)
+    state = PyLOMetaMLP().state_dict()
+    _write_safetensors(tmp_path / "model.safetensors", state)
+    from_file = load_small_fc_lopt(tmp_path / "model.safetensors", decays=PYLO_DECAYS)
+    from_dict = load_small_fc_lopt(dict(state), decays=PYLO_DECAYS)
+    for k in from_dict.phi:
+        assert torch.equal(from_file.phi[k], from_dict.phi[k])
+    (tmp_path / "short.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-4])
+    with pytest.raises(L2OError, match="offsets"):
+        load_small_fc_lopt(tmp_path / "short.safetensors", decays=PYLO_DECAYS)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 12)
+    with pytest.raises(L2OError, match="not a safetensors file"):
+        load_small_fc_lopt(tmp_path / "junk.safetensors", decays=PYLO_DECAYS)

@@ -36,8 +36,10 @@ ONE batched MLP call per step. What differs from the reference and from PyLO: do
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -352,8 +354,9 @@ def _mlp_from_blob(blob, name: str, device=None) -> MLPL2O:
 # ---- interop: small_fc_lopt weights as learned_optimization and PyLO publish them ------------
 def load_small_fc_lopt(source, *, decays: Mapping | None = None, exp_mult: float = 1e-3,
                        step_mult: float = 1e-3, device=None) -> MLPL2O:
-    """An MLP L2O from small_fc_lopt / AdafacMLP weights (a torch.save file, its bytes, or the
-    dict itself) in either published layout:
+    """An MLP L2O from small_fc_lopt / AdafacMLP weights (a torch.save file, its bytes, a
+    .safetensors file as the Hugging Face hub serves PyLO's, or the dict itself) in either
+    published layout:
 
       learned_optimization: w0 (39, H), b0, w1 (H, H), b1, ..., wL (H, 2), bL, (in, out), and the
           decay offsets momentum_decays (3,), rms_decays (1,), adafactor_decays (3,); nested
@@ -368,6 +371,8 @@ def load_small_fc_lopt(source, *, decays: Mapping | None = None, exp_mult: float
     AdafacLO uses step_mult 0.01 with its muP weights)."""
     if isinstance(source, Mapping):
         name, blob = "<dict>", source
+    elif isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
+        name, blob = os.fspath(source), read_safetensors(source)
     else:
         name, blob = read_torch(source, "small_fc_lopt weights")
     name = repr(name)
@@ -397,6 +402,51 @@ def load_small_fc_lopt(source, *, decays: Mapping | None = None, exp_mult: float
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return MLPL2O({k: v.to(dev) for k, v in phi.items()}, int(w0.shape[1]), layers, exp_mult, step_mult,
                   name="small_fc_lopt", meta={"checkpoint": name})
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The floating tensors of a .safetensors file (the format: an 8-byte little-endian header
+    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
+    ...}, then the little-endian data). Read here so that no extra package is needed; anything
+    malformed is an L2OError."""
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise L2OError(f"safetensors file {name!r} does not exist or is not a file")
+    with open(name, "rb") as f:
+        data = f.read()
+    if sys.byteorder != "little":
+        raise L2OError("reading .safetensors here needs a little-endian machine; convert the file with "
+                       "safetensors.torch.load_file and pass the dict")
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + n:
+            raise ValueError
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise L2OError(f"{name!r} is not a safetensors file (bad header)") from None
+    buf, out = memoryview(data)[8 + n:], {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise L2OError(f"{name!r}: tensor {key!r} is not a floating tensor with shape and offsets "
+                           f"({', '.join(SAFETENSORS_DTYPES)}); refused") from None
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(buf) or end - begin != size or min(shape, default=1) < 0:
+            raise L2OError(f"{name!r}: tensor {key!r} has offsets {begin}..{end} that do not hold its "
+                           f"shape {shape} within the file's {len(buf)} data bytes; refused")
+        flat = torch.frombuffer(bytearray(buf[begin:end]), dtype=dtype) if size else torch.empty(0, dtype=dtype)
+        out[key] = flat.reshape(shape)
+    return out
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:
