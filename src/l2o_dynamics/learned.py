@@ -453,7 +453,7 @@ def l2o_from_checkpoint(source, device=None) -> L2O | MLPL2O:
     if isinstance(blob, dict) and isinstance(blob.get("net"), dict) and blob["net"].get("family") == "mlp":
         from .mlp_lopt import _mlp_from_blob  # the MLP family (mlp_lopt.py) imports this module
 
-        return _mlp_from_blob(blob, repr(name), device)
+        return _mlp_from_blob(blob, name, device)
     if not isinstance(blob, dict) or "phi" not in blob or "net" not in blob:
         raise L2OError(f"{name!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
     net = check_net(blob["net"], repr(name))

@@ -337,15 +337,15 @@ def save_mlp_l2o(l2o: MLPL2O, path: str | os.PathLike, **extra) -> None:
 def mlp_l2o_from_checkpoint(source, device=None) -> MLPL2O:
     """Load an MLP L2O written by `save_mlp_l2o` (a path or its bytes); malformed ones are refused."""
     name, blob = read_torch(source)
-    return _mlp_from_blob(blob, repr(name), device)
+    return _mlp_from_blob(blob, name, device)
 
 
 def _mlp_from_blob(blob, name: str, device=None) -> MLPL2O:
     if not isinstance(blob, dict) or "phi" not in blob or "net" not in blob:
-        raise L2OError(f"{name} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
-    net = check_mlp_settings(blob["net"], name)
+        raise L2OError(f"{name!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
+    net = check_mlp_settings(blob["net"], repr(name))
     phi = blob["best_phi"] if blob.get("best_phi") is not None else blob["phi"]
-    phi = check_mlp_phi(phi, net["hidden"], net["hidden_layers"], name)
+    phi = check_mlp_phi(phi, net["hidden"], net["hidden_layers"], repr(name))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return MLPL2O({k: v.to(dev) for k, v in phi.items()}, net["hidden"], net["hidden_layers"],
                   net["exp_mult"], net["step_mult"], meta={"checkpoint": name})
@@ -375,7 +375,7 @@ def load_small_fc_lopt(source, *, decays: Mapping | None = None, exp_mult: float
         name, blob = os.fspath(source), read_safetensors(source)
     else:
         name, blob = read_torch(source, "small_fc_lopt weights")
-    name = repr(name)
+    checkpoint, name = name, repr(name)
     if not isinstance(blob, Mapping):
         raise L2OError(f"{name} is not a dict of small_fc_lopt weights (got {type(blob).__name__})")
     flat = _flatten(blob)
@@ -401,7 +401,7 @@ def load_small_fc_lopt(source, *, decays: Mapping | None = None, exp_mult: float
     phi = check_mlp_phi(weights, int(w0.shape[1]), layers, name)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return MLPL2O({k: v.to(dev) for k, v in phi.items()}, int(w0.shape[1]), layers, exp_mult, step_mult,
-                  name="small_fc_lopt", meta={"checkpoint": name})
+                  name="small_fc_lopt", meta={"checkpoint": checkpoint})
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
