@@ -247,13 +247,15 @@ def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     m, rms, fac) after this gradient. Axes are counted from the
     end, so any leading dims pass (and broadcast)."""
     nd = len(shape)
+    # an EMA b a + (1 - b) x is lerp(x, a, b) = x + b (a - x): one kernel, one new tensor
     g1 = g.unsqueeze(-1)  # (*gb, *S, 1)
-    m = mom_d * m + (1 - mom_d) * g1  # (.., *S, 3)
-    rms = rms_d * rms + (1 - rms_d) * g1 * g1  # (.., *S, 1)
-    sq = g1 * g1 + 1e-30
+    g2 = g1 * g1
+    m = torch.lerp(g1, m, mom_d)  # (.., *S, 3)
+    rms = torch.lerp(g2, rms, rms_d)  # (.., *S, 1)
+    sq = g2 + 1e-30
     dims = factored_dims(shape)
     if dims is None:
-        v = fac_d * fac[0] + (1 - fac_d) * sq
+        v = torch.lerp(sq, fac[0], fac_d)
         fac_g = g1 * _safe_rsqrt(v + 1e-9)
         row = col = v
         fac_m = m * (v + 1e-6) ** -0.5
@@ -261,14 +263,14 @@ def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     else:
         d1, d0 = dims
         a0, a1 = d0 - nd - 1, d1 - nd - 1  # the factored axes, counted from the end of (.., *S, 3)
-        v_row = fac_d * fac[0] + (1 - fac_d) * sq.mean(a0)  # (.., S minus D0, 3)
-        v_col = fac_d * fac[1] + (1 - fac_d) * sq.mean(a1)  # (.., S minus D1, 3)
+        v_row = torch.lerp(sq.mean(a0), fac[0], fac_d)  # (.., S minus D0, 3)
+        v_col = torch.lerp(sq.mean(a1), fac[1], fac_d)  # (.., S minus D1, 3)
         reduced_d1 = d1 - 1 if d1 > d0 else d1  # D1's axis in v_row
         row_mean = v_row.mean(reduced_d1 - nd, keepdim=True)
         row_factor = _safe_rsqrt(v_row / (row_mean + 1e-9)).unsqueeze(a0)
         col_factor = _safe_rsqrt(v_col).unsqueeze(a1)
-        fac_g = g1 * row_factor * col_factor
-        fac_m = m * row_factor * col_factor
+        both = row_factor * col_factor  # (.., *S, 3)
+        fac_g, fac_m = g1 * both, m * both
         row, col = v_row.unsqueeze(a0), v_col.unsqueeze(a1)
         fac = (v_row, v_col)
     inv = torch.rsqrt(rms + 1e-6)
