@@ -425,3 +425,10 @@ def test_tbptt_meta_steps_through_meta_unroll_lower_the_meta_loss(synthetic):
     assert all(g is not None for g in (p.grad for p in phi.values()))
     # log of the 10 losses' sum: 3.13 at the start, 2.60 after 8 meta-steps on this machine
     assert final < losses[0] - 0.2, (losses, final)
+
+
+def test_phi_of_another_network_is_refused_in_one_line():
+    phi = init_mlp_phi(hidden=8, hidden_layers=1)
+    with pytest.raises(L2OError, match=r"names or shapes differ at b0, b1, b2, w0, w1, w2\)"):
+        MLPL2O(phi)  # defaults: 2 hidden layers of 32
+    assert MLPL2O(phi, hidden=8, hidden_layers=1).num_meta_params == 39 * 8 + 8 + 8 * 2 + 2 + 7

@@ -137,7 +137,8 @@ def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
 # ---- the optimizer --------------------------------------------------------------
 @dataclass(frozen=True)
 class MLPL2O:
-    """The MLP learned optimizer with the functional optimizer interface.
+    """The MLP learned optimizer with the functional optimizer interface:
+    update = -d exp(exp_mult m) step_mult, (d, m) = MLP_phi(features) (module docstring).
 
     state = {"step": t, "m": {name: (*B, *S, 3)}, "rms": {name: (*B, *S, 1)},
     "fac": {name: (v_row (*B, *S minus D0, 3), v_col (*B, *S minus D1, 3)) for matrices,
@@ -154,6 +155,15 @@ class MLPL2O:
     step_mult: float = 1e-3
     name: str = "mlp_l2o"
     meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        expected = mlp_phi_shapes(self.hidden, self.hidden_layers)
+        got = {k: tuple(v.shape) for k, v in self.phi.items()}
+        if got != expected:
+            wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            raise L2OError(f"phi does not match an MLP L2O with {self.hidden_layers} hidden layers of {self.hidden} "
+                           f"(names or shapes differ at {', '.join(wrong)}); make phi with "
+                           f"init_mlp_phi(hidden={self.hidden}, hidden_layers={self.hidden_layers})")
 
     def init(self, params, batch_ndim: int = 0):
         """Zero accumulators for params whose first `batch_ndim` dims index independent runs."""
@@ -520,7 +530,7 @@ class MLPL2OOptimizer(torch.optim.Optimizer):
         return loss
 
     def _fresh(self, p: torch.Tensor) -> dict:
-        st = MLPL2O(self.l2o.phi).init({"p": p})
+        st = self.l2o.init({"p": p})
         return {"step": torch.tensor(0), "m": st["m"]["p"], "rms": st["rms"]["p"],
                 **{f"fac{j}": v for j, v in enumerate(st["fac"]["p"])}}
 
