@@ -432,3 +432,19 @@ def test_phi_of_another_network_is_refused_in_one_line():
     with pytest.raises(L2OError, match=r"names or shapes differ at b0, b1, b2, w0, w1, w2\)"):
         MLPL2O(phi)  # defaults: 2 hidden layers of 32
     assert MLPL2O(phi, hidden=8, hidden_layers=1).num_meta_params == 39 * 8 + 8 + 8 * 2 + 2 + 7
+
+
+def test_cli_meta_test_runs_a_saved_mlp_l2o_with_symmetry_recording(tmp_path, mnist, capsys):
+    import csv
+
+    from l2o_dynamics.cli import main
+
+    save_mlp_l2o(MLPL2O(init_mlp_phi(generator("phi")), step_mult=0.01), tmp_path / "mlp.pt")
+    out = tmp_path / "run"
+    assert main(["meta-test", "--optimizer", "l2o", "--checkpoint", str(tmp_path / "mlp.pt"), "--optimizee",
+                 "leaky_relu", "--steps", "6", "--seeds", "2", "--record-symmetry", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["optimizer"] for r in rows} == {"mlp_l2o"} and {r["seed"] for r in rows} == {"100", "101"}
+    assert any(r["metric"].startswith("rescale") for r in rows)
