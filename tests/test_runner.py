@@ -7,6 +7,7 @@ import torch
 from l2o_dynamics import runner
 from l2o_dynamics.data import Batcher
 from l2o_dynamics.learned import L2O, init_phi
+from l2o_dynamics.mlp_lopt import MLPL2O, init_mlp_phi
 from l2o_dynamics.optimizees import ZOO
 from l2o_dynamics.optimizers import SGD, Adam
 from l2o_dynamics.runner import init_params, meta_test, search_lr
@@ -31,8 +32,9 @@ def test_same_seed_same_run_different_seeds_differ_in_init_and_data(synthetic):
     assert not torch.equal(i0, i1)
 
 
-@pytest.mark.parametrize("make", [lambda: SGD(lr=0.1), lambda: L2O(init_phi(generator("phi")))],
-                         ids=["sgd", "l2o"])
+@pytest.mark.parametrize("make", [lambda: SGD(lr=0.1), lambda: L2O(init_phi(generator("phi"))),
+                                  lambda: MLPL2O(init_mlp_phi(generator("phi")), step_mult=0.01)],
+                         ids=["sgd", "l2o", "mlp_l2o"])
 def test_batched_seeds_equal_separate_runs(make, synthetic):
     train = synthetic.split("train")
     together = _losses(meta_test(make(), "bn_relu", train, [4, 7], 8))

@@ -19,12 +19,15 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
 from .errors import L2OError, Range
 from .optimizers import Float32Range
+
+if TYPE_CHECKING:
+    from .mlp_lopt import MLPL2O
 
 Params = dict[str, torch.Tensor]
 
@@ -439,13 +442,18 @@ def read_torch(source, what: str = "checkpoint"):
                        "expected an l2o.pt or checkpoint.pt written by meta-train") from None
 
 
-def l2o_from_checkpoint(source, device=None) -> L2O:
+def l2o_from_checkpoint(source, device=None) -> L2O | MLPL2O:
     """Load the selected phi of an `l2o.pt` (or a meta-training `checkpoint.pt`) from a
-    path or from its bytes; 'pretrained:NAME' loads a shipped one (`pretrained`).
+    path or from its bytes; 'pretrained:NAME' loads a shipped one (`pretrained`). A checkpoint
+    of the MLP family (net family 'mlp', `mlp_lopt.save_mlp_l2o`) loads as an `MLPL2O`.
     Malformed ones (missing keys, wrong shapes, non-finite weights) are refused."""
     if isinstance(source, str) and source.startswith("pretrained:"):
         source = pretrained(source.split(":", 1)[1])
     name, blob = read_torch(source)
+    if isinstance(blob, dict) and isinstance(blob.get("net"), dict) and blob["net"].get("family") == "mlp":
+        from .mlp_lopt import _mlp_from_blob  # the MLP family (mlp_lopt.py) imports this module
+
+        return _mlp_from_blob(blob, name, device)
     if not isinstance(blob, dict) or "phi" not in blob or "net" not in blob:
         raise L2OError(f"{name!r} is not an l2o-dynamics checkpoint (no 'phi'/'net' entries)")
     net = check_net(blob["net"], repr(name))
@@ -467,6 +475,9 @@ class L2OOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, checkpoint: str | os.PathLike | L2O, eta: float | None = None):
         l2o = checkpoint if isinstance(checkpoint, L2O) else l2o_from_checkpoint(checkpoint)
+        if not isinstance(l2o, L2O):
+            raise L2OError(f"{checkpoint} is a {type(l2o).__name__}, not the LSTM L2O; use "
+                           "mlp_lopt.MLPL2OOptimizer for the MLP family")
         if eta is not None:
             NET_RANGES["eta"].check("eta", eta)
         super().__init__(params, {"eta": l2o.eta if eta is None else eta})
