@@ -402,12 +402,18 @@ def check_phi(phi, hidden: int, layers: int, name: str,
     layers) network, every |weight| <= MAX_ABS_WEIGHT. Returns it as dense tensors of
     `dtype` on their device (half precision widens exactly; float64 rounds to float32).
     Sparse, quantized, complex and meta-device tensors are refused."""
-    expected = phi_shapes(hidden, layers)
-    if not isinstance(phi, dict) or not all(isinstance(v, torch.Tensor) for v in phi.values()):
+    return check_phi_shapes(phi, phi_shapes(hidden, layers), f"a {layers}-layer network of hidden size {hidden}",
+                            name, dtype)
+
+
+def check_phi_shapes(phi, expected: Mapping[str, tuple], network: str, name: str,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """`check_phi` for any family: `expected` {name: shape}, `network` says what they describe."""
+    if not isinstance(phi, Mapping) or not all(isinstance(v, torch.Tensor) for v in phi.values()):
         raise L2OError(f"checkpoint {name}: phi must be a dict of tensors, got {type(phi).__name__}")
     if set(phi) != set(expected):
         missing, extra = sorted(set(expected) - set(phi)), sorted(set(phi) - set(expected))
-        raise L2OError(f"checkpoint {name}: phi does not match a {layers}-layer network of hidden size {hidden} "
+        raise L2OError(f"checkpoint {name}: phi does not match {network} "
                        f"(missing {missing or 'none'}, unexpected {extra or 'none'})")
     out = {}
     for k, shape in expected.items():

@@ -48,7 +48,7 @@ import torch
 
 from .errors import L2OError, Range
 from .files import atomic_torch_save
-from .learned import MAX_ABS_WEIGHT, PHI_DTYPES, read_torch
+from .learned import check_phi_shapes, read_torch
 from .optimizers import Float32Range
 
 Params = dict[str, torch.Tensor]
@@ -317,25 +317,8 @@ def check_mlp_phi(phi, hidden: int, hidden_layers: int, name: str,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """`phi` must hold exactly the names and shapes of `mlp_phi_shapes(hidden, hidden_layers)`,
     as dense finite floating tensors with |value| <= MAX_ABS_WEIGHT. Returns them as `dtype`."""
-    expected = mlp_phi_shapes(hidden, hidden_layers)
-    if not isinstance(phi, Mapping) or not all(isinstance(v, torch.Tensor) for v in phi.values()):
-        raise L2OError(f"checkpoint {name}: phi must be a dict of tensors, got {type(phi).__name__}")
-    if set(phi) != set(expected):
-        missing, extra = sorted(set(expected) - set(phi)), sorted(set(phi) - set(expected))
-        raise L2OError(f"checkpoint {name}: phi does not match an MLP L2O with {hidden_layers} hidden layers of "
-                       f"{hidden} (missing {missing or 'none'}, unexpected {extra or 'none'})")
-    out = {}
-    for k, shape in expected.items():
-        v = phi[k]
-        if tuple(v.shape) != shape or v.dtype not in PHI_DTYPES or v.layout != torch.strided or v.is_meta:
-            raise L2OError(f"checkpoint {name}: phi[{k!r}] is {v.dtype} {tuple(v.shape)} ({v.layout}"
-                           f"{', meta' if v.is_meta else ''}); expected a dense floating tensor of shape {shape}")
-        v = v.detach().to(dtype).contiguous()
-        if not bool(torch.isfinite(v).all()) or float(v.abs().max()) > MAX_ABS_WEIGHT:
-            raise L2OError(f"checkpoint {name}: phi[{k!r}] has non-finite or huge (> {MAX_ABS_WEIGHT:g}) values; "
-                           "refused")
-        out[k] = v
-    return out
+    return check_phi_shapes(phi, mlp_phi_shapes(hidden, hidden_layers),
+                            f"an MLP L2O with {hidden_layers} hidden layers of {hidden}", name, dtype)
 
 
 def save_mlp_l2o(l2o: MLPL2O, path: str | os.PathLike, **extra) -> None:
