@@ -545,16 +545,16 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         for epoch in range(st["epoch"], cfg.epochs):
             st["drifting"] = 0  # consecutive drifting unrolls (the collapse flag), per epoch
             first_step = st["meta_step"]
-            if cfg.estimator != "tbptt":  # the ES family (estimators.py); one optimizee per epoch
+            if cfg.estimator == "tbptt":
+                for run in range(cfg.epoch_runs(epoch)):
+                    model = models[(epoch * cfg.runs + run) % len(models)]
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
+                                        f"val {st['best_score']:.4f}", refresh=False)
+                    _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype, total_steps)
+            else:  # the ES family (estimators.py); one optimizee per epoch
                 from .estimators import run_epoch
                 run_epoch(cfg, phi, opt, models[epoch % len(models)], train, epoch, st, log, bar, device,
                           total_steps)
-            for run in range(cfg.epoch_runs(epoch) if cfg.estimator == "tbptt" else 0):
-                model = models[(epoch * cfg.runs + run) % len(models)]
-                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} run {run + 1}/{cfg.epoch_runs(epoch)} "
-                                    f"val {st['best_score']:.4f}", refresh=False)
-                _one_run(cfg, l2o, opt, model, train, epoch, run, st, log, bar, device, dtype,
-                         total_steps)
             scores = validation_scores(L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden,
                                            cfg.layers, cfg.p, cfg.eta, log_eps=cfg.log_eps), cfg, data)
             score = scores["val_score"]
