@@ -1,8 +1,10 @@
-"""The README's Python tour runs as written (in a temporary directory)."""
+"""The README's Python tour runs as written (in a temporary directory), and its findings
+block is the demo's table."""
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_python_tour_runs(tmp_path, monkeypatch, mnist):
@@ -30,3 +32,14 @@ def test_cli_tour_commands_exist():
         # parse only: the command line must be valid (nothing runs)
         ns = parser.parse_args([a for a in args])
         assert ns.command
+
+
+def test_readme_findings_block_is_the_demos_findings_table():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sync_readme", ROOT / "tools" / "sync_readme.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    readme = README.read_text()
+    assert tool.synced(readme, (ROOT / "docs" / "findings.md").read_text()) == readme
+    # the check can fail: a changed table is a changed README
+    assert tool.synced(readme, "other table\n") != readme
