@@ -5,38 +5,54 @@ torch.fx, propagates the example's shapes, and derives the same declared structu
 the MLP zoo writes by hand (`optimizees.Structure` of `HiddenLayer`s, over *views*
 of the model's parameters); the constraints are then evaluated by `symmetry.py`:
 
-    rescale      producer -> h -> consumer, h positively homogeneous per unit:
+    rescale      producer -> h -> consumers, h positively homogeneous per unit:
                  f(a z) = a f(z) for a > 0.  c_k = <v_wk, w_k> + v_bk b_k - <v_ak, a_k>
                  w_k: the producer's row for unit k (Linear row, Conv output channel
                  (C_in * kernel), or a norm's gamma_k as a 1-vector), b_k its bias;
-                 a_k: the consumer's weights reading unit k (a Linear column, every
-                 column of a unit's block after Flatten, a Conv's input-channel slice).
+                 a_k: every consumer weight reading unit k, stacked (a Linear column,
+                 every column of a unit's block after Flatten, a Conv's input-channel
+                 slice; at the unit's place after a concatenation).
     scale        Linear/Conv -> BatchNorm (batch statistics): per unit k,
-                 Linear/Conv -> LayerNorm over the whole layer's outputs: one unit.
+                 Linear/Conv -> LayerNorm/RMSNorm over the whole layer's outputs: one unit.
                  c_k = <v_wk, w_k> + v_bk b_k
     translation  logits W h + b -> softmax: c_j = sum_i v_W[i, j], c_b = sum_i v_b[i]
 
 Recognised, and nothing else (an unrecognised construct never yields a symmetry):
-  producers   nn.Linear, nn.Conv1d/2d/3d (any groups), and as rescale producers also
-              affine nn.BatchNorm1d/2d/3d and nn.LayerNorm over the last dim only;
-  h           a single path (every node on it has one user: no residual branch, no
-              second output) of nn.ReLU, nn.LeakyReLU (any slope), nn.Identity,
-              nn.Dropout, max/avg/adaptive pooling over spatial dims (per channel:
-              max(a z) = a max(z), avg is linear), Flatten / view / reshape of
-              (N, C, *S) to (N, C * prod S); functional relu / leaky_relu / dropout /
-              pooling likewise. Tanh, sigmoid, GELU, SiLU, ReLU6, Hardtanh, softplus
-              are not homogeneous, so nothing is reported through them. An empty path
-              (producer feeding the consumer directly) is the identity.
+  producers   nn.Linear, nn.Conv1d/2d/3d (any groups; the units on the channel dim of
+              the input's batching, (N, C, *S) or unbatched (C, *S)), and as rescale
+              producers also affine nn.BatchNorm1d/2d/3d and nn.LayerNorm / nn.RMSNorm
+              over the last dim only;
+  h           every use of the units, to the consumers (fan-out; no residual add, no
+              second output), through nn.ReLU, nn.LeakyReLU (any slope), nn.PReLU (any
+              slopes), nn.Identity, nn.Dropout, max/avg/adaptive pooling over the
+              trailing spatial dims when the input has pool dims + 1 or + 2 dims and the
+              units are its channels (per channel: max(a z) = a max(z), avg is linear),
+              Flatten / view / reshape of (*B, C, *S) to (*B, C * prod S), mean / sum /
+              amax / amin over dims other than the units' (tokens), torch.cat along the
+              units' dim (squeezenet's Fire, inception); functional relu / leaky_relu /
+              dropout / pooling likewise. Tanh, sigmoid, GELU, SiLU, ReLU6, Hardtanh,
+              softplus are not homogeneous, so nothing is reported through them. An empty
+              path (producer feeding the consumer directly) is the identity.
   consumers   nn.Linear reading the units in its last dim; nn.Conv with groups 1.
+  inside      torch.nn's Transformer, TransformerEncoder/Decoder(Layer) and
+              MultiheadAttention, which fx keeps whole (their forwards branch in fast-path
+              checks): each layer's linear1 -> ReLU/LeakyReLU/PReLU -> linear2 and each
+              attention's value projection -> out_proj (attention mixes tokens, not
+              units; no add_bias_kv). Exact classes only.
   scale       BatchNorm only while it uses batch statistics (training mode, or no
               running statistics): in eval mode it is a fixed affine map that keeps the
               scale. Anything may follow the norm (a bias added after it breaks the
               *rescale* through the norm's (gamma, beta), which is then not reported).
+              The norm's own parameters take no part (they may be frozen).
   translation the output is softmax/log_softmax over the last dim of a Linear, or the
               Linear itself with `loss="cross_entropy"` (the caller's loss is a softmax
               cross-entropy over the output's last dim).
   Every module involved is called once, owns its parameters (no weight sharing, no
-  get_attr use elsewhere), and all its parameters require grad.
+  get_attr use elsewhere), and all its parameters require grad. Forward hooks and
+  pre-hooks change what a module computes and fx never runs them: nothing is reported
+  through a hooked module or its submodules (fx keeps it whole), no translation under a
+  forward hook on the model itself, and nothing at all under global forward hooks, each
+  with a warning. Backward hooks only change the gradient and are not looked at.
 
 A norm's eps breaks its scale symmetry by O(eps / var) (exact only for eps = 0): such
 symmetries carry `exact=False`. Detection reads the modules' current train/eval mode.
@@ -533,13 +549,18 @@ def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
     reached = _reach(g, node, _Path(axis, 1, (), 0, units), units)
     if not reached:
         return None
-    bias = g.param(node, "bias")
     outs = [g.param(consumer, "weight") for consumer, _, _ in reached]
-    columns = _stacked([c for _, c, _ in reached])
-    layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", " | ".join(dict.fromkeys(p for _, _, p in reached)), True)
-    return _make("rescale", key, {"w": rows, "b": bias_view, "a": columns}, layer,
-                 [weight] + ([bias] if bias else []) + outs, [node.target] + [c.target for c, _, _ in reached],
-                 True, model)
+    return _rescale_of(key, {"w": rows, "b": bias_view, "a": _stacked([c for _, c, _ in reached])},
+                       " | ".join(dict.fromkeys(p for _, _, p in reached)), [weight, g.param(node, "bias"), *outs],
+                       [node.target] + [c.target for c, _, _ in reached], model)
+
+
+def _rescale_of(key: str, parts: dict[str, Callable], activation: str, params: list[str | None], layers, model
+                ) -> Symmetry:
+    """A rescale symmetry over the views `parts` 'w' (U, fan_in), 'b' (U,), 'a' (fan_out, U) of
+    `params` (None: a missing bias)."""
+    layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", activation, True)
+    return _make("rescale", key, parts, layer, [p for p in params if p is not None], layers, True, model)
 
 
 def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
@@ -613,9 +634,9 @@ def _feedforward(g: _Graph, name: str, layer: nn.Module, key: str, model) -> Sym
     if weight is None or out is None:
         return None
     units = layer.linear1.out_features
-    layer_ = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", getattr(act, "__name__", type(act).__name__), True)
-    return _make("rescale", key, {"w": _rows(weight), "b": _vector(bias, weight, units), "a": _linear_columns(out, units, 1)},
-                 layer_, [weight] + ([bias] if bias else []) + [out], [f"{name}.linear1", f"{name}.linear2"], True, model)
+    parts = {"w": _rows(weight), "b": _vector(bias, weight, units), "a": _linear_columns(out, units, 1)}
+    return _rescale_of(key, parts, getattr(act, "__name__", type(act).__name__), [weight, bias, out],
+                       [f"{name}.linear1", f"{name}.linear2"], model)
 
 
 def _attention_values(g: _Graph, name: str, mha: nn.MultiheadAttention, key: str, model) -> Symmetry | None:
@@ -632,10 +653,8 @@ def _attention_values(g: _Graph, name: str, mha: nn.MultiheadAttention, key: str
     bias, out = g.param_names.get(f"{name}.in_proj_bias"), g.param_names.get(f"{name}.out_proj.weight")
     if weight is None or out is None:
         return None
-    layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", "attention", True)
     parts = {"w": rows, "b": (lambda d: d[bias][2 * e:]) if bias else _vector(None, weight, e), "a": lambda d: d[out]}
-    return _make("rescale", key, parts, layer, [weight] + ([bias] if bias else []) + [out],
-                 [name, f"{name}.out_proj"], True, model)
+    return _rescale_of(key, parts, "attention", [weight, bias, out], [name, f"{name}.out_proj"], model)
 
 
 def _translation(g: _Graph, key: str, loss: str | None, model) -> Symmetry | None:
@@ -687,8 +706,8 @@ def find_symmetries(model: nn.Module, example_input, loss: str | None = None) ->
         return []
     g = _trace(model, example_input)
     if _hooked(model):
-        warnings.warn(f"no symmetry reported through modules {', '.join(map(repr, _hooked(model)))}: forward hooks or pre-hooks can "
-                      "change what a module computes, and torch.fx does not see them", stacklevel=2)
+        warnings.warn(f"no symmetry reported through modules {', '.join(map(repr, _hooked(model)))}: forward hooks "
+                      "or pre-hooks can change what a module computes, and torch.fx does not see them", stacklevel=2)
     if model._forward_hooks:
         warnings.warn(f"no translation symmetry reported: a forward hook on {type(model).__name__} sees the logits",
                       stacklevel=2)
