@@ -144,6 +144,19 @@ class Encoder(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
+class PreNormEncoder(nn.Module):
+    """A pre-norm (GPT-style) torch.nn.TransformerEncoderLayer, LeakyReLU feed-forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, activation=nn.LeakyReLU(0.1), batch_first=True,
+                                              norm_first=True, layer_norm_eps=TINY)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
 class Attention(nn.Module):
     """torch.nn.MultiheadAttention with keys and values of another size (v_proj_weight), and a head."""
 
@@ -230,6 +243,9 @@ MODELS = {
     "transformer_encoder": (Encoder, (4, 6), None, {
         (R, (f"enc.layers.{i}.linear1", f"enc.layers.{i}.linear2")) for i in range(2)} | {
         (R, (f"enc.layers.{i}.self_attn", f"enc.layers.{i}.self_attn.out_proj")) for i in range(2)}),
+    "prenorm_encoder_layer": (PreNormEncoder, (4, 6), None, {
+        (R, ("enc.linear1", "enc.linear2")), (R, ("enc.self_attn", "enc.self_attn.out_proj")),
+        (R, ("enc.norm1", "enc.self_attn")), (R, ("enc.norm2", "enc.linear1"))}),
     "attention_vdim": (Attention, (4, 6), None, {(R, ("att", "att.out_proj"))}),
 }
 

@@ -36,9 +36,10 @@ Recognised, and nothing else (an unrecognised construct never yields a symmetry)
   consumers   nn.Linear reading the units in its last dim; nn.Conv with groups 1.
   inside      torch.nn's Transformer, TransformerEncoder/Decoder(Layer) and
               MultiheadAttention, which fx keeps whole (their forwards branch in fast-path
-              checks): each layer's linear1 -> ReLU/LeakyReLU/PReLU -> linear2 and each
+              checks): each layer's linear1 -> ReLU/LeakyReLU/PReLU -> linear2, each
               attention's value projection -> out_proj (attention mixes tokens, not
-              units; no add_bias_kv). Exact classes only.
+              units; no add_bias_kv), and in a norm_first encoder layer norm1 -> the
+              q, k, v projections and norm2 -> linear1. Exact classes only.
   scale       BatchNorm only while it uses batch statistics (training mode, or no
               running statistics): in eval mode it is a fixed affine map that keeps the
               scale. Anything may follow the norm (a bias added after it breaks the
@@ -590,17 +591,20 @@ def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
 def _inside(g: _Graph, node: fx.Node, start: int, model) -> list[Symmetry]:
     """Symmetries inside a torch.nn Transformer module or attention that fx keeps as one call (their
     forwards branch in fast-path checks fx cannot trace): each layer's feed-forward block
-    linear1 -> ReLU -> linear2, and each attention's values -> out_proj (attention mixes tokens,
-    never units). Only the exact torch.nn classes, whose forwards are known."""
+    linear1 -> ReLU -> linear2, each attention's values -> out_proj (attention mixes tokens,
+    never units), and in a pre-norm encoder layer norm1 -> the q, k, v projections and
+    norm2 -> linear1. Only the exact torch.nn classes, whose forwards are known."""
     module = g.module(node)
     if type(module) not in _CONTAINERS + _FEEDFORWARD + (nn.MultiheadAttention,) or node.target in g.hooked:
         return []
+    detectors = {nn.TransformerEncoderLayer: (_feedforward, _prenorm("norm1", "self_attn", "in_proj_weight"),
+                                              _prenorm("norm2", "linear1", "weight")),
+                 nn.TransformerDecoderLayer: (_feedforward,), nn.MultiheadAttention: (_attention_values,)}
     found = []
     for name, sub in _known_parts(module, node.target):
-        key = str(start + len(found))
-        s = (_feedforward(g, name, sub, key, model) if type(sub) in _FEEDFORWARD
-             else _attention_values(g, name, sub, key, model) if type(sub) is nn.MultiheadAttention else None)
-        found += [s] if s is not None else []
+        for detect in detectors.get(type(sub), ()):
+            s = detect(g, name, sub, str(start + len(found)), model)
+            found += [s] if s is not None else []
     return found
 
 
@@ -637,6 +641,25 @@ def _feedforward(g: _Graph, name: str, layer: nn.Module, key: str, model) -> Sym
     parts = {"w": _rows(weight), "b": _vector(bias, weight, units), "a": _linear_columns(out, units, 1)}
     return _rescale_of(key, parts, getattr(act, "__name__", type(act).__name__), [weight, bias, out],
                        [f"{name}.linear1", f"{name}.linear2"], model)
+
+
+def _prenorm(norm: str, consumer: str, weight: str) -> Callable:
+    """Detector of the rescale through a norm_first TransformerEncoderLayer's `norm` (LayerNorm
+    (gamma, beta)), whose output only `consumer`'s `weight` reads (x + block(norm(x)))."""
+    def detect(g: _Graph, name: str, layer: nn.Module, key: str, model) -> Symmetry | None:
+        m, reader = getattr(layer, norm), getattr(layer, consumer)
+        if not layer.norm_first or type(m) is not nn.LayerNorm or not m.elementwise_affine \
+                or len(m.normalized_shape) != 1 or not getattr(reader, "_qkv_same_embed_dim", True) \
+                or not _clean(g, f"{name}.{norm}", f"{name}.{consumer}"):
+            return None
+        gamma, beta = g.param_names.get(f"{name}.{norm}.weight"), g.param_names.get(f"{name}.{norm}.bias")
+        out, units = g.param_names.get(f"{name}.{consumer}.{weight}"), m.normalized_shape[0]
+        if gamma is None or out is None:
+            return None
+        parts = {"w": _gamma(gamma), "b": _vector(beta, gamma, units), "a": _linear_columns(out, units, 1)}
+        return _rescale_of(key, parts, "identity", [gamma, beta, out], [f"{name}.{norm}", f"{name}.{consumer}"],
+                           model)
+    return detect
 
 
 def _attention_values(g: _Graph, name: str, mha: nn.MultiheadAttention, key: str, model) -> Symmetry | None:
