@@ -135,9 +135,9 @@ class TokenMean(nn.Module):
 class Encoder(nn.Module):
     """torch.nn.TransformerEncoder (a leaf for fx), mean over tokens, head."""
 
-    def __init__(self):
+    def __init__(self, activation="relu"):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(6, 2, 8, dropout=0.0, activation=activation, batch_first=True)
         self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(6, 3)
 
     def forward(self, x):
@@ -243,6 +243,8 @@ MODELS = {
     "transformer_encoder": (Encoder, (4, 6), None, {
         (R, (f"enc.layers.{i}.linear1", f"enc.layers.{i}.linear2")) for i in range(2)} | {
         (R, (f"enc.layers.{i}.self_attn", f"enc.layers.{i}.self_attn.out_proj")) for i in range(2)}),
+    "transformer_encoder_gelu": (lambda: Encoder("gelu"), (4, 6), None, {
+        (R, (f"enc.layers.{i}.self_attn", f"enc.layers.{i}.self_attn.out_proj")) for i in range(2)}),
     "prenorm_encoder_layer": (PreNormEncoder, (4, 6), None, {
         (R, ("enc.linear1", "enc.linear2")), (R, ("enc.self_attn", "enc.self_attn.out_proj")),
         (R, ("enc.norm1", "enc.self_attn")), (R, ("enc.norm2", "enc.linear1"))}),
@@ -343,7 +345,7 @@ def test_every_detected_rescale_and_scale_leaves_the_output_unchanged_under_a_fi
 # a rejected model, and a twin with the same parameters whose symmetries the rejected one lacks
 TWINS = {
     "tanh_mlp": "relu_mlp", "sigmoid_mlp": "relu_mlp", "gelu_mlp": "relu_mlp", "cnn_tanh": "cnn",
-    "linear_bn_eval": "linear_bn_mlp", "residual": None,
+    "linear_bn_eval": "linear_bn_mlp", "residual": None, "transformer_encoder_gelu": "transformer_encoder",
 }
 
 
