@@ -719,21 +719,13 @@ def find_symmetries(model: nn.Module, example_input, loss: str | None = None) ->
     (rescale, scale per layer, then the translation of the logits). `example_input`:
     a tensor or a tuple of the forward's inputs. `loss="cross_entropy"`: the output is
     logits of a softmax cross-entropy over its last dim (otherwise only an explicit
-    softmax in the model gives the translation symmetry)."""
+    softmax in the model gives the translation symmetry). Forward hooks: a warning
+    naming what is not reported because of them."""
     if loss is not None and loss not in LOSSES:
         raise L2OError(f"unknown loss {loss!r}; valid: None, {', '.join(LOSSES)}")
-    if _global_hooks():
-        warnings.warn(f"no symmetry reported for {type(model).__name__}: global forward hooks or pre-hooks are "
-                      "registered (torch.nn.modules.module.register_module_forward_hook), and they can change "
-                      "what any module computes", stacklevel=2)
+    if not _hooks_allow_any(model):
         return []
     g = _trace(model, example_input)
-    if _hooked(model):
-        warnings.warn(f"no symmetry reported through modules {', '.join(map(repr, _hooked(model)))}: forward hooks "
-                      "or pre-hooks can change what a module computes, and torch.fx does not see them", stacklevel=2)
-    if model._forward_hooks:
-        warnings.warn(f"no translation symmetry reported: a forward hook on {type(model).__name__} sees the logits",
-                      stacklevel=2)
     found: list[Symmetry] = []
     for node in g.nodes:
         for detect in (_rescale, _scale):
@@ -743,6 +735,22 @@ def find_symmetries(model: nn.Module, example_input, loss: str | None = None) ->
         found += _inside(g, node, len(found), model)
     t = None if model._forward_hooks else _translation(g, str(len(found)), loss, model)  # a hook sees the logits
     return found + ([t] if t is not None else [])
+
+
+def _hooks_allow_any(model: nn.Module) -> bool:
+    """Warn about the forward hooks that rule symmetries out; False under global ones (no symmetry at all)."""
+    if _global_hooks():
+        warnings.warn(f"no symmetry reported for {type(model).__name__}: global forward hooks or pre-hooks are "
+                      "registered (torch.nn.modules.module.register_module_forward_hook), and they can change "
+                      "what any module computes", stacklevel=3)
+        return False
+    if _hooked(model):
+        warnings.warn(f"no symmetry reported through modules {', '.join(map(repr, _hooked(model)))}: forward hooks "
+                      "or pre-hooks can change what a module computes, and torch.fx does not see them", stacklevel=3)
+    if model._forward_hooks:
+        warnings.warn(f"no translation symmetry reported: a forward hook on {type(model).__name__} sees the logits",
+                      stacklevel=3)
+    return True
 
 
 # ---- frozen copies ------------------------------------------------------------------------------
