@@ -469,6 +469,18 @@ def test_an_unbatched_input_keeps_a_cnns_symmetries():
         assert s.kind == T or changed_by(model, s, x) < tol
 
 
+def test_a_learned_value_token_breaks_the_attention_value_rescale():
+    """add_bias_kv appends bias_v to the values, which the rescale of the value projection does not scale."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 6, dtype=torch.float64)
+    model, twin = Attention().double(), Attention().double()
+    model.att = nn.MultiheadAttention(6, 2, batch_first=True, kdim=4, vdim=4, add_bias_kv=True).double()
+    twin.load_state_dict(model.state_dict(), strict=False)  # all but bias_k, bias_v
+    assert probes.find_symmetries(model, x) == []
+    (sym,) = probes.find_symmetries(twin, x)
+    assert changed_by(twin, sym, x) < 1e-12 and changed_by(model, sym, x) > 1e-3
+
+
 def test_batchnorm_eps_makes_the_scale_symmetry_inexact():
     model = mlp(nn.BatchNorm1d(5), nn.ReLU()).double()
     x = torch.randn(16, 6, dtype=torch.float64)
