@@ -5,38 +5,55 @@ torch.fx, propagates the example's shapes, and derives the same declared structu
 the MLP zoo writes by hand (`optimizees.Structure` of `HiddenLayer`s, over *views*
 of the model's parameters); the constraints are then evaluated by `symmetry.py`:
 
-    rescale      producer -> h -> consumer, h positively homogeneous per unit:
+    rescale      producer -> h -> consumers, h positively homogeneous per unit:
                  f(a z) = a f(z) for a > 0.  c_k = <v_wk, w_k> + v_bk b_k - <v_ak, a_k>
                  w_k: the producer's row for unit k (Linear row, Conv output channel
                  (C_in * kernel), or a norm's gamma_k as a 1-vector), b_k its bias;
-                 a_k: the consumer's weights reading unit k (a Linear column, every
-                 column of a unit's block after Flatten, a Conv's input-channel slice).
+                 a_k: every consumer weight reading unit k, stacked (a Linear column,
+                 every column of a unit's block after Flatten, a Conv's input-channel
+                 slice; at the unit's place after a concatenation).
     scale        Linear/Conv -> BatchNorm (batch statistics): per unit k,
-                 Linear/Conv -> LayerNorm over the whole layer's outputs: one unit.
+                 Linear/Conv -> LayerNorm/RMSNorm over the whole layer's outputs: one unit.
                  c_k = <v_wk, w_k> + v_bk b_k
     translation  logits W h + b -> softmax: c_j = sum_i v_W[i, j], c_b = sum_i v_b[i]
 
 Recognised, and nothing else (an unrecognised construct never yields a symmetry):
-  producers   nn.Linear, nn.Conv1d/2d/3d (any groups), and as rescale producers also
-              affine nn.BatchNorm1d/2d/3d and nn.LayerNorm over the last dim only;
-  h           a single path (every node on it has one user: no residual branch, no
-              second output) of nn.ReLU, nn.LeakyReLU (any slope), nn.Identity,
-              nn.Dropout, max/avg/adaptive pooling over spatial dims (per channel:
-              max(a z) = a max(z), avg is linear), Flatten / view / reshape of
-              (N, C, *S) to (N, C * prod S); functional relu / leaky_relu / dropout /
-              pooling likewise. Tanh, sigmoid, GELU, SiLU, ReLU6, Hardtanh, softplus
-              are not homogeneous, so nothing is reported through them. An empty path
-              (producer feeding the consumer directly) is the identity.
+  producers   nn.Linear, nn.Conv1d/2d/3d (any groups; the units on the channel dim of
+              the input's batching, (N, C, *S) or unbatched (C, *S)), and as rescale
+              producers also affine nn.BatchNorm1d/2d/3d and nn.LayerNorm / nn.RMSNorm
+              over the last dim only;
+  h           every use of the units, to the consumers (fan-out; no residual add, no
+              second output), through nn.ReLU, nn.LeakyReLU (any slope), nn.PReLU (any
+              slopes), nn.Identity, nn.Dropout, max/avg/adaptive pooling over the
+              trailing spatial dims when the input has pool dims + 1 or + 2 dims and the
+              units are its channels (per channel: max(a z) = a max(z), avg is linear),
+              Flatten / view / reshape of (*B, C, *S) to (*B, C * prod S), mean / sum /
+              amax / amin over dims other than the units' (tokens), torch.cat along the
+              units' dim (squeezenet's Fire, inception); functional relu / leaky_relu /
+              dropout / pooling likewise. Tanh, sigmoid, GELU, SiLU, ReLU6, Hardtanh,
+              softplus are not homogeneous, so nothing is reported through them. An empty
+              path (producer feeding the consumer directly) is the identity.
   consumers   nn.Linear reading the units in its last dim; nn.Conv with groups 1.
+  inside      torch.nn's Transformer, TransformerEncoder/Decoder(Layer) and
+              MultiheadAttention, which fx keeps whole (their forwards branch in fast-path
+              checks): each layer's linear1 -> ReLU/LeakyReLU/PReLU -> linear2, each
+              attention's value projection -> out_proj (attention mixes tokens, not
+              units; no add_bias_kv), and in a norm_first encoder layer norm1 -> the
+              q, k, v projections and norm2 -> linear1. Exact classes only.
   scale       BatchNorm only while it uses batch statistics (training mode, or no
               running statistics): in eval mode it is a fixed affine map that keeps the
               scale. Anything may follow the norm (a bias added after it breaks the
               *rescale* through the norm's (gamma, beta), which is then not reported).
+              The norm's own parameters take no part (they may be frozen).
   translation the output is softmax/log_softmax over the last dim of a Linear, or the
               Linear itself with `loss="cross_entropy"` (the caller's loss is a softmax
               cross-entropy over the output's last dim).
   Every module involved is called once, owns its parameters (no weight sharing, no
-  get_attr use elsewhere), and all its parameters require grad.
+  get_attr use elsewhere), and all its parameters require grad. Forward hooks and
+  pre-hooks change what a module computes and fx never runs them: nothing is reported
+  through a hooked module or its submodules (fx keeps it whole), no translation under a
+  forward hook on the model itself, and nothing at all under global forward hooks, each
+  with a warning. Backward hooks only change the gradient and are not looked at.
 
 A norm's eps breaks its scale symmetry by O(eps / var) (exact only for eps = 0): such
 symmetries carry `exact=False`. Detection reads the modules' current train/eval mode.
@@ -55,6 +72,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -62,7 +80,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import noise as noise_mod
 from . import symmetry, tail
@@ -76,7 +93,8 @@ Views = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
+_NORMS = (nn.LayerNorm, nn.RMSNorm)  # over the last dims, per sample
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -87,6 +105,11 @@ _POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg
 _ELEMENTWISE_METHODS = {"relu", "relu_"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_FEEDFORWARD = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_CONTAINERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder)
+_REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
 
@@ -183,17 +206,30 @@ def _vector(name: str | None, like: str, units: int) -> Callable:
     return lambda d: d[name]
 
 
-def _linear_columns(name: str, units: int, block: int) -> Callable:
-    """Linear weight (F, U * block), unit k's inputs k*block .. (k+1)*block - 1 (channel-major
-    flatten) -> (F * block, U): column k = a_k."""
-    if block == 1:
+def _linear_columns(name: str, units: int, block: int, offset: int = 0, width: int | None = None) -> Callable:
+    """Linear weight (F, width * block), unit k's inputs (offset + k) * block .. + block - 1
+    (channel-major flatten of `width` channels, the units at `offset` after a concatenation)
+    -> (F * block, U): column k = a_k."""
+    width = units if width is None else width
+    if block == 1 and width == units:
         return lambda d: d[name]
-    return lambda d: d[name].reshape(-1, units, block).transpose(-1, -2).reshape(-1, units)
+    if block == 1:
+        return lambda d: d[name][:, offset:offset + units]
+    return lambda d: (d[name].reshape(-1, width, block)[:, offset:offset + units]  # (F, U, block)
+                      .transpose(-1, -2).reshape(-1, units))
 
 
-def _conv_columns(name: str, units: int) -> Callable:
-    """Conv weight (C_out, U, *kernel) -> (C_out * prod kernel, U): column k = a_k."""
-    return lambda d: d[name].transpose(0, 1).reshape(units, -1).T
+def _conv_columns(name: str, units: int, offset: int = 0) -> Callable:
+    """Conv weight (C_out, C_in, *kernel), the units at input channels offset .. offset + U - 1
+    -> (C_out * prod kernel, U): column k = a_k."""
+    return lambda d: d[name][:, offset:offset + units].transpose(0, 1).reshape(units, -1).T
+
+
+def _stacked(columns: Sequence[Callable]) -> Callable:
+    """The columns of several consumers of the same units, (sum_i F_i, U)."""
+    if len(columns) == 1:
+        return columns[0]
+    return lambda d: torch.cat([c(d) for c in columns])
 
 
 def _whole_layer(weight: str, bias: str | None) -> Callable:
@@ -221,15 +257,17 @@ def _make(kind: str, key: str, parts: dict[str, Callable], layer: HiddenLayer | 
 class _Graph:
     nodes: list[fx.Node]
     modules: dict[str, nn.Module]
-    unusable: set[str]  # module names never to build a symmetry on
+    unusable: set[str]  # module names never to build a symmetry on (shared, called twice, hooked)
     param_names: dict[str, str]  # "<module>.<attr>" -> the same (only names that exist)
+    frozen: set[str] = field(default_factory=set)  # modules with a parameter that does not require grad
+    hooked: set[str] = field(default_factory=set)  # modules under a forward hook or pre-hook (in `unusable`)
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
     def usable(self, node: fx.Node, types) -> bool:
         m = self.module(node)
-        return isinstance(m, types) and node.target not in self.unusable
+        return isinstance(m, types) and node.target not in self.unusable and node.target not in self.frozen
 
     def param(self, node: fx.Node, attr: str) -> str | None:
         """Parameter name of module attribute `attr`, None if the module has none."""
@@ -237,25 +275,81 @@ class _Graph:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
+    return node.meta.get("shape")
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping the modules in `leaves` (those with hooks) as opaque calls."""
+
+    def __init__(self, leaves: set[int]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the graph on the example, each tensor's shape into node.meta['shape'] (fx's
+    ShapeProp prints the model's traceback to stderr before re-raising; this does not)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+        return result
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks or pre-hooks: they change what the module computes, and fx never runs them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for every module (`register_module_forward_hook`)."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """Names of the submodules of `model` (not itself) that carry forward hooks or pre-hooks."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if n and _has_hooks(m)]
+
+
+def _untraceable(model: nn.Module, e: Exception) -> L2OError:
+    """The one-line error for a model fx cannot trace, naming the cause where it is a known one."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    if type(model).__module__.startswith("torch.nn."):
+        cause = (f"torch.nn's {type(model).__name__} checks its inputs in Python (fast-path checks), which "
+                 "torch.fx cannot trace; use it inside a module of yours (torch.nn's Transformer modules "
+                 "and MultiheadAttention are then recognised as a whole)")
+    elif "control flow" in text:
+        cause = ("its forward branches on a tensor (an if or while on a value or shape, as fast-path checks "
+                 "do); torch.nn's Transformer modules and MultiheadAttention inside it are recognised as a whole")
+    elif isinstance(e, TypeError) and "Proxy" in text:
+        cause = ("its forward uses a tensor's shape or value as a Python number (range(x.shape[0]), "
+                 "int(x.size(1)), a slice bound computed from one); write it with tensor operations")
+    else:
+        cause = "symmetry detection needs a forward without data-dependent control flow"
+    return L2OError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {first[:160]}): "
+                    f"{cause} (attach(..., symmetries=[]) still probes the noise)")
 
 
 def _trace(model: nn.Module, example_input) -> _Graph:
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if hasattr(model, "_orig_mod"):
+        raise L2OError(f"{type(model).__name__} is a torch.compile'd model, which torch.fx cannot trace; "
+                       "pass the original module, model._orig_mod (it shares the compiled model's parameters)")
     twin = copy.deepcopy(model)  # shape propagation runs forward: BN statistics change here only
+    hooked = _hooked(twin)
     try:
-        gm = fx.symbolic_trace(twin)
+        gm = fx.GraphModule(twin, _Tracer({id(twin.get_submodule(n)) for n in hooked}).trace(twin))
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise L2OError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {first[:160]}); "
-                       "symmetry detection needs a forward without data-dependent control flow "
-                       "(attach(..., symmetries=[]) still probes the noise)") from None
+        raise _untraceable(model, e) from None
     try:
         with torch.random.fork_rng(devices=_rng_devices(model)), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as e:  # whatever the model raises on this input (ShapeProp wraps it)
-        e = e.__cause__ or e
+            _Shapes(gm).run(*inputs)
+    except Exception as e:  # whatever the model raises on this input
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise L2OError(f"{type(model).__name__} failed on example_input ({type(e).__name__}: {first[:160]}); "
                        "give an input the model accepts (a batch of at least 2 with BatchNorm)") from None
@@ -263,10 +357,10 @@ def _trace(model: nn.Module, example_input) -> _Graph:
     names: dict[int, list[str]] = defaultdict(list)
     for n, p in model.named_parameters(remove_duplicate=False):
         names[id(p)].append(n)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n.rpartition(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
     unusable = set()
-    for ns in names.values():  # shared or frozen parameters: their modules are out
-        if len(ns) > 1 or ns[0] in frozen:
+    for ns in names.values():  # shared parameters: their modules are out
+        if len(ns) > 1:
             unusable.update(n.rpartition(".")[0] for n in ns)
     calls = defaultdict(int)
     for node in gm.graph.nodes:
@@ -276,8 +370,10 @@ def _trace(model: nn.Module, example_input) -> _Graph:
             unusable.add(node.target.rpartition(".")[0])
             unusable.add(node.target)
     unusable.update(t for t, c in calls.items() if c > 1)
+    under_hooks = {n for n in dict(twin.named_modules(remove_duplicate=False))
+                   if any(n == h or n.startswith(h + ".") for h in hooked)}
     param_names = {n: n for ns in names.values() for n in ns}
-    return _Graph(list(gm.graph.nodes), modules, unusable, param_names)
+    return _Graph(list(gm.graph.nodes), modules, unusable | under_hooks, param_names, frozen, under_hooks)
 
 
 def _size_query(node: fx.Node, source: fx.Node) -> bool:
@@ -306,36 +402,80 @@ class _Path:
     axis: int  # dim of the units in the current tensor
     block: int  # entries per unit after a channel-major flatten (1 = not flattened)
     ops: tuple[str, ...]
+    offset: int = 0  # index of the first unit along `axis` (after a concatenation)
+    width: int = 0  # size of `axis` before any flatten: the units, or every concatenated channel
 
 
-def _homogeneous_step(g: _Graph, node: fx.Node, source: fx.Node, path: _Path) -> _Path | None:
-    """How `node` (reading only `source`) moves the units, or None if it is not a
-    recognised positively homogeneous per-unit map."""
-    if not _single_input(node, source):
+def _spatial_dims(module: nn.Module | None, node: fx.Node) -> int:
+    """1, 2 or 3: the dims a pool reduces (its name ends in 1d, 2d, 3d)."""
+    name = type(module).__name__ if module is not None else node.target.__name__
+    return int(name[-2])
+
+
+def _reduced_dims(node: fx.Node, ndim: int) -> set[int] | None:
+    """The dims a mean / sum / amax / amin reduces, None where it reduces every dim."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = (dim,) if isinstance(dim, int) else dim
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
         return None
+    return {d % ndim for d in dims}
+
+
+def _homogeneous_step(g: _Graph, node: fx.Node, source: fx.Node, path: _Path) -> list[_Path] | None:
+    """Where `node` (reading `source`) moves the units: one path, or one per place a concatenation
+    puts `source`; None if it is not a recognised positively homogeneous per-unit map."""
     shape_in, shape_out = _shape(source), _shape(node)
-    if shape_in is None or shape_out is None:
+    if shape_in is None or shape_out is None or node.target in g.hooked:
         return None
     module = g.module(node)
     name = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+        return _concatenated(node, source, path, name)
+    if not _single_input(node, source):
+        return None
     elementwise = (type(module) in _ELEMENTWISE_MODULES  # exact types: a subclass may change forward
                    or node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS
                    or node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
     if elementwise:
-        return _Path(path.axis, path.block, path.ops + (name,)) if shape_out == shape_in else None
+        return [_Path(path.axis, path.block, path.ops + (name,), path.offset, path.width)] \
+            if shape_out == shape_in else None
     pool = (type(module) in _POOL_MODULES and not getattr(module, "return_indices", False)
             or node.op == "call_function" and node.target in _POOL_FUNCTIONS
             and not node.kwargs.get("return_indices", False))
-    if pool:  # over the spatial dims, channel by channel
-        ok = path.axis == 1 and path.block == 1 and len(shape_in) >= 3 and shape_out[:2] == shape_in[:2]
-        return _Path(1, 1, path.ops + (name,)) if ok else None
+    if pool:  # over the trailing spatial dims, channel by channel: (N, C, *S) or unbatched (C, *S)
+        axis = len(shape_in) - _spatial_dims(module, node) - 1
+        ok = path.block == 1 and path.axis == axis and shape_out[:axis + 1] == shape_in[:axis + 1]
+        return [_Path(axis, 1, path.ops + (name,), path.offset, path.width)] if ok else None
     flatten = (isinstance(module, nn.Flatten)
                or node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS
                or node.op == "call_method" and node.target in _FLATTEN_METHODS)
-    if flatten and path.axis == 1 and path.block == 1 and len(shape_in) >= 2 \
-            and shape_out == (shape_in[0], math.prod(shape_in[1:])):
-        return _Path(1, math.prod(shape_in[2:]), path.ops + (name,))
+    a = path.axis
+    if flatten and path.block == 1 and shape_out == shape_in[:a] + (math.prod(shape_in[a:]),):
+        return [_Path(a, math.prod(shape_in[a + 1:]), path.ops + (name,), path.offset, path.width)]
+    reduction = (node.op == "call_function" and node.target in _REDUCTION_FUNCTIONS
+                 or node.op == "call_method" and node.target in _REDUCTION_METHODS)
+    dims = _reduced_dims(node, len(shape_in)) if reduction else None
+    if dims is not None and path.block == 1 and a not in dims:  # over other dims (tokens): per unit
+        axis = a if len(shape_out) == len(shape_in) else a - sum(d < a for d in dims)
+        if 0 <= axis < len(shape_out) and shape_out[axis] == shape_in[a]:
+            return [_Path(axis, 1, path.ops + (name,), path.offset, path.width)]
     return None
+
+
+def _concatenated(node: fx.Node, source: fx.Node, path: _Path, name: str) -> list[_Path] | None:
+    """torch.cat along the units' axis: the units keep their axis at their place in the result."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (tuple, list)) or not isinstance(dim, int) or path.block != 1 \
+            or set(node.all_input_nodes) != set(tensors) or set(node.kwargs) - {"tensors", "dim"}:
+        return None
+    shapes = [_shape(t) for t in tensors]
+    if any(s is None or len(s) != len(shapes[0]) for s in shapes) or dim % len(shapes[0]) != path.axis:
+        return None
+    starts = [sum(s[path.axis] for s in shapes[:i]) for i in range(len(shapes))]
+    width = starts[-1] + shapes[-1][path.axis]
+    return [_Path(path.axis, 1, path.ops + (name,), start + path.offset, width)
+            for t, start in zip(tensors, starts) if t is source]
 
 
 def _consumer_columns(g: _Graph, node: fx.Node, source: fx.Node, path: _Path, units: int) -> Callable | None:
@@ -345,11 +485,11 @@ def _consumer_columns(g: _Graph, node: fx.Node, source: fx.Node, path: _Path, un
     module, weight = g.module(node), g.param(node, "weight")
     if weight is None:
         return None
-    if g.usable(node, _LINEAR) and path.axis == len(shape) - 1 and module.in_features == units * path.block:
-        return _linear_columns(weight, units, path.block)
-    if g.usable(node, _CONV) and path.axis == 1 and path.block == 1 and module.groups == 1 \
-            and module.in_channels == units and len(shape) == module.weight.dim():
-        return _conv_columns(weight, units)
+    if g.usable(node, _LINEAR) and path.axis == len(shape) - 1 and module.in_features == path.width * path.block:
+        return _linear_columns(weight, units, path.block, path.offset, path.width)
+    if g.usable(node, _CONV) and path.block == 1 and module.groups == 1 and module.in_channels == path.width \
+            and path.axis == len(shape) - (module.weight.dim() - 2) - 1:  # channels of (N, C, *S) or (C, *S)
+        return _conv_columns(weight, units, path.offset)
     return None
 
 
@@ -366,14 +506,40 @@ def _producer(g: _Graph, node: fx.Node) -> tuple[str, Callable, Callable, int, i
         return weight, _rows(weight), _vector(bias, weight, u), u, len(shape) - 1
     if g.usable(node, _CONV):
         u = module.out_channels
-        return weight, _rows(weight), _vector(bias, weight, u), u, 1
+        return weight, _rows(weight), _vector(bias, weight, u), u, _channel_axis(module, shape)
     if g.usable(node, _BATCHNORM) and module.affine:
         u = module.num_features
         return weight, _gamma(weight), _vector(bias, weight, u), u, 1
-    if g.usable(node, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
-        u = module.normalized_shape[0]
+    if g.usable(node, _NORMS) and module.elementwise_affine and len(module.normalized_shape) == 1:
+        u = module.normalized_shape[0]  # LayerNorm's (gamma, beta), RMSNorm's gamma
         return weight, _gamma(weight), _vector(bias, weight, u), u, len(shape) - 1
     return None
+
+
+def _channel_axis(conv: nn.Module, shape: tuple[int, ...]) -> int:
+    """The channel dim of a Conv's input or output: 1 in (N, C, *S), 0 unbatched (C, *S)."""
+    return len(shape) - (conv.weight.dim() - 2) - 1
+
+
+def _reach(g: _Graph, node: fx.Node, path: _Path, units: int) -> list[tuple[fx.Node, Callable, str]] | None:
+    """Every consumer `node`'s units reach along positively homogeneous per-unit paths (through
+    fan-out and concatenation): (consumer, its columns view, the path's ops); None if any use
+    of the units is something else (a residual add, the model's output)."""
+    users = _value_users(node)
+    if not users:
+        return None
+    found = []
+    for nxt in users:
+        columns = _consumer_columns(g, nxt, node, path, units)
+        if columns is not None:
+            found.append((nxt, columns, "->".join(path.ops) or "identity"))
+            continue
+        for step in _homogeneous_step(g, nxt, node, path) or [None]:
+            further = None if step is None else _reach(g, nxt, step, units)
+            if further is None:
+                return None
+            found += further
+    return found
 
 
 def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
@@ -381,23 +547,21 @@ def _rescale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
     if prod is None:
         return None
     weight, rows, bias_view, units, axis = prod
-    path, cur = _Path(axis, 1, ()), node
-    while True:
-        users = _value_users(cur)
-        if len(users) != 1:
-            return None
-        nxt = users[0]
-        columns = _consumer_columns(g, nxt, cur, path, units)
-        if columns is not None:
-            bias = g.param(node, "bias")
-            out = g.param(nxt, "weight")
-            layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", "->".join(path.ops) or "identity", True)
-            return _make("rescale", key, {"w": rows, "b": bias_view, "a": columns}, layer,
-                         [weight] + ([bias] if bias else []) + [out], [node.target, nxt.target], True, model)
-        path = _homogeneous_step(g, nxt, cur, path)
-        if path is None:
-            return None
-        cur = nxt
+    reached = _reach(g, node, _Path(axis, 1, (), 0, units), units)
+    if not reached:
+        return None
+    outs = [g.param(consumer, "weight") for consumer, _, _ in reached]
+    return _rescale_of(key, {"w": rows, "b": bias_view, "a": _stacked([c for _, c, _ in reached])},
+                       " | ".join(dict.fromkeys(p for _, _, p in reached)), [weight, g.param(node, "bias"), *outs],
+                       [node.target] + [c.target for c, _, _ in reached], model)
+
+
+def _rescale_of(key: str, parts: dict[str, Callable], activation: str, params: list[str | None], layers, model
+                ) -> Symmetry:
+    """A rescale symmetry over the views `parts` 'w' (U, fan_in), 'b' (U,), 'a' (fan_out, U) of
+    `params` (None: a missing bias)."""
+    layer = HiddenLayer(f"{key}.w", f"{key}.b", f"{key}.a", activation, True)
+    return _make("rescale", key, parts, layer, [p for p in params if p is not None], layers, True, model)
 
 
 def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
@@ -409,12 +573,12 @@ def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
     m, weight, bias = g.module(norm), g.param(node, "weight"), g.param(node, "bias")
     if shape is None or weight is None or m is None or norm.target in g.unusable or not _single_input(norm, node):
         return None
-    units = shape[1] if isinstance(module, _CONV) else shape[-1]
+    axis = _channel_axis(module, shape) if isinstance(module, _CONV) else len(shape) - 1
+    units = shape[axis]
     if isinstance(m, _BATCHNORM) and (m.training or m.running_mean is None) and m.num_features == units \
-            and (isinstance(module, _CONV) or len(shape) == 2):
+            and axis == 1 and (isinstance(module, _CONV) or len(shape) == 2):
         parts = {"w": _rows(weight), "b": _vector(bias, weight, units)}
-    elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (
-            tuple(shape[1:]) if isinstance(module, _CONV) else (units,)):
+    elif isinstance(m, _NORMS) and tuple(m.normalized_shape) == tuple(shape[axis:]):
         parts = {"w": _whole_layer(weight, bias), "b": lambda d: d[weight].new_zeros(1)}
     else:
         return None
@@ -422,6 +586,98 @@ def _scale(g: _Graph, node: fx.Node, key: str, model) -> Symmetry | None:
                         bn_bias=norm.target)  # a normalisation follows: the scale branch of symmetry.py
     return _make("scale", key, parts, layer, [weight] + ([bias] if bias else []), [node.target, norm.target],
                  m.eps == 0, model)
+
+
+def _inside(g: _Graph, node: fx.Node, start: int, model) -> list[Symmetry]:
+    """Symmetries inside a torch.nn Transformer module or attention that fx keeps as one call (their
+    forwards branch in fast-path checks fx cannot trace): each layer's feed-forward block
+    linear1 -> ReLU -> linear2, each attention's values -> out_proj (attention mixes tokens,
+    never units), and in a pre-norm encoder layer norm1 -> the q, k, v projections and
+    norm2 -> linear1. Only the exact torch.nn classes, whose forwards are known."""
+    module = g.module(node)
+    if type(module) not in _CONTAINERS + _FEEDFORWARD + (nn.MultiheadAttention,) or node.target in g.hooked:
+        return []
+    detectors = {nn.TransformerEncoderLayer: (_feedforward, _prenorm("norm1", "self_attn", "in_proj_weight"),
+                                              _prenorm("norm2", "linear1", "weight")),
+                 nn.TransformerDecoderLayer: (_feedforward,), nn.MultiheadAttention: (_attention_values,)}
+    found = []
+    for name, sub in _known_parts(module, node.target):
+        for detect in detectors.get(type(sub), ()):
+            s = detect(g, name, sub, str(start + len(found)), model)
+            found += [s] if s is not None else []
+    return found
+
+
+def _known_parts(module: nn.Module, name: str) -> Iterable[tuple[str, nn.Module]]:
+    """`module` and, through the exact torch.nn classes whose forwards call them, its layers and attentions."""
+    yield name, module
+    children = {nn.Transformer: ("encoder", "decoder"), nn.TransformerEncoder: ("layers",),
+                nn.TransformerDecoder: ("layers",), nn.TransformerEncoderLayer: ("self_attn",),
+                nn.TransformerDecoderLayer: ("self_attn", "multihead_attn")}.get(type(module), ())
+    for attr in children:
+        child = getattr(module, attr)
+        if type(child) is nn.ModuleList:
+            for i, layer in enumerate(child):
+                yield from _known_parts(layer, f"{name}.{attr}.{i}")
+        else:
+            yield from _known_parts(child, f"{name}.{attr}")
+
+
+def _clean(g: _Graph, *modules: str) -> bool:
+    """None of `modules` is shared, hooked, read elsewhere or frozen."""
+    return not any(m in g.unusable or m in g.frozen for m in modules)
+
+
+def _feedforward(g: _Graph, name: str, layer: nn.Module, key: str, model) -> Symmetry | None:
+    """linear1 -> activation -> dropout -> linear2 of a Transformer{Encoder,Decoder}Layer."""
+    act = layer.activation
+    if not (act is F.relu or type(act) in (nn.ReLU, nn.LeakyReLU, nn.PReLU)) \
+            or not _clean(g, f"{name}.linear1", f"{name}.linear2", f"{name}.dropout", f"{name}.activation"):
+        return None
+    weight, bias, out = (g.param_names.get(f"{name}.{p}") for p in ("linear1.weight", "linear1.bias", "linear2.weight"))
+    if weight is None or out is None:
+        return None
+    units = layer.linear1.out_features
+    parts = {"w": _rows(weight), "b": _vector(bias, weight, units), "a": _linear_columns(out, units, 1)}
+    return _rescale_of(key, parts, getattr(act, "__name__", type(act).__name__), [weight, bias, out],
+                       [f"{name}.linear1", f"{name}.linear2"], model)
+
+
+def _prenorm(norm: str, consumer: str, weight: str) -> Callable:
+    """Detector of the rescale through a norm_first TransformerEncoderLayer's `norm` (LayerNorm
+    (gamma, beta)), whose output only `consumer`'s `weight` reads (x + block(norm(x)))."""
+    def detect(g: _Graph, name: str, layer: nn.Module, key: str, model) -> Symmetry | None:
+        m, reader = getattr(layer, norm), getattr(layer, consumer)
+        if not layer.norm_first or type(m) is not nn.LayerNorm or not m.elementwise_affine \
+                or len(m.normalized_shape) != 1 or not getattr(reader, "_qkv_same_embed_dim", True) \
+                or not _clean(g, f"{name}.{norm}", f"{name}.{consumer}"):
+            return None
+        gamma, beta = g.param_names.get(f"{name}.{norm}.weight"), g.param_names.get(f"{name}.{norm}.bias")
+        out, units = g.param_names.get(f"{name}.{consumer}.{weight}"), m.normalized_shape[0]
+        if gamma is None or out is None:
+            return None
+        parts = {"w": _gamma(gamma), "b": _vector(beta, gamma, units), "a": _linear_columns(out, units, 1)}
+        return _rescale_of(key, parts, "identity", [gamma, beta, out], [f"{name}.{norm}", f"{name}.{consumer}"],
+                           model)
+    return detect
+
+
+def _attention_values(g: _Graph, name: str, mha: nn.MultiheadAttention, key: str, model) -> Symmetry | None:
+    """v -> out_proj of a MultiheadAttention: output = (softmax(q k^T) v) W_out^T + b_out, per value unit."""
+    if mha.bias_k is not None or not _clean(g, name, f"{name}.out_proj"):  # add_bias_kv: a learned value token
+        return None
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:  # in_proj_weight (3E, E): rows 2E.. are the values'
+        weight = g.param_names.get(f"{name}.in_proj_weight")
+        rows = lambda d: d[weight][2 * e:]  # noqa: E731
+    else:
+        weight = g.param_names.get(f"{name}.v_proj_weight")
+        rows = _rows(weight)
+    bias, out = g.param_names.get(f"{name}.in_proj_bias"), g.param_names.get(f"{name}.out_proj.weight")
+    if weight is None or out is None:
+        return None
+    parts = {"w": rows, "b": (lambda d: d[bias][2 * e:]) if bias else _vector(None, weight, e), "a": lambda d: d[out]}
+    return _rescale_of(key, parts, "attention", [weight, bias, out], [name, f"{name}.out_proj"], model)
 
 
 def _translation(g: _Graph, key: str, loss: str | None, model) -> Symmetry | None:
@@ -463,9 +719,12 @@ def find_symmetries(model: nn.Module, example_input, loss: str | None = None) ->
     (rescale, scale per layer, then the translation of the logits). `example_input`:
     a tensor or a tuple of the forward's inputs. `loss="cross_entropy"`: the output is
     logits of a softmax cross-entropy over its last dim (otherwise only an explicit
-    softmax in the model gives the translation symmetry)."""
+    softmax in the model gives the translation symmetry). Forward hooks: a warning
+    naming what is not reported because of them."""
     if loss is not None and loss not in LOSSES:
         raise L2OError(f"unknown loss {loss!r}; valid: None, {', '.join(LOSSES)}")
+    if not _hooks_allow_any(model):
+        return []
     g = _trace(model, example_input)
     found: list[Symmetry] = []
     for node in g.nodes:
@@ -473,8 +732,25 @@ def find_symmetries(model: nn.Module, example_input, loss: str | None = None) ->
             s = detect(g, node, str(len(found)), model)
             if s is not None:
                 found.append(s)
-    t = _translation(g, str(len(found)), loss, model)
+        found += _inside(g, node, len(found), model)
+    t = None if model._forward_hooks else _translation(g, str(len(found)), loss, model)  # a hook sees the logits
     return found + ([t] if t is not None else [])
+
+
+def _hooks_allow_any(model: nn.Module) -> bool:
+    """Warn about the forward hooks that rule symmetries out; False under global ones (no symmetry at all)."""
+    if _global_hooks():
+        warnings.warn(f"no symmetry reported for {type(model).__name__}: global forward hooks or pre-hooks are "
+                      "registered (torch.nn.modules.module.register_module_forward_hook), and they can change "
+                      "what any module computes", stacklevel=3)
+        return False
+    if _hooked(model):
+        warnings.warn(f"no symmetry reported through modules {', '.join(map(repr, _hooked(model)))}: forward hooks "
+                      "or pre-hooks can change what a module computes, and torch.fx does not see them", stacklevel=3)
+    if model._forward_hooks:
+        warnings.warn(f"no translation symmetry reported: a forward hook on {type(model).__name__} sees the logits",
+                      stacklevel=3)
+    return True
 
 
 # ---- frozen copies ------------------------------------------------------------------------------
