@@ -167,13 +167,39 @@ def standardize(X, eps: float = 0.0) -> np.ndarray:
     return _standardized(_as_matrix(X), eps).numpy()  # float32 for big float32 input
 
 
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for n inputs: compare-exchanges (i, j), i < j."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _lower_median(X: torch.Tensor) -> torch.Tensor:
+    """torch.median over dim 0 (the lower of the two middle values for even N), exactly:
+    for N <= 64 by a sorting network of element-wise min/max over whole rows (2-3x
+    faster than torch.median on many short columns), else torch.median."""
+    n = X.shape[0]
+    if n > 64:
+        return X.T.contiguous().median(1).values  # a median along the last dim is twice as fast
+    rows = list(X)
+    for i, j in _sorting_network(n):
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    return rows[(n - 1) // 2]
+
+
 def _standardized(X: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """`standardize` of a tensor already in its working dtype (column by column: a
     block of columns standardises as the whole matrix would)."""
-    XT = X.T.contiguous()  # a median along the last dim is twice as fast
-    devT = (XT - XT.median(1, keepdim=True).values).abs()
-    scale = 1.4826 * devT.median(1).values
-    dev = devT.T
+    dev = (X - _lower_median(X)).abs()
+    scale = 1.4826 * _lower_median(dev)
     low = scale <= eps
     scale[low] = math.sqrt(math.pi / 2) * dev[:, low].mean(0)
     keep = scale > eps
