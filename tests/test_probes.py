@@ -725,6 +725,32 @@ def test_a_switch_to_eval_mode_after_attach_re_detects_the_symmetries(tmp_path):
     assert [s["kind"] for s in config["redetected"][0]["symmetries"]] == ["rescale", "rescale", "translation"]
 
 
+@pytest.mark.parametrize("name", ["conv_bn", "functional_cnn", "transformer_block", "layernorm_mlp"])
+def test_the_per_step_path_logs_what_record_computes_on_the_views(name, tmp_path):
+    """The step hooks' copy-free per-unit sums (conv and flattened linear consumers, BatchNorm and
+    LayerNorm scale, translation) equal `record` on the zoo-layout views, in float64."""
+    model, x, y, loss = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, [(x, y)])  # momentum state: the update is not a multiple of the gradient
+    probe = probes.attach(opt, model, x, tmp_path / "run", loss=loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    probe.close()
+    updates = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    ref = {**probes.record(probe.symmetries, updates, before), **probes.record(probe.symmetries, grads, before, "grad_")}
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    assert set(t.unique("metric")) == set(ref)
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in before.values()), 1.0)
+    for k, v in ref.items():
+        stem = k.removesuffix("_unit").removesuffix("_rel")
+        bound = float(ref[stem + "_unit"] / ref[stem + "_rel"])  # sum_k ||v_k|| ||xi_k||: the terms' scale
+        got = float(t.where(metric=k).cols["value"][0])
+        assert got == pytest.approx(float(v), rel=0, abs=tol * (1.0 if k.endswith("_rel") else bound)), k
+
+
 def test_a_deviation_of_missing_gradients_is_a_one_line_error():
     model, x, _, loss = build("relu_mlp")
     s = probes.find_symmetries(model, x, loss)[0]

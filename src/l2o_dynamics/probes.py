@@ -176,6 +176,63 @@ def _record_views(symmetries: Sequence[Symmetry], structure: Structure, v: Mappi
     return out
 
 
+def _fast_parts(s: Symmetry) -> dict[str, Callable] | None:
+    """The part views of a rescale or scale symmetry whose consumer columns (if any) have a
+    copy-free (F, U, block) view, else None (then `symmetry.unit_terms` on the views)."""
+    parts = getattr(s.views, "parts", None)
+    keys = {"rescale": {"w", "b", "a"}, "scale": {"w", "b"}}.get(s.kind)
+    if parts is None or keys is None or set(parts) != keys or (s.kind == "rescale" and not hasattr(parts["a"], "cube")):
+        return None
+    return parts
+
+
+def _fast_terms(s: Symmetry, parts: dict[str, Callable], v: Mapping[str, torch.Tensor],
+                theta: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_k, ||v_k||^2) of `symmetry.unit_terms` for one symmetry, without copying the
+    consumer's weights into columns: its per-unit sums run over the (F, U, block) view."""
+    vw, w, vb, b = parts["w"](v), parts["w"](theta), parts["b"](v), parts["b"](theta)
+    c = (vw * w).sum(-1) + vb * b
+    vv = (vw * vw).sum(-1) + vb * vb
+    if s.kind == "rescale":
+        va, a = parts["a"].cube(v), parts["a"].cube(theta)
+        c = c - (va * a).sum((0, 2))
+        vv = vv + (va * va).sum((0, 2))
+    return c, vv
+
+
+def _xi_norms(s: Symmetry, parts: dict[str, Callable] | None, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """||xi_k|| of one symmetry's units at theta (vector-independent: once per step)."""
+    if parts is None:
+        return symmetry.unit_terms(s.kind, s.views(theta), s.views(theta), s.structure)[2]
+    return _fast_terms(s, parts, theta, theta)[1].sqrt()  # ||xi_k||^2 = <theta_k, theta_k> on these parts
+
+
+def _record_fast(symmetries: Sequence[Symmetry], fast: Sequence[dict | None], xi: Sequence[torch.Tensor],
+                 v: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], prefix: str
+                 ) -> dict[str, torch.Tensor]:
+    """`record` from per-symmetry terms (`_fast_terms`, or the views for the others), with
+    the generators' norms `xi` computed once per step."""
+    by_kind: dict[str, list] = defaultdict(list)
+    with torch.no_grad():
+        for s, parts, xn in zip(symmetries, fast, xi):
+            if parts is None:
+                c, vn, _ = symmetry.unit_terms(s.kind, s.views(v), s.views(theta), s.structure)
+            else:
+                c, vv = _fast_terms(s, parts, v, theta)
+                vn = vv.sqrt()
+            by_kind[s.kind].append((c, vn * xn))
+        out = {}
+        for kind in symmetry.KINDS:
+            if kind in by_kind:
+                c = torch.cat([t[0].reshape(-1) for t in by_kind[kind]])
+                bound = torch.cat([t[1].reshape(-1) for t in by_kind[kind]])
+                unit = c.abs().sum()
+                out[f"{prefix}{kind}_deviation"] = c.sum().abs()
+                out[f"{prefix}{kind}_deviation_unit"] = unit
+                out[f"{prefix}{kind}_deviation_rel"] = unit / bound.sum()  # |c_k| <= the bound: 0/0 only
+    return out
+
+
 def _combined(symmetries: Sequence[Symmetry]) -> tuple[Views, Structure]:
     """One structure holding every symmetry's layers (their view keys are distinct)."""
     hidden = tuple(layer for s in symmetries for layer in s.structure.hidden)
@@ -209,14 +266,17 @@ def _vector(name: str | None, like: str, units: int) -> Callable:
 def _linear_columns(name: str, units: int, block: int) -> Callable:
     """Linear weight (F, U * block), unit k's inputs k*block .. (k+1)*block - 1 (channel-major
     flatten) -> (F * block, U): column k = a_k."""
-    if block == 1:
-        return lambda d: d[name]
-    return lambda d: d[name].reshape(-1, units, block).transpose(-1, -2).reshape(-1, units)
+    view = (lambda d: d[name]) if block == 1 else \
+        (lambda d: d[name].reshape(-1, units, block).transpose(-1, -2).reshape(-1, units))
+    view.cube = lambda d: d[name].reshape(-1, units, block)  # (F, U, block) without a copy: `_fast_terms`
+    return view
 
 
 def _conv_columns(name: str, units: int) -> Callable:
     """Conv weight (C_out, U, *kernel) -> (C_out * prod kernel, U): column k = a_k."""
-    return lambda d: d[name].transpose(0, 1).reshape(units, -1).T
+    view = lambda d: d[name].transpose(0, 1).reshape(units, -1).T  # noqa: E731
+    view.cube = lambda d: d[name].flatten(2)  # (C_out, U, prod kernel) without a copy: `_fast_terms`
+    return view
 
 
 def _whole_layer(weight: str, bias: str | None) -> Callable:
@@ -236,6 +296,7 @@ def _make(kind: str, key: str, parts: dict[str, Callable], layer: HiddenLayer | 
     else:
         structure = Structure((layer,), "", "")
     views = lambda d: {f"{key}.{k}": f(d) for k, f in parts.items()}  # noqa: E731
+    views.parts = parts  # the probe's per-step fast path reads them (`_fast_terms`)
     return Symmetry(kind, tuple(dict.fromkeys(params)), tuple(layers), exact, views, structure, model)
 
 
@@ -671,7 +732,7 @@ class ModelProbe:
         self._by_mode = {self._modes: self.symmetries}
         self._use(self.symmetries)
         self._before: dict[str, torch.Tensor] | None = None
-        self._theta: dict[str, torch.Tensor] = {}
+        self._xi: list[torch.Tensor] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
         # a parameter the optimizer does not step keeps its .grad (zero_grad skips it): sum
@@ -691,7 +752,7 @@ class ModelProbe:
     def _use(self, symmetries: Sequence[Symmetry]) -> None:
         self.symmetries = list(symmetries)
         self._watched = list(dict.fromkeys(n for s in self.symmetries for n in s.params))
-        self._views, self._structure = _combined(self.symmetries) if self.symmetries else (None, None)
+        self._fast = [_fast_parts(s) for s in self.symmetries]
 
     def _accumulate(self, name: str, grad: torch.Tensor) -> None:
         acc = self._outside.get(name)
@@ -727,23 +788,22 @@ class ModelProbe:
             return
         params = dict(self.model.named_parameters())
         self._before = {n: params[n].detach().clone() for n in self._watched}
-        self._theta = self._views(self._before)  # the generators' tensors, shared by both records
+        with torch.no_grad():  # the generators' norms, shared by both records
+            self._xi = [_xi_norms(s, f, self._before) for s, f in zip(self.symmetries, self._fast)]
         grads = {}
         for n in self._watched:
             g = self._outside.get(n) if n in self._outside_names or params[n].grad is None else params[n].grad.detach()
             grads[n] = torch.zeros_like(params[n]) if g is None else g
-        for name, value in _record_views(self.symmetries, self._structure, self._views(grads), self._theta,
-                                         "grad_").items():
+        for name, value in _record_fast(self.symmetries, self._fast, self._xi, grads, self._before, "grad_").items():
             self.log.add(name, self.step, value)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._before is not None:
             params = dict(self.model.named_parameters())
             updates = {n: params[n].detach() - before for n, before in self._before.items()}
-            for name, value in _record_views(self.symmetries, self._structure, self._views(updates), self._theta,
-                                             "").items():
+            for name, value in _record_fast(self.symmetries, self._fast, self._xi, updates, self._before, "").items():
                 self.log.add(name, self.step, value)
-            self._before, self._theta = None, {}
+            self._before, self._xi = None, []
         self._outside.clear()
         self.step += 1
 
