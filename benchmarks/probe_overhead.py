@@ -21,6 +21,7 @@ writes benchmarks/results/probe_overhead.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -107,7 +108,7 @@ def models(source: str):
 
 def source() -> str:
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
         return "torchvision"
     except Exception:  # a wheel built against another torch fails at import in many ways
         return "built here"
