@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from l2o_dynamics import learned, plotting, probes
-from l2o_dynamics.results import Table, prepare_out_dir
+from l2o_dynamics.results import prepare_out_dir
 from l2o_dynamics.errors import L2OError
 
 
@@ -88,48 +88,8 @@ def train(model, optimizer_name: str, train_xy, test_xy, out: Path, args, optimi
 
 
 def figures(out: Path) -> list[Path]:
-    """loss.png (`l2o-dynamics plot`), deviations.png, noise.png under `out`."""
-    table = Table.read(plotting.find_metrics(out))
-    made = [plotting.plot_dir(out)]
-    import matplotlib.pyplot as plt
-
-    optimizees = table.unique("optimizee")
-    for name, panels in (("deviations", _deviation_panels(table)), ("noise", _noise_panels(table))):
-        if not panels:
-            continue
-        fig, axes = plt.subplots(len(optimizees), len(panels), figsize=(4.6 * len(panels), 3.2 * len(optimizees)),
-                                 squeeze=False)
-        for row, optimizee in zip(axes, optimizees):  # one row per model
-            for ax, (title, metrics, log) in zip(row, panels):
-                for opt, beta in plotting.runs_in(table):
-                    for metric, role in metrics:
-                        sub = table.where(optimizee=optimizee, optimizer=opt, metric=metric)
-                        plotting.curve(ax, sub, opt, beta, log=log, linestyle="-" if role == "update" else ":",
-                                       label_text=f"{plotting.label(opt)} {role}")
-                if not len(table.where(optimizee=optimizee, metric=[m for m, _ in metrics])):
-                    ax.text(0.5, 0.5, "no such symmetry in this model", ha="center", transform=ax.transAxes)
-                ax.set_title(f"{optimizee}: {title}", fontsize=9)
-                ax.set_xlabel("step")
-                ax.grid(alpha=0.3, which="both")
-        plotting.legend_outside(fig, axes.ravel())
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-        made.append(plotting.save(fig, out / f"{name}.png"))
-    return made
-
-
-def _deviation_panels(table: Table):
-    present = set(table.unique("metric"))
-    return [(f"{kind} deviation, relative", [(f"{kind}_deviation_rel", "update"),
-                                              (f"grad_{kind}_deviation_rel", "gradient")], True)
-            for kind in ("rescale", "scale", "translation") if f"{kind}_deviation_rel" in present]
-
-
-def _noise_panels(table: Table):
-    if "cov_max_eig" not in set(table.unique("metric")):
-        return []
-    return [("noise tail index (study's estimator)", [("alpha_update_pub", "update"),
-                                                       ("alpha_grad_pub", "gradient")], False),
-            ("update covariance, largest eigenvalue", [("cov_max_eig", "update")], True)]
+    """loss.png, deviations.png, noise.png under `out` (`l2o-dynamics plot`)."""
+    return plotting.plot_dir(out)
 
 
 def main(run: Callable, args) -> None:

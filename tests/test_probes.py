@@ -1,16 +1,19 @@
 """Symmetry detection on nn.Modules and the training-loop probe (l2o_dynamics.probes)."""
 import copy
+import json
 import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
 from torch import nn
 
-from l2o_dynamics import learned, probes, symmetry
+from l2o_dynamics import learned, noise, probes, symmetry, tail
+from l2o_dynamics.seeds import derive_seed
 from l2o_dynamics.optimizees import ZOO, Optimizee
 from l2o_dynamics.results import Table
 from l2o_dynamics.errors import L2OError
@@ -757,7 +760,7 @@ def test_probe_output_plots_with_the_projects_plot_command(tmp_path):
     probe = probes.attach(optimizer, model, data[0][0], tmp_path / "runs" / "sgd")
     train(model, optimizer, data, probe)
     probe.close()
-    assert plot_dir(tmp_path / "runs").stat().st_size > 0
+    assert all(p.stat().st_size > 0 for p in plot_dir(tmp_path / "runs"))
 
 
 def test_bad_probe_arguments_are_one_line_errors(tmp_path):
@@ -769,7 +772,277 @@ def test_bad_probe_arguments_are_one_line_errors(tmp_path):
         probes.attach(opt, model, batches(1)[0][0], tmp_path / "b", loss="mse")
     probe = probes.attach(opt, model, batches(1)[0][0], tmp_path / "c")
     with pytest.raises(L2OError, match="at least 2 minibatches"):
-        probe.noise(batches(1), lambda out, y: F.cross_entropy(out, y))
+        probe.noise(batches(1), lambda out, y: F.cross_entropy(out, y), estimators=("mohammadi",))
+
+
+# ---- noise at research scale: streamed, on a subset of coordinates, any batch -----------------------------
+def _dense(G, U, estimators=tuple(tail.ESTIMATORS)):
+    out = noise.noise_alphas(G, U, estimators)
+    cov = tail.top_eigenvalue_gram(U)
+    return {**out, "cov_max_eig": cov["max_eig"], "cov_trace": cov["trace"]}
+
+
+def _close(a, b, n):
+    """Equal up to the order of float64 reductions over n terms: each alpha is 1 / a difference
+    of means of logs (|log| < 40 here), the covariance sums n squares."""
+    assert a.keys() <= b.keys()
+    for k in a:
+        scale = max(abs(a[k]), 1.0) ** 2 * 40 if k.startswith("alpha") else abs(a[k])
+        assert b[k] == pytest.approx(a[k], rel=0, abs=reduction_atol(torch.float64, n, scale)), k
+
+
+def test_streamed_noise_equals_the_dense_estimators_with_carries_across_pieces(monkeypatch):
+    """Pieces of 997 samples: block sums and the per-coordinate blocks straddle pieces and rows;
+    flat columns, exact zeros and heavy tails exercise every branch of the centring."""
+    monkeypatch.setattr(noise, "STREAM_PIECE", 997)
+    g = torch.Generator().manual_seed(0)
+    M, P = 8, 3001
+    G = torch.distributions.StudentT(1.5).sample((M, P)).double()
+    G[:, :50] = 0.3
+    G[:3, 60:70] = 0.0
+    U = -0.1 * G + 0.01 * torch.randn(M, P, generator=g, dtype=torch.float64)
+    ref = _dense(G, U)
+    ours = noise.streamed_noise(list(G.clone()), list(U.clone()), tuple(tail.ESTIMATORS))
+    _close(ref, ours, M * P)
+    assert ours["cov_n"] == M
+
+
+def test_the_probes_streamed_noise_equals_the_dense_result_on_its_own_samples(tmp_path):
+    model = small_cnn().double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = [(x.double(), y) for x, y in batches(8)]
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "run", loss="cross_entropy")
+    train(model, optimizer, data[:2])
+    G, U, _ = probe.noise_samples(data)
+    ours = probe.noise(data, estimators=tuple(tail.ESTIMATORS))
+    _close(_dense(G, U), ours, G.numel())
+    assert ours["noise_coordinates"] == G.shape[1]
+
+
+def test_a_coordinate_subset_is_the_dense_estimators_on_those_columns_drawn_from_the_seed(tmp_path):
+    model = small_cnn().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = [(x.double(), y) for x, y in batches(6)]
+    probe = probes.attach(optimizer, model, data[0][0], tmp_path / "run", seed=7, loss=F.cross_entropy)
+    train(model, optimizer, data[:2])
+    G, U, _ = probe.noise_samples(data)
+    P, K = G.shape[1], 100
+    keep = np.sort(np.random.default_rng(derive_seed("noise-coordinates", 7)).choice(P, K, replace=False))
+    ours = probe.noise(data, coordinates=K)
+    ref = _dense(G[:, keep], U[:, keep], noise.DEFAULT_ESTIMATORS)
+    ref["cov_max_eig"] *= P / K  # the subset's Gram matrix, scaled to estimate the full one
+    ref["cov_trace"] *= P / K
+    _close(ref, ours, G.numel())
+    assert ours["noise_coordinates"] == K
+    assert probe.noise(data, coordinates=P + 1)["noise_coordinates"] == P  # more than P: all of them
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.relu(self.a(x) + self.b(z)))
+
+
+def test_noise_reads_weighted_dict_and_multi_input_batches_alike(tmp_path):
+    """(x, y, w), ((x, z), y) and dict batches with batch_loss give the same gradients."""
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    g = torch.Generator().manual_seed(1)
+    raw = [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (8,), generator=g), torch.rand(8, generator=g, dtype=torch.float64))
+           for _ in range(4)]
+
+    def weighted(out, y, w):
+        return (F.cross_entropy(out, y, reduction="none") * w).mean()
+
+    probe = probes.attach(torch.optim.SGD(model.parameters(), lr=0.1), model, (raw[0][0], raw[0][1]),
+                          tmp_path / "run", symmetries=[])
+    tuples, _, _ = probe.noise_samples([((x, z), y, w) for x, z, y, w in raw], weighted)
+    dicts, _, _ = probe.noise_samples([{"x": x, "z": z, "y": y, "w": w} for x, z, y, w in raw],
+                                      batch_loss=lambda m, b: weighted(m(b["x"], b["z"]), b["y"], b["w"]))
+    assert torch.equal(tuples, dicts)
+    with pytest.raises(L2OError, match="batch 0 is a dict; valid: .*batch_loss=lambda model, batch"):
+        probe.noise([{"x": x} for x, *_ in raw], weighted)
+
+
+def test_too_few_batches_are_refused_up_front_with_the_real_minimum(tmp_path):
+    model = small_cnn()
+    probe = probes.attach(torch.optim.SGD(model.parameters(), lr=0.1), model, batches(1)[0][0], tmp_path / "run")
+    calls = []
+
+    def loss(out, y):
+        calls.append(1)
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(L2OError, match="needs at least 4 minibatches for estimators .*mohammadi_std; the loader has 3"):
+        probe.noise(batches(3), loss)
+    with pytest.raises(L2OError, match="max_batches=3; valid: an integer >= 4"):
+        probe.noise(batches(8), loss, max_batches=3)
+    assert not calls  # refused before any gradient
+    with pytest.raises(L2OError, match="the loader gave 3"):  # a loader without len: counted
+        probe.noise(iter(batches(3)), loss)
+
+
+def test_rerunning_into_a_directory_from_python_names_the_python_argument(tmp_path):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes.attach(opt, model, batches(1)[0][0], tmp_path / "run").close()
+    with pytest.raises(L2OError, match=r"^out .* pass overwrite=True or choose") as e:
+        probes.attach(opt, model, batches(1)[0][0], tmp_path / "run")
+    assert "--overwrite" not in str(e.value)
+    probes.attach(opt, model, batches(1)[0][0], tmp_path / "run", overwrite=True).close()
+
+
+def _probe_run(out, lr, steps=3, **kw):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    probe = probes.attach(opt, model, batches(1)[0][0], out, loss="cross_entropy", **kw)
+    train(model, opt, batches(steps), probe)
+    probe.noise(batches(4))
+    probe.close()
+
+
+def test_runs_with_the_same_default_labels_plot_as_separate_curves(tmp_path):
+    from l2o_dynamics.plotting import read_runs
+
+    _probe_run(tmp_path / "runs" / "lr0.1", 0.1)
+    _probe_run(tmp_path / "runs" / "lr0.01", 0.01)
+    t = read_runs(tmp_path / "runs")
+    assert t.unique("optimizer") == ["sgd (lr0.01)", "sgd (lr0.1)"]
+    for opt, lr in (("sgd (lr0.1)", 0.1), ("sgd (lr0.01)", 0.01)):
+        own = Table.read(tmp_path / "runs" / f"lr{lr}" / "metrics.csv")
+        assert np.array_equal(t.where(optimizer=opt).cols["value"], own.cols["value"])
+
+
+def test_plot_draws_the_loss_deviation_and_noise_figures_of_any_probe_output(tmp_path, capsys):
+    from l2o_dynamics.cli import main
+
+    _probe_run(tmp_path / "runs" / "a", 0.1)
+    assert main(["plot", str(tmp_path / "runs")]) == 0
+    written = capsys.readouterr().out
+    for name in ("loss.png", "deviations.png", "noise.png"):
+        png = tmp_path / "runs" / name
+        assert f"wrote {png}" in written and png.read_bytes()[:4] == b"\x89PNG"
+    # without a logged loss the other two are still drawn
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = probes.attach(opt, model, batches(1)[0][0], tmp_path / "quiet")
+    train(model, opt, batches(2))
+    probe.close()
+    assert main(["plot", str(tmp_path / "quiet")]) == 0
+    assert sorted(p.name for p in (tmp_path / "quiet").glob("*.png")) == ["deviations.png"]
+
+
+@pytest.mark.parametrize("loss", [F.cross_entropy, nn.CrossEntropyLoss(label_smoothing=0.1)])
+def test_a_cross_entropy_callable_as_loss_gives_the_translation_symmetry_and_the_noise_loss(loss, tmp_path):
+    model, x, y, _ = build("cnn")
+    probe = probes.attach(torch.optim.SGD(model.parameters(), lr=0.1), model, x, tmp_path / "run", loss=loss)
+    assert {s.kind for s in probe.symmetries} == {"rescale", "translation"}
+    data = [(x[i::4], y[i::4]) for i in range(4)]
+    G, _, _ = probe.noise_samples(data)
+    ref, _, _ = probe.noise_samples(data, lambda out, t: loss(out, t))
+    assert torch.equal(G, ref)
+    other = probes.attach(torch.optim.SGD(model.parameters(), lr=0.1), model, x, tmp_path / "other",
+                          loss=lambda out, t: F.mse_loss(out, F.one_hot(t, 10).to(out.dtype)))
+    assert "translation" not in {s.kind for s in other.symmetries}  # an arbitrary callable is no softmax
+
+
+class Partly(nn.Module):
+    """A relu MLP whose first layer the optimizer does not step (its .grad is never zeroed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_the_gradient_control_of_parameters_outside_the_optimizer_is_this_steps_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = Partly().double()
+    opt = torch.optim.SGD(model.fc2.parameters(), lr=0.1)
+    probe = probes.attach(opt, model, torch.zeros(2, 6, dtype=torch.float64), tmp_path / "run")
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+    expected = []
+    for x, y in data:
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = gradient(copy.deepcopy(model), x, y)  # a copy: the probe hears the model's backward passes only
+        expected.append(float(probes.record(probe.symmetries, grads, params, "grad_")["grad_rescale_deviation"]))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    probe.close()
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    got = t.where(metric="grad_rescale_deviation").matrix()[2][:, 0]
+    assert got == pytest.approx(expected, rel=0, abs=reduction_atol(torch.float64, 100, 1.0))
+
+
+def test_a_switch_to_eval_mode_after_attach_re_detects_the_symmetries(tmp_path):
+    model, x, y, loss = build("conv_bn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = probes.attach(opt, model, x, tmp_path / "run", loss=loss)
+    train(model, opt, [(x, y)])
+    model.eval()  # BatchNorm on running statistics: no scale symmetry any more
+    with pytest.warns(UserWarning, match="train/eval modes changed at step 1; symmetries re-detected"):
+        train(model, opt, [(x, y)])
+    probe.close()
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    assert list(t.where(metric="scale_deviation").cols["step"]) == [0]
+    assert list(t.where(metric="rescale_deviation").cols["step"]) == [0, 1]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert [s["kind"] for s in config["redetected"][0]["symmetries"]] == ["rescale", "rescale", "translation"]
+
+
+@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if m[3]])
+def test_the_per_step_path_logs_what_record_computes_on_the_views(name, tmp_path):
+    """The step hooks' copy-free per-unit sums (conv and flattened linear consumers, BatchNorm and
+    LayerNorm scale, translation) equal `record` on the zoo-layout views, in float64."""
+    model, x, y, loss = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, [(x, y)])  # momentum state: the update is not a multiple of the gradient
+    probe = probes.attach(opt, model, x, tmp_path / "run", loss=loss)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    opt.step()
+    probe.close()
+    updates = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    ref = {**probes.record(probe.symmetries, updates, before), **probes.record(probe.symmetries, grads, before, "grad_")}
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    assert set(t.unique("metric")) == set(ref)
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in before.values()), 1.0)
+    for k, v in ref.items():
+        stem = k.removesuffix("_unit").removesuffix("_rel")
+        bound = float(ref[stem + "_unit"] / ref[stem + "_rel"])  # sum_k ||v_k|| ||xi_k||: the terms' scale
+        got = float(t.where(metric=k).cols["value"][0])
+        assert got == pytest.approx(float(v), rel=0, abs=tol * (1.0 if k.endswith("_rel") else bound)), k
+
+
+def test_a_deviation_of_missing_gradients_is_a_one_line_error():
+    model, x, _, loss = build("relu_mlp")
+    s = probes.find_symmetries(model, x, loss)[0]
+    with pytest.raises(L2OError, match=r"vectors\['0.weight'\] is NoneType \(a .grad before backward"):
+        s.deviation({n: p.grad for n, p in model.named_parameters()})
+
+
+def test_a_zero_update_logs_rel_as_nan_not_as_a_perfect_zero(tmp_path):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    probe = probes.attach(opt, model, batches(1)[0][0], tmp_path / "run")
+    train(model, opt, batches(1))
+    probe.close()
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    assert np.isnan(t.where(metric="rescale_deviation_rel").cols["value"]).all()
+    assert (t.where(metric="rescale_deviation").cols["value"] == 0).all()
+    assert (t.where(metric="grad_rescale_deviation_rel").cols["value"] > 0).all()
 
 
 # ---- the README section and the examples run as written ---------------------------------------------------

@@ -261,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
-    pl = sub.add_parser("plot", help="draw loss curves (mean and 95%% band over seeds) of a results dir")
+    pl = sub.add_parser("plot", help="draw loss curves (mean and 95%% band over seeds) of a results dir, and "
+                                     "a probe's deviation and noise figures (deviations.png, noise.png beside them)")
     pl.add_argument("dir")
-    pl.add_argument("--out", help="PNG path (default DIR/loss.png)")
+    pl.add_argument("--out", help="PNG path of the loss figure (default DIR/loss.png); the others go beside it")
 
     _add_experiment_parsers(sub)
     return p
@@ -484,8 +485,8 @@ def cmd_plot(args) -> int:
         check_out_dir(Path(args.out).absolute().parent, "--out's directory")
     else:
         check_out_dir(Path(args.dir) if Path(args.dir).is_dir() else Path(args.dir).absolute().parent, "DIR")
-    path = plot_dir(args.dir, args.out)
-    print(f"wrote {path}")
+    for path in plot_dir(args.dir, args.out):
+        print(f"wrote {path}")
     return 0
 
 

@@ -185,22 +185,24 @@ def check_run_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = False
         raise L2OError(f"{flag} {path} exists and is not a directory; give a new or empty directory")
     if not entries(p):
         return p
+    # the hints speak the caller's language: --overwrite on a command line, overwrite=True in Python
+    ow, re_ = ("--overwrite", "--resume") if flag.startswith("-") else ("overwrite=True", "resume=True")
     mark = owner(p) or ({"kind": kind} if adopt else None)
     if mark is None:
         raise L2OError(f"{flag} {path} is not empty and was not made by l2o-dynamics (it has no {MARKER}; "
-                       "--overwrite too replaces only directories l2o-dynamics made); choose a new or empty directory")
+                       f"{ow} too replaces only directories l2o-dynamics made); choose a new or empty directory")
     if mark["kind"] != kind and not (overwrite and _kind_of(mark["kind"]) == _kind_of(kind) == "run"):
         if _kind_of(mark["kind"]) != _kind_of(kind):
             raise L2OError(f"{flag} {path} is a l2o-dynamics {mark['kind']} directory, not a {kind} one; "
                            "choose another directory")
         raise L2OError(f"{flag} {path} holds a {mark['kind']} run; "
-                       f"{'pass --overwrite to replace it or ' if kind != 'reproduce' else ''}choose a new directory")
+                       f"{f'pass {ow} to replace it or ' if kind != 'reproduce' else ''}choose a new directory")
     if overwrite or (resume and (kind == "reproduce" or not finished(p))):
         return p
     if resume:
         raise L2OError(f"{flag} {path} holds a finished {kind} (metrics.csv, config.json), nothing to resume; "
-                       "pass --overwrite to start over or choose a new directory")
-    hint = "--resume to continue it, --overwrite to start over," if kind == "meta-train" else "--overwrite"
+                       f"pass {ow} to start over or choose a new directory")
+    hint = f"{re_} to continue it, {ow} to start over," if kind == "meta-train" else ow
     raise L2OError(f"{flag} {path} exists and is not empty; pass {hint} or choose a new directory")
 
 

@@ -162,6 +162,126 @@ def noise_alphas(G: torch.Tensor, U: torch.Tensor, estimators: Sequence[str] = D
                            plain=centred_as_published(U) if published else None)}
 
 
+# ---- the same, streamed over coordinates ----------------------------------------------------------
+STREAM_PIECE = 1 << 22  # samples per piece the streamed estimators read at a time
+
+
+def streamed_noise(G_rows: Sequence[torch.Tensor], U_rows: Sequence[torch.Tensor],
+                   estimators: Sequence[str] = DEFAULT_ESTIMATORS, published: bool = True) -> dict[str, float]:
+    """`noise_alphas(G, U, estimators, published)` and the update covariance of
+    `tail.top_eigenvalue_gram(U)` (cov_max_eig, cov_trace, cov_n) of the M stacked rows
+    (each (P,)), without the dense (M, P) copies: two passes over the rows, the first
+    over blocks of columns (centring, flat columns, standardising, the M x M Gram matrix
+    of the updates), the second row by row in the pooled estimators' row-major order
+    (block sums carried across pieces, `tail.BlockLogs`). Memory beyond the rows is
+    O(STREAM_PIECE + M^2); the rows are centred in place (pass the caller's scratch).
+    Equal to the dense functions up to the order of float reductions."""
+    if len(G_rows) != len(U_rows) or not len(G_rows):
+        raise L2OError(f"{len(G_rows)} gradient and {len(U_rows)} update rows; valid: the same number >= 1")
+    gram = torch.zeros(len(U_rows), len(U_rows), dtype=torch.float64)
+    out = {**_streamed_alphas(G_rows, estimators, "alpha_grad", published),
+           **_streamed_alphas(U_rows, estimators, "alpha_update", published, gram)}
+    gram /= len(U_rows)
+    trace = gram.diagonal().sum().item()
+    max_eig = torch.linalg.eigvalsh(gram)[-1].item() if trace else 0.0
+    return {**out, "cov_max_eig": max_eig, "cov_trace": trace, "cov_n": float(len(U_rows))}
+
+
+def _streamed_alphas(rows: Sequence[torch.Tensor], estimators: Sequence[str], prefix: str, published: bool,
+                     gram: torch.Tensor | None = None) -> dict[str, float]:
+    """`tail_indices(centred(X), estimators, prefix, plain=centred_as_published(X))` of the
+    stacked rows X, streamed (see `streamed_noise`); adds the Gram matrix of the rows
+    centred on their mean (float64, not divided by M) into `gram`."""
+    for name in estimators:
+        if name not in tail.ESTIMATORS:
+            raise L2OError(f"unknown tail estimator {name!r}; valid: {', '.join(tail.ESTIMATORS)}")
+    M, P = len(rows), rows[0].numel()
+    work = tail.work_dtype(rows[0].dtype, M * P)
+    step = max(1, STREAM_PIECE // M)
+    flat = torch.empty(P, dtype=torch.bool)
+    nonzero, plain_nonzero, kept = 0, False, 0
+    std = tail.BlockLogs(tail._auto_m(M)) if "mohammadi_std" in estimators else None
+    std_n = 0
+    for j in range(0, P, step):  # pass 1: blocks of columns, every row
+        A = torch.stack([r[j:j + step] for r in rows])
+        if not bool(torch.isfinite(A).all()):
+            raise L2OError(f"{prefix.replace('alpha_', '')} noise contains nan or inf; valid: finite values only")
+        if gram is not None:
+            A64 = A.to(torch.float64)
+            A64 -= A64.mean(0)
+            gram.addmm_(A64, A64.T)
+        hi, lo = A.max(0).values, A.min(0).values
+        f = flat[j:j + step]
+        f.copy_((hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()))  # `centred`'s rule
+        A -= A.mean(0)  # `centred_as_published`, kept in the rows for pass 2
+        for r, a in zip(rows, A):
+            r[j:j + step] = a
+        C = A.masked_fill(f, 0.0)  # `centred`
+        nonzero += int(C.count_nonzero())
+        plain_nonzero = plain_nonzero or bool(A.any())
+        if std is not None:
+            Z = tail._standardized(C.to(work))
+            kept += Z.shape[1]
+            z = Z.T.reshape(-1)
+            z = z[z != 0]
+            std_n += z.numel()
+            std.feed(z)
+    alphas: dict[str, float] = {}
+    if std is not None:
+        if not kept:
+            raise L2OError("X has no non-constant coordinate; valid: at least one coordinate that varies")
+        tail._check_m(std.m, std_n)
+        alphas["mohammadi_std"] = tail._alpha(std.inv_alpha())
+    pub, pub_plain, pooled, multi, top = None, None, None, [], None
+    if "mohammadi_published" in estimators:
+        m = tail.published_block_size(M * P)
+        if not nonzero or (published and not plain_nonzero):
+            raise L2OError("all samples are zero; valid: noise with at least one nonzero value")
+        pub = tail.BlockLogs(m, tail.PUBLISHED_EPS)
+        pub_plain = tail.BlockLogs(m, tail.PUBLISHED_EPS) if published else None
+    if "mohammadi" in estimators:
+        pooled = tail.BlockLogs(tail._auto_m(nonzero))
+    if "mohammadi_multi" in estimators:
+        if nonzero < 4:
+            raise L2OError(f"only {nonzero} nonzero samples; valid: at least 4")
+        multi = [tail.BlockLogs(m) for m in tail.multi_block_sizes(nonzero)]
+    if "hill" in estimators:
+        if nonzero < 2:
+            raise L2OError(f"only {nonzero} nonzero samples; valid: at least 2")
+        top = tail.TopAbs(round(nonzero ** 0.5) + 1)
+    if pub is not None or pooled is not None or multi or top is not None:
+        for r in rows:  # pass 2: row-major, as the pooled estimators flatten
+            for j in range(0, P, STREAM_PIECE):
+                x = r[j:j + STREAM_PIECE]
+                e = x.masked_fill(flat[j:j + STREAM_PIECE], 0.0)
+                if pub is not None:
+                    pub.feed(e.to(torch.float64))
+                if pub_plain is not None:
+                    pub_plain.feed(x.to(torch.float64))
+                if pooled is not None or multi or top is not None:
+                    nz = e.to(work)
+                    nz = nz[nz != 0]
+                    for b in ([pooled] if pooled is not None else []) + multi:
+                        b.feed(nz)
+                    if top is not None:
+                        top.feed(nz)
+    if pub is not None:
+        alphas["mohammadi_published"] = tail._alpha(pub.inv_alpha())
+    if pooled is not None:
+        alphas["mohammadi"] = tail._alpha(pooled.inv_alpha())
+    if multi:
+        alphas["mohammadi_multi"] = tail._alpha(sum(b.inv_alpha() for b in multi) / len(multi))
+    if top is not None:
+        alphas["hill"] = tail.hill_of_top(top.top)
+    out = {}
+    for name in estimators:
+        metric = prefix + _SUFFIX.get(name, "_" + name)
+        out[metric] = alphas[name]
+        if pub_plain is not None and name in PLAIN_CENTRING:
+            out[metric + PUBLISHED] = tail._alpha(pub_plain.inv_alpha())
+    return out
+
+
 def checkpoint_noise(optimizer: Optimizer, model: Optimizee, params: Params, state,
                      train: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 128,
                      estimators: Sequence[str] = DEFAULT_ESTIMATORS, cov_unit: str = "minibatch",

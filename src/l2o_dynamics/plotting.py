@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -28,6 +29,8 @@ ORDER = ("sgd", "adam", "lion", "l2o")
 LABELS = {"sgd": "SGD", "adam": "Adam", "lion": "Lion", "l2o": "L2O"}
 
 
+# runs that share a label, told apart by their directory: the tab20 colours not used above
+RUN_COLORS = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (0, 2, 4, 6)]
 BETA_STYLES = {0.1: ("#f4a582", "--"), 0.5: ("#a50f15", "-."), 1.0: ("#3f0008", ":")}
 # L2Os of further recipes: (colour at beta 0, colour map of the penalised ones)
 RECIPE_COLORS = {"authors": ("#6a3d9a", "Purples")}
@@ -44,6 +47,8 @@ def color(optimizer: str, beta: float | None = None) -> str | tuple:
         return matplotlib.colormaps[cmap](0.45 + 0.5 * min(beta, 1.0)) if beta else first
     if base == "l2o" and beta:
         return BETA_STYLES.get(round(beta, 3), (matplotlib.colormaps["Reds"](min(0.5 + 0.5 * beta, 1.0)),))[0]
+    if base not in COLORS and base.endswith(")"):  # a run told apart by its directory (`read_runs`)
+        return RUN_COLORS[zlib.crc32(base.encode()) % len(RUN_COLORS)]
     return COLORS.get(base, "#7f7f7f")
 
 
@@ -146,13 +151,88 @@ def find_metrics(root: str | os.PathLike) -> list[Path]:
     return files
 
 
-def plot_dir(root: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """`l2o-dynamics plot DIR`: loss curves of every meta-test under DIR."""
+def read_runs(root: str | os.PathLike) -> Table:
+    """Every metrics.csv under `root` as one table. Runs of different files that share a
+    label (experiment, optimizee, optimizer, beta, seed: two probes with default names,
+    or two meta-tests of one optimizer at other settings) would plot as one curve with
+    one of them hidden: their optimizer label gets the run's directory, relative to
+    `root`, appended ('sgd (lr0.1)'), so each keeps a curve and a legend entry of its own."""
     files = find_metrics(root)
-    table = Table.read(files)
-    table = table.where(metric=["train_loss", "test_loss"])
+    tables = [Table.read(f) for f in files]
+    keys = [set(zip(t.cols["experiment"], t.cols["optimizee"], t.cols["optimizer"],
+                    map(str, t.cols["beta"].tolist()), t.cols["seed"].tolist())) for t in tables]
+    base = Path(root) if Path(root).is_dir() else Path(root).parent
+    for i, t in enumerate(tables):
+        if any(keys[i] & keys[j] for j in range(len(tables)) if j != i):
+            where = files[i].parent.relative_to(base).as_posix() if files[i].parent != base else files[i].parent.name
+            t.cols["optimizer"] = np.asarray([f"{o} ({where})" for o in t.cols["optimizer"]], dtype=object)
+    if len(tables) == 1:
+        return tables[0]
+    return Table({c: np.concatenate([t.cols[c] for t in tables]) for c in tables[0].cols})
+
+
+def plot_dir(root: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
+    """`l2o-dynamics plot DIR`: the loss curves of every run under DIR (`out`, default
+    DIR/loss.png, when any run logged train_loss or test_loss) and, beside it, the
+    deviation and noise figures of any probe output (`probe_figures`). Returns the paths."""
+    table = read_runs(root)
     out = Path(out) if out else (Path(root) if Path(root).is_dir() else Path(root).parent) / "loss.png"
-    return loss_curves(table, out)
+    losses = table.where(metric=["train_loss", "test_loss"])
+    made = [loss_curves(losses, out)] if len(losses) else []
+    made += probe_figures(table, out.parent, out.suffix or ".png")
+    if not made:
+        raise L2OError(f"nothing to plot under {root}: no train_loss/test_loss, deviation or noise rows; "
+                       "give a dir written by meta-test, reproduce or a probe (probes.attach)")
+    return made
+
+
+def probe_figures(table: Table, out_dir: str | os.PathLike, suffix: str = ".png") -> list[Path]:
+    """deviations{suffix}: each symmetry kind's relative deviation of the updates (solid)
+    and, as the control, of the gradients (dotted); noise{suffix}: the tail index of
+    update and gradient noise (the study's estimator) and the largest eigenvalue of the
+    update covariance. One row per optimizee, one curve per optimizer; a figure is made
+    only when its metrics are present."""
+    made = []
+    optimizees = table.unique("optimizee")
+    for name, panels in (("deviations", _deviation_panels(table)), ("noise", _noise_panels(table))):
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(optimizees), len(panels), figsize=(4.6 * len(panels), 3.2 * len(optimizees)),
+                                 squeeze=False)
+        for row, optimizee in zip(axes, optimizees):  # one row per model
+            for ax, (title, metrics, log) in zip(row, panels):
+                for opt, beta in runs_in(table):
+                    for metric, role in metrics:
+                        sub = table.where(optimizee=optimizee, optimizer=opt, beta=beta, metric=metric)
+                        curve(ax, sub, opt, beta, log=log, linestyle="-" if role == "update" else ":",
+                              label_text=f"{label(opt, beta)} {role}", marker="o" if name == "noise" else None)
+                if not len(table.where(optimizee=optimizee, metric=[m for m, _ in metrics])):
+                    ax.text(0.5, 0.5, "no such symmetry in this model", ha="center", transform=ax.transAxes)
+                ax.set_title(f"{optimizee}: {title}", fontsize=9)
+                ax.set_xlabel("step")
+                ax.grid(alpha=0.3, which="both")
+        legend_outside(fig, axes.ravel())
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        made.append(save(fig, Path(out_dir) / f"{name}{suffix}"))
+    return made
+
+
+def _deviation_panels(table: Table):
+    present = set(table.unique("metric"))
+    return [(f"{kind} deviation, relative", [(f"{kind}_deviation_rel", "update"),
+                                              (f"grad_{kind}_deviation_rel", "gradient")], True)
+            for kind in ("rescale", "scale", "translation") if f"{kind}_deviation_rel" in present]
+
+
+def _noise_panels(table: Table):
+    present = set(table.unique("metric"))
+    panels = []
+    if "alpha_update_pub" in present or "alpha_grad_pub" in present:
+        panels.append(("noise tail index (study's estimator)", [("alpha_update_pub", "update"),
+                                                                  ("alpha_grad_pub", "gradient")], False))
+    if "cov_max_eig" in present:
+        panels.append(("update covariance, largest eigenvalue", [("cov_max_eig", "update")], True))
+    return panels
 
 
 def legend_outside(fig, axes: Iterable) -> None:

@@ -156,15 +156,18 @@ def save_run(out_dir: str | os.PathLike, config: dict, rows: list[Row], *, devic
     raise L2OError(f"{failed}; the computed results are saved in {rescue} instead: move them to {out_dir}")
 
 
-def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, kind: str = "probe") -> Path:
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool = False, kind: str = "probe",
+                    flag: str = "--out") -> Path:
     """Check and claim `--out` before any work (files.run_dir's rules: a new or empty
     directory, or with `overwrite` one the tool made, whose contents are moved aside until
-    `write_run` finishes there); it must be writable."""
+    `write_run` finishes there); it must be writable. `flag` names the directory in errors:
+    '--out' (a command line: hints say --overwrite) or a Python argument such as 'out'
+    (hints say overwrite=True)."""
     try:
-        with run_dir(path, kind, overwrite=overwrite):
+        with run_dir(path, kind, overwrite=overwrite, flag=flag):
             os.unlink(fresh_path(path, ".l2o-write-test-"))  # a fresh name: never an existing file
     except OSError as e:
-        raise L2OError(f"--out {path} is not writable ({e.strerror}); choose a writable directory") from None
+        raise L2OError(f"{flag} {path} is not writable ({e.strerror}); choose a writable directory") from None
     return Path(path)
 
 

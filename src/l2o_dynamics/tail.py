@@ -130,16 +130,22 @@ def mohammadi_published(x) -> float:
     x has exact zeros (and when N has no divisor near sqrt(N))."""
     x = _as_samples(x).reshape(-1)
     n = x.numel()
-    m = block_size(n) if n >= 4 else 1
-    if m < 2:
-        raise L2OError(f"{n} samples: no divisor m >= 2 of N below sqrt(N), the published "
-                       "estimator's block size; valid: N with such a divisor (not prime)")
+    m = published_block_size(n)
     if not bool((x != 0).any()):
         raise L2OError("all samples are zero; valid: noise with at least one nonzero value")
     x = x.to(torch.float64)
     y = x.reshape(n // m, m).sum(1)
     inv = float(((y.abs() + PUBLISHED_EPS).log().mean() - (x.abs() + PUBLISHED_EPS).log().mean()) / math.log(m))
     return _alpha(inv)
+
+
+def published_block_size(n: int) -> int:
+    """m of `mohammadi_published` for n samples (block_size(n), no fallback)."""
+    m = block_size(n) if n >= 4 else 1
+    if m < 2:
+        raise L2OError(f"{n} samples: no divisor m >= 2 of N below sqrt(N), the published "
+                       "estimator's block size; valid: N with such a divisor (not prime)")
+    return m
 
 
 def mohammadi_vector(X, m: int | None = None) -> float:
@@ -158,15 +164,46 @@ def standardize(X, eps: float = 0.0) -> np.ndarray:
     <= eps (over half the samples equal the median, e.g. sparse coordinates) it is
     sqrt(pi/2) * mean|x - median| instead; coordinates where both are <= eps are
     dropped (eps=0: only constant ones). Values are not re-centred."""
-    X = _as_matrix(X)
-    XT = X.T.contiguous()  # a median along the last dim is twice as fast
-    devT = (XT - XT.median(1, keepdim=True).values).abs()
-    scale = 1.4826 * devT.median(1).values
-    dev = devT.T
+    return _standardized(_as_matrix(X), eps).numpy()  # float32 for big float32 input
+
+
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for n inputs: compare-exchanges (i, j), i < j."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _lower_median(X: torch.Tensor) -> torch.Tensor:
+    """torch.median over dim 0 (the lower of the two middle values for even N), exactly:
+    for N <= 64 by a sorting network of element-wise min/max over whole rows (2-3x
+    faster than torch.median on many short columns), else torch.median."""
+    n = X.shape[0]
+    if n > 64:
+        return X.T.contiguous().median(1).values  # a median along the last dim is twice as fast
+    rows = list(X)
+    for i, j in _sorting_network(n):
+        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+    return rows[(n - 1) // 2]
+
+
+def _standardized(X: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """`standardize` of a tensor already in its working dtype (column by column: a
+    block of columns standardises as the whole matrix would)."""
+    dev = (X - _lower_median(X)).abs()
+    scale = 1.4826 * _lower_median(dev)
     low = scale <= eps
     scale[low] = math.sqrt(math.pi / 2) * dev[:, low].mean(0)
     keep = scale > eps
-    return (X[:, keep] / scale[keep]).numpy()  # float32 for big float32 input
+    return X[:, keep] / scale[keep]
 
 
 def mohammadi_std(X, m: int | None = None) -> float:
@@ -200,10 +237,15 @@ def mohammadi_multi(x, ms=None) -> float:
     if n < 4:
         raise L2OError(f"only {n} nonzero samples; valid: at least 4")
     if ms is None:
-        ms = sorted({min(max(round(v), 2), n // 2) for v in np.geomspace(n ** 0.3, n ** 0.7, 8)})
+        ms = multi_block_sizes(n)
     if len(ms) == 0:
         raise L2OError("ms is empty; valid: one or more block sizes")
     return _alpha(float(np.mean([_inv_alpha(x, _check_m(m, n)) for m in ms])))
+
+
+def multi_block_sizes(n: int) -> list[int]:
+    """`mohammadi_multi`'s default block sizes for n nonzero samples."""
+    return sorted({min(max(round(v), 2), n // 2) for v in np.geomspace(n ** 0.3, n ** 0.7, 8)})
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +269,72 @@ def hill(x, k: int | None = None) -> float:
     a = np.partition(a, n - k - 1)  # a[n-k-1] = X_(k+1), a[n-k:] = the k largest
     gamma = float(np.log(a[n - k:]).mean() - math.log(a[n - k - 1]))
     return _alpha(gamma)
+
+
+# -----------------------------------------------------------------------------
+# the same statistics over a stream of pieces (noise matrices too big to copy)
+
+
+def work_dtype(dtype: torch.dtype, numel: int) -> torch.dtype:
+    """The dtype `_as_samples` computes in for `numel` samples of `dtype`."""
+    return torch.float32 if dtype == torch.float32 and numel > BIG else torch.float64
+
+
+class BlockLogs:
+    """The Mohammadi statistics of a 1-D sample stream fed in pieces, in the order of the
+    flattening: sums Y_k of m consecutive samples (an incomplete block is carried to the
+    next piece; the one left at the end is dropped, as the estimators drop the samples
+    after the first K*m), and the sums of log(|x| + eps) over the samples of complete
+    blocks and of log(|Y_k| + eps) over the blocks. With eps = 0, blocks that sum to
+    exactly 0 are left out (`_inv_alpha`); feed nonzero samples then."""
+
+    def __init__(self, m: int, eps: float = 0.0) -> None:
+        self.m, self.eps = m, eps
+        self.carry: torch.Tensor | None = None
+        self.log_x = self.log_y = 0.0
+        self.n_x = self.n_y = 0
+
+    def feed(self, x: torch.Tensor) -> None:
+        if self.carry is not None and self.carry.numel():
+            x = torch.cat([self.carry, x])
+        k = x.numel() // self.m
+        body = x[:k * self.m]
+        self.carry = x[k * self.m:].clone()
+        if not k:
+            return
+        y = body.reshape(k, self.m).sum(1).abs()
+        if self.eps:
+            self.log_x += float((body.abs() + self.eps).log().sum(dtype=torch.float64))
+            self.log_y += float((y + self.eps).log().sum(dtype=torch.float64))
+        else:
+            y = y[y > 0]
+            self.log_x += float(body.abs().log().sum(dtype=torch.float64))
+            self.log_y += float(y.log().sum(dtype=torch.float64))
+        self.n_x += body.numel()
+        self.n_y += y.numel()
+
+    def inv_alpha(self) -> float:
+        """1/alpha of the samples fed so far (-inf when every block sum was 0)."""
+        if self.n_y == 0:
+            return -math.inf
+        return (self.log_y / self.n_y - self.log_x / self.n_x) / math.log(self.m)
+
+
+class TopAbs:
+    """The `k` largest |x| of a stream fed in pieces (`hill` on the whole stream)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.top = k, None
+
+    def feed(self, x: torch.Tensor) -> None:
+        a = x.abs() if self.top is None else torch.cat([self.top, x.abs()])
+        self.top = a.topk(min(self.k, a.numel())).values if a.numel() > self.k else a
+
+
+def hill_of_top(top: torch.Tensor) -> float:
+    """`hill` from the k + 1 largest nonzero |x| (any order), computed as `hill` computes it."""
+    a = np.sort(top.numpy())  # ascending: a[0] = X_(k+1), a[1:] = the k largest
+    return _alpha(float(np.log(a[1:]).mean() - math.log(a[0])))
 
 
 # Each takes a 2-D (N samples, d) noise matrix and returns a float.
