@@ -6,7 +6,7 @@ import torch
 
 from l2o_dynamics import meta, optimizees, runner
 from l2o_dynamics.learned import L2O, init_phi, l2o_from_checkpoint, preprocess
-from l2o_dynamics.meta import MetaTrainConfig, meta_train, recipe, unroll, validation_score
+from l2o_dynamics.meta import MetaTrainConfig, meta_train, read_checkpoint, recipe, unroll, validation_score
 from l2o_dynamics.optimizees import ZOO, Optimizee
 from l2o_dynamics.errors import L2OError
 
@@ -457,3 +457,20 @@ def test_curriculum_and_short_runs_schedule_the_meta_steps():
     assert [short.run_horizon(0, r) for r in range(4)] == [200, 20, 200, 20]
     with pytest.raises(L2OError, match="multiples of unroll"):
         MetaTrainConfig(curriculum=(30,)).validate()
+
+
+def test_a_checkpoint_written_before_the_family_fields_existed_resumes(tmp_path, synthetic):
+    """Configs of older checkpoints lack family, mlp_hidden, mlp_layers, step_mult, exp_mult: they
+    are read at their defaults (the LSTM family), so the run resumes; an MLP config does not match."""
+    cfg = _tiny_cfg(epochs=2, runs=1, horizon=10, val_runs=1)
+    meta_train(cfg, tmp_path, data=synthetic, progress=False, stop_after_epochs=1)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    new = ("family", "mlp_hidden", "mlp_layers", "step_mult", "exp_mult")
+    assert all(k in ck["config"] for k in new)
+    ck["config"] = {k: v for k, v in ck["config"].items() if k not in new}
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(L2OError, match="different config"):
+        read_checkpoint(tmp_path / "checkpoint.pt", _tiny_cfg(epochs=2, runs=1, horizon=10, val_runs=1,
+                                                              family="mlp"))
+    res = meta_train(cfg, tmp_path, data=synthetic, progress=False, resume=True)
+    assert res.best_epoch >= 0 and (tmp_path / "l2o.pt").exists()

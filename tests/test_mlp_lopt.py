@@ -448,3 +448,209 @@ def test_cli_meta_test_runs_a_saved_mlp_l2o_with_symmetry_recording(tmp_path, mn
         rows = list(csv.DictReader(f))
     assert {r["optimizer"] for r in rows} == {"mlp_l2o"} and {r["seed"] for r in rows} == {"100", "101"}
     assert any(r["metric"].startswith("rescale") for r in rows)
+
+
+# ---- meta-training the MLP family (meta.meta_train, every estimator) ------------------------------
+def _stacked_states(l2o, params, steps, g):
+    """One state per run with random accumulators (second moments positive), and their stack
+    (the step a tensor (Q,) of the runs' own steps)."""
+    states = []
+    for p, t in zip(params, steps):
+        st = l2o.init(p)
+        st["m"] = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in st["m"].items()}
+        st["rms"] = {k: torch.rand(v.shape, generator=g, dtype=F64) for k, v in st["rms"].items()}
+        st["fac"] = {k: tuple(torch.rand(x.shape, generator=g, dtype=F64) + 0.1 for x in v)
+                     for k, v in st["fac"].items()}
+        st["step"] = t
+        states.append(st)
+    stack = {"step": torch.tensor(steps), "shapes": states[0]["shapes"],
+             **{key: {k: torch.stack([s[key][k] for s in states]) for k in states[0][key]} for key in ("m", "rms")},
+             "fac": {k: tuple(torch.stack([s["fac"][k][j] for s in states]) for j in range(len(v)))
+                     for k, v in states[0]["fac"].items()}}
+    return states, stack
+
+
+def test_population_update_equals_one_mlp_l2o_per_phi_each_at_its_own_step():
+    """The ES family's batched step (mlp_lopt.population_update): Q = 3 runs, each with its own
+    phi (decay offsets too), parameters, accumulators and step count, equal 3 separate MLPL2Os."""
+    g = torch.Generator().manual_seed(11)
+    phis = []
+    for s in range(3):
+        phi = _phi64(seed=s)
+        for k in ("momentum_decays", "rms_decays", "adafactor_decays"):
+            phi[k] = 0.1 * torch.randn(phi[k].shape, generator=g, dtype=F64)
+        phis.append(phi)
+    shapes = {"w": (3, 5), "b": (5,)}
+    params = [{k: torch.randn(s, generator=g, dtype=F64) for k, s in shapes.items()} for _ in phis]
+    grads = [{k: torch.randn(s, generator=g, dtype=F64) * 10.0 ** -i for k, s in shapes.items()}
+             for i in range(len(phis))]
+    steps = [0, 7, 250]
+    net = MLPL2O(phis[0])
+    states, state = _stacked_states(net, params, steps, g)
+    stack = lambda trees: {k: torch.stack([t[k] for t in trees]) for k in trees[0]}  # noqa: E731
+    updates, new = mlp_lopt.population_update(net, stack(phis), stack(grads), state, stack(params))
+    for i, phi in enumerate(phis):
+        u, s = MLPL2O(phi).update(grads[i], states[i], params[i])
+        for k in shapes:
+            torch.testing.assert_close(updates[k][i], u[k], rtol=1e-12, atol=1e-16)
+            torch.testing.assert_close(new["m"][k][i], s["m"][k], rtol=1e-12, atol=1e-16)
+            for a, b in zip(new["fac"][k], s["fac"][k]):
+                torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-16)
+        assert int(new["step"][i]) == s["step"] == steps[i] + 1
+
+
+def _mlp_cfg(**kw):
+    from l2o_dynamics.meta import recipe
+
+    base = dict(optimizee="small", family="mlp", step_mult=0.01, epochs=2, runs=1, horizon=20, unroll=5,
+                val_runs=1, meta_lr=1e-2, seed=7)
+    base.update(kw)
+    return recipe("plain", **base)
+
+
+@pytest.fixture
+def small(monkeypatch):
+    from l2o_dynamics import optimizees
+
+    monkeypatch.setitem(optimizees.ZOO, "small", optimizees.Optimizee("small", (2,), "leaky_relu"))
+
+
+def test_tbptt_meta_training_of_the_mlp_family_lowers_the_validation_score(synthetic):
+    from l2o_dynamics.meta import init_meta_params, make_l2o, meta_train, validation_score
+
+    cfg = _mlp_cfg(optimizee="leaky_relu", epochs=2, runs=2)
+    before = validation_score(make_l2o(cfg, init_meta_params(cfg, torch.float32, "cpu")), cfg, synthetic)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    assert isinstance(res.l2o, MLPL2O) and res.l2o.step_mult == 0.01
+    # mean loss of 2 validation runs of 20 steps: 2.32 untrained (chance is log 10 = 2.30), about
+    # 1.0 after 16 meta-steps on this machine
+    assert res.best_score < 0.7 * before, (before, res.best_score)
+
+
+@pytest.mark.parametrize("estimator, settings", [
+    ("tbptt", dict(reg="rescale", beta=0.1)),  # the symmetry penalty acts on updates: any family
+    ("pes", dict(horizon_min=10, pairs=2, tasks=2)),  # tasks end their runs at different steps
+])
+def test_mlp_family_meta_training_resumed_after_a_stop_equals_an_uninterrupted_one(tmp_path, synthetic, small,
+                                                                                   estimator, settings):
+    cfg = _mlp_cfg(estimator=estimator, epochs=3, **settings)
+    full = meta_train_to(cfg, tmp_path / "full", synthetic)
+    meta_train_to(cfg, tmp_path / "cut", synthetic, stop_after_epochs=1)
+    assert not (tmp_path / "cut" / "l2o.pt").exists()
+    resumed = meta_train_to(cfg, tmp_path / "cut", synthetic, resume=True)
+    for k in full.l2o.phi:
+        assert torch.equal(full.l2o.phi[k], resumed.l2o.phi[k]), k
+    assert (tmp_path / "full" / "metrics.csv").read_bytes() == (tmp_path / "cut" / "metrics.csv").read_bytes()
+    start = init_mlp_phi(generator("phi", cfg.seed))
+    assert any(not torch.equal(full.l2o.phi[k], start[k]) for k in start)  # it did train
+
+
+def meta_train_to(cfg, out, data, **kw):
+    from l2o_dynamics.meta import meta_train
+
+    return meta_train(cfg, out, data=data, progress=False, **kw)
+
+
+@pytest.mark.parametrize("estimator", ["es", "full-es"])
+def test_es_and_full_es_meta_train_the_mlp_family(synthetic, small, estimator):
+    from l2o_dynamics.meta import meta_train
+
+    cfg = _mlp_cfg(estimator=estimator, epochs=1, pairs=2)
+    res = meta_train(cfg, data=synthetic, progress=False)
+    values = [v for m, _, v in res.log.entries if m == "meta_grad_norm"]
+    assert len(values) == cfg.total_meta_steps() and all(math.isfinite(v) and v > 0 for v in values)
+    start = init_mlp_phi(generator("phi", cfg.seed))
+    assert all(not torch.equal(res.l2o.phi[k], start[k]) for k in start)  # every entry moved, decays too
+
+
+def test_meta_trained_mlp_l2o_is_exported_and_meta_tests_by_path(tmp_path, mnist, small, capsys):
+    """CLI meta-train --family mlp (PES) -> l2o.pt: loads by path (learned.l2o_from_checkpoint, the
+    drop-in) as the selected phi, and `meta-test --checkpoint` runs it."""
+    import csv
+
+    from l2o_dynamics.cli import main
+    from l2o_dynamics.meta import read_checkpoint
+
+    out = tmp_path / "mlp"
+    assert main(["meta-train", "--recipe", "plain", "--family", "mlp", "--estimator", "pes", "--optimizee", "small",
+                 "--epochs", "1", "--runs", "1", "--horizon", "10", "--unroll", "5", "--val-runs", "1",
+                 "--pairs", "2", "--step-mult", "0.01", "--mlp-hidden", "8", "--seed", "7", "--meta-lr", "0.01",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "meta-trained mlp L2O on small" in capsys.readouterr().out
+    l2o = l2o_from_checkpoint(out / "l2o.pt")
+    assert isinstance(l2o, MLPL2O) and (l2o.hidden, l2o.hidden_layers, l2o.step_mult) == (8, 2, 0.01)
+    cfg = _mlp_cfg(estimator="pes", epochs=1, horizon=10, pairs=2, mlp_hidden=8)
+    ck = read_checkpoint(out / "checkpoint.pt", cfg)
+    for k, v in ck["best_phi"].items():
+        assert torch.equal(l2o.phi[k], v), k
+    MLPL2OOptimizer(nn.Linear(3, 2).parameters(), out / "l2o.pt")
+    run = tmp_path / "test"
+    assert main(["meta-test", "--optimizer", "l2o", "--checkpoint", str(out / "l2o.pt"), "--optimizee",
+                 "leaky_relu", "--steps", "4", "--seeds", "100-101", "--out", str(run), "--no-progress"]) == 0
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["optimizer"] for r in rows} == {"mlp_l2o"} and {r["seed"] for r in rows} == {"100", "101"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden=10), "hidden apply to the lstm family only, not to family mlp; the mlp family's network settings "
+                      "are mlp_hidden, mlp_layers, step_mult, exp_mult"),
+    (dict(log_eps=1e-8, out_bias="zero"), "log_eps, out_bias apply to the lstm family only"),
+    (dict(family="lstm", step_mult=0.01), "step_mult apply to the mlp family only, not to family lstm; the lstm "
+                                          "family's network settings are hidden, layers, p, eta, log_eps, out_bias"),
+    (dict(family="gru"), "unknown family 'gru'; valid: lstm, mlp"),
+    (dict(mlp_hidden=0), "mlp_hidden must be an integer in 1..4096, got 0"),
+    (dict(step_mult=0.0), "step_mult must be a finite number in (0, 10]"),
+])
+def test_settings_that_do_not_apply_to_the_family_are_refused_in_one_line(small, change, message):
+    with pytest.raises(L2OError) as e:
+        _mlp_cfg(**change).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_an_l2o_of_the_other_family_is_refused(tmp_path, small):
+    from l2o_dynamics.learned import init_phi
+
+    torch.save({"phi": init_phi(), "net": {"hidden": 20, "layers": 2, "p": 10.0, "eta": 0.1}}, tmp_path / "lstm.pt")
+    with pytest.raises(L2OError, match=r"is an L2O of the lstm family; this config's family is mlp: make them "
+                                        r"equal \(CLI: --family lstm\)"):
+        _mlp_cfg(init_from=str(tmp_path / "lstm.pt")).validate()
+    save_mlp_l2o(MLPL2O(init_mlp_phi(hidden=8), hidden=8), tmp_path / "mlp8.pt")
+    with pytest.raises(L2OError, match="has 2 hidden layers of 8; this config has mlp_layers 2, mlp_hidden 32"):
+        _mlp_cfg(init_from=str(tmp_path / "mlp8.pt")).validate()
+    _mlp_cfg(init_from=str(tmp_path / "mlp8.pt"), mlp_hidden=8).validate()
+
+
+def test_a_recipe_leaves_out_the_other_familys_settings():
+    from l2o_dynamics.meta import recipe
+
+    assert recipe("authors").log_eps == 1e-8
+    cfg = recipe("authors", family="mlp").validate()  # the authors' meta-training, no LSTM preprocessing
+    assert (cfg.log_eps, cfg.loss_index, cfg.select) == (0.0, "current", "train-runs")
+    with pytest.raises(L2OError, match="log_eps apply to the lstm family only"):
+        recipe("authors", family="mlp", log_eps=1e-8).validate()
+
+
+def test_the_cli_refuses_an_lstm_setting_with_family_mlp_with_exit_2(tmp_path, capsys):
+    from l2o_dynamics.cli import main
+
+    assert main(["meta-train", "--family", "mlp", "--hidden", "10", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "hidden apply to the lstm family only" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_memory_estimate_of_the_mlp_family_adds_up_the_documented_terms():
+    from l2o_dynamics import meta
+
+    cfg = meta.recipe("plain", optimizee="relu", family="mlp", mlp_hidden=3, mlp_layers=1, tasks=2, unroll=5,
+                      horizon=5, batch_size=4)
+    # s = 4; n = 15910 (relu), R = B n = 31820; F = 28; P = 39*3 + 3 + 3*2 + 2 + 7 decay offsets = 135
+    # unroll: K s (R (2F + 2 L H + 2) + 8 B n) = 5 * 4 * (31820 * 64 + 8 * 2 * 15910)
+    # data: 60000 * 784 + 2 B batch 784 s = 47,040,000 + 2 * 2 * 4 * 784 * 4
+    assert meta.memory_estimate(cfg) == {"meta_params": 7 * 135 * 4, "unroll": 5 * 4 * (31820 * 64 + 254560),
+                                         "data": 47_040_000 + 50_176}
+    # population (pes, N = 8): s ((2N+1) R (2F + 2H + 4) + (2N+2) B P) = 4 (17 * 31820 * 66 + 18 * 2 * 135)
+    pes = meta.recipe("plain", optimizee="relu", family="mlp", mlp_hidden=3, mlp_layers=1, tasks=2, unroll=5,
+                      horizon=5, batch_size=4, estimator="pes")
+    assert meta.memory_estimate(pes)["population"] == 4 * (17 * 31820 * 66 + 18 * 2 * 135)

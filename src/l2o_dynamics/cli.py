@@ -154,8 +154,8 @@ def _check_name_lengths(p: Path, flag: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .meta import (LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS, SCHEDULES,
-                       SELECTIONS)
+    from .meta import (FAMILIES, LOSS_INDICES, META_LOSSES, OUT_BIAS, RANGES, RECIPE_ALIASES, RECIPES, REGS,
+                       SCHEDULES, SELECTIONS)
     from .estimators import ESTIMATORS, FULL_ES_LOSSES
     from .optimizees import ZOO
     from .optimizers import OPTIMIZERS
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "published): the study's recipe as its authors' code runs it (docs/replication.md); "
                         "plain: the paper's formulas, validation selection. Options below override the recipe's.")
     m.add_argument("--optimizee", default="leaky_relu", help="zoo name, or a comma-separated mixture")
+    m.add_argument("--family", choices=FAMILIES, default=None,
+                   help="the learned optimizer: lstm (coordinate-wise LSTM, the default) or mlp (the per-parameter "
+                        "MLP of Metz et al. 2022, docs/mlp_l2o.md)")
     m.add_argument("--epochs", type=ranged(RANGES["epochs"]), default=None, help="(published: 50)")
     m.add_argument("--runs", type=ranged(RANGES["runs"]), default=None, help="optimizee runs per epoch (published: 20)")
     m.add_argument("--horizon", type=ranged(RANGES["horizon"]), default=None, help="optimizee steps per run (200)")
@@ -249,10 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from a trained L2O (an l2o.pt, or pretrained:NAME) instead of a fresh init")
     m.add_argument("--seed", type=ranged(RANGES["seed"]), default=None)
-    m.add_argument("--hidden", type=ranged(RANGES["hidden"]), default=None)
-    m.add_argument("--layers", type=ranged(RANGES["layers"]), default=None)
+    m.add_argument("--hidden", type=ranged(RANGES["hidden"]), default=None, help="family lstm: LSTM units (20)")
+    m.add_argument("--layers", type=ranged(RANGES["layers"]), default=None, help="family lstm: LSTM layers (2)")
     m.add_argument("--p", type=ranged(RANGES["p"]), default=None, help="gradient preprocessing constant (10)")
     m.add_argument("--eta", type=ranged(RANGES["eta"]), default=None, help="output scale of the L2O's update (0.1)")
+    m.add_argument("--mlp-hidden", type=ranged(RANGES["mlp_hidden"]), default=None,
+                   help="family mlp: width of the MLP's hidden layers (32)")
+    m.add_argument("--mlp-layers", type=ranged(RANGES["mlp_layers"]), default=None,
+                   help="family mlp: hidden layers of the MLP (2)")
+    m.add_argument("--step-mult", type=ranged(RANGES["step_mult"]), default=None,
+                   help="family mlp: update = -d exp(exp_mult m) step_mult (1e-3)")
+    m.add_argument("--exp-mult", type=ranged(RANGES["exp_mult"]), default=None,
+                   help="family mlp: scale of the magnitude output m (1e-3)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto",
                    help="fuse the LSTM cell's element-wise ops with torch.compile")
@@ -394,11 +405,12 @@ def cmd_meta_test(args) -> int:
     return 0
 
 
-CONFIG_FLAGS = ("optimizee", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
+CONFIG_FLAGS = ("optimizee", "family", "epochs", "runs", "horizon", "unroll", "tasks", "batch_size", "meta_lr",
                 "lr_schedule", "meta_loss", "loss_index", "clip_grad", "out_bias", "short_runs",
                 "curriculum", "reg", "beta", "reg_measure", "val_runs", "rollback", "rollback_cut",
                 "collapse", "init_from", "seed", "hidden", "layers", "p", "eta", "log_eps", "select", "device",
-                "estimator", "pairs", "sigma", "horizon_min", "offsets", "full_es_loss", "sign")
+                "estimator", "pairs", "sigma", "horizon_min", "offsets", "full_es_loss", "sign",
+                "mlp_hidden", "mlp_layers", "step_mult", "exp_mult")
 
 
 def cmd_meta_train(args) -> int:
@@ -421,7 +433,7 @@ def cmd_meta_train(args) -> int:
         res = meta_train(cfg, out, data=data, resume=args.resume, progress=args.progress)
     what = {"val": "validation score", "train-runs": "score of the training-split runs",
             "meta-loss": "mean meta-training loss"}[cfg.select]
-    print(f"meta-trained L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
+    print(f"meta-trained {cfg.family} L2O on {cfg.optimizee}: best {what} {res.best_score:.4f} "
           f"(epoch {res.best_epoch + 1}), {res.skipped} skipped meta-steps, "
           f"{res.wall_time_s:.0f} s; optimizer in {out / 'l2o.pt'}")
     return 0

@@ -26,7 +26,7 @@ batched forward computation (`population_update`), with no autograd graph:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -34,7 +34,10 @@ import torch
 from . import data as data_mod
 from .errors import L2OError
 from .learned import KERNELS, L2O, _gate_scale, preprocess
+from .mlp_lopt import MLPL2O
+from .mlp_lopt import population_update as mlp_population_update
 from .optimizees import Optimizee
+from .optimizers import tree_map, tree_tensors
 from .procs import check_interrupt
 from .seeds import derive_seed, generator
 
@@ -88,6 +91,15 @@ def population_update(net: L2O, phis: Params, grads: Params, state: dict, shapes
     return updates, {"h": new_h, "c": new_c}
 
 
+def population_step(net: L2O | MLPL2O, phis: Params, grads: Params, state: dict, params: Params,
+                    shapes: dict):
+    """One update of Q runs with their own phis, for either family (`population_update`,
+    `mlp_lopt.population_update`): (updates {name: (Q, *param shape)}, new state)."""
+    if isinstance(net, MLPL2O):
+        return mlp_population_update(net, phis, grads, state, params)
+    return population_update(net, phis, grads, state, shapes)
+
+
 def truncation_loss(losses: torch.Tensor, loss0: torch.Tensor, meta_loss: str, loss_index: str) -> torch.Tensor:
     """The meta-loss of one truncation (as `meta.unroll`, without the penalty): losses (K, ...)
     after each update, loss0 (...) before the first; returns (...)."""
@@ -103,20 +115,22 @@ def truncation_loss(losses: torch.Tensor, loss0: torch.Tensor, meta_loss: str, l
 # ---- per-task state ------------------------------------------------------------------------
 class Tasks:
     """B optimizee runs, each advanced as C copies (the perturbed phis of one task share its
-    init and every minibatch). Tensors are (C, B, ...); counters are per task."""
+    init and every minibatch). Tensors are (C, B, ...), the L2O's state included (`state`,
+    `net.init` of the copies' parameters; the MLP's step count one per copy, since tasks start
+    their runs at different times); counters are per task."""
 
-    def __init__(self, net: L2O, model: Optimizee, factory: TaskFactory, tasks: int, copies: int,
+    def __init__(self, net: L2O | MLPL2O, model: Optimizee, factory: TaskFactory, tasks: int, copies: int,
                  dtype: torch.dtype, device: torch.device):
         self.net, self.model, self.factory = net, model, factory
         self.B, self.C, self.dtype, self.device = tasks, copies, dtype, device
         self.shapes = model.shapes()
-        n = model.num_params
         zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.params = {k: zeros(copies, tasks, *s) for k, s in self.shapes.items()}
         self.grads = {k: zeros(copies, tasks, *s) for k, s in self.shapes.items()}
         self.loss0 = zeros(copies, tasks)
-        self.h = [zeros(copies, tasks, n, net.hidden) for _ in range(net.layers)]
-        self.c = [zeros(copies, tasks, n, net.hidden) for _ in range(net.layers)]
+        self.state = net.init(self.params, batch_ndim=2)
+        if isinstance(net, MLPL2O):
+            self.state["step"] = torch.zeros(copies, tasks, dtype=torch.long, device=device)
         self.step = [0] * tasks
         self.length = [0] * tasks
         self.runs = [0] * tasks  # runs started so far, per task
@@ -135,7 +149,7 @@ class Tasks:
             self.params[k][:, b] = params[k]
             self.grads[k][:, b] = grads[k]
         self.loss0[:, b] = loss
-        for t in (*self.h, *self.c):
+        for t in tree_tensors(self.state):
             t[:, b] = 0
         self.step[b], self.length[b] = step, length
 
@@ -150,14 +164,14 @@ class Tasks:
         C, B = self.C, self.B
         flat = lambda t: t.reshape(C * B, *t.shape[2:])  # noqa: E731
         phis = {k: flat(v.expand(C, B, *v.shape[2:])) for k, v in phis.items()}
-        state = {"h": [flat(t) for t in self.h], "c": [flat(t) for t in self.c]}
+        state = tree_map(flat, self.state)
         params = {k: flat(v) for k, v in self.params.items()}
         grads = {k: flat(v) for k, v in self.grads.items()}
         losses, drifts = [], []
         tiny = torch.finfo(self.dtype).tiny
         with torch.no_grad():
             for _ in range(steps):
-                updates, state = population_update(self.net, phis, grads, state, self.shapes)
+                updates, state = population_step(self.net, phis, grads, state, params, self.shapes)
                 u = torch.cat([v.reshape(C * B, -1) for v in updates.values()], dim=-1)
                 drifts.append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(C, B))
                 params = {k: params[k] + updates[k] for k in params}
@@ -168,8 +182,7 @@ class Tasks:
                 losses.append(loss)
         self.params = {k: v.reshape(C, B, *v.shape[1:]) for k, v in params.items()}
         self.grads = {k: v.reshape(C, B, *v.shape[1:]) for k, v in grads.items()}
-        self.h = [t.reshape(C, B, *t.shape[1:]) for t in state["h"]]
-        self.c = [t.reshape(C, B, *t.shape[1:]) for t in state["c"]]
+        self.state = tree_map(lambda t: t.reshape(C, B, *t.shape[1:]), state)
         self.loss0 = losses[-1]
         for b in range(B):
             self.step[b] += steps
@@ -177,7 +190,7 @@ class Tasks:
 
     def copy_from(self, source: int) -> None:
         """Every copy of every task continues from copy `source`'s state."""
-        for t in (*self.params.values(), *self.grads.values(), *self.h, *self.c):
+        for t in (*self.params.values(), *self.grads.values(), *tree_tensors(self.state)):
             t.copy_(t[source:source + 1].expand_as(t).clone())
         self.loss0.copy_(self.loss0[source:source + 1].expand_as(self.loss0).clone())
 
@@ -249,7 +262,7 @@ class Estimator:
 
     name = ""
 
-    def __init__(self, s: Settings, net: L2O, model: Optimizee, factory: TaskFactory,
+    def __init__(self, s: Settings, net: L2O | MLPL2O, model: Optimizee, factory: TaskFactory,
                  gen: torch.Generator, dtype: torch.dtype, device: torch.device):
         self.s, self.net, self.model, self.factory, self.gen = s, net, model, factory, gen
         self.dtype, self.device = dtype, device
@@ -362,10 +375,10 @@ class TBPTT(Estimator):
 
         s, t = self.s, self.tasks
         leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        l2o = L2O(leaves, self.net.hidden, self.net.layers, self.net.p, self.net.eta, log_eps=self.net.log_eps)
+        l2o = replace(self.net, phi=leaves)
         params = {k: v[0] for k, v in t.params.items()}
         grads = {k: v[0] for k, v in t.grads.items()}
-        state = {"h": tuple(x[0] for x in t.h), "c": tuple(x[0] for x in t.c), "shapes": t.shapes}
+        state = tree_map(lambda x: x[0], t.state)
         loss0 = t.loss0[0]
         with torch.enable_grad():
             out = unroll(l2o, self.model, params, state, grads, t.next_batch, s.unroll,
@@ -374,8 +387,7 @@ class TBPTT(Estimator):
             grad = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
         t.params = {k: v.detach()[None] for k, v in out.params.items()}
         t.grads = {k: v[None] for k, v in out.grads.items()}
-        t.h = [x.detach()[None] for x in out.state["h"]]
-        t.c = [x.detach()[None] for x in out.state["c"]]
+        t.state = tree_map(lambda x: x.detach()[None], out.state)
         t.loss0 = out.losses[-1][None]
         for b in range(s.tasks):
             t.step[b] += s.unroll
@@ -387,7 +399,7 @@ class TBPTT(Estimator):
 CLASSES = {"tbptt": TBPTT, "es": TruncatedES, "pes": PES, "full-es": FullES}
 
 
-def make(s: Settings, net: L2O, model: Optimizee, factory: TaskFactory, gen: torch.Generator,
+def make(s: Settings, net: L2O | MLPL2O, model: Optimizee, factory: TaskFactory, gen: torch.Generator,
          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Estimator:
     """The estimator `s.estimator` over `s.tasks` tasks drawn from `factory`."""
     if s.estimator not in CLASSES:
@@ -420,10 +432,9 @@ def run_epoch(cfg, phi: Params, opt: torch.optim.Optimizer, model: Optimizee, tr
     epoch depends only on (cfg, epoch, phi, meta-optimizer state): a resume from the epoch's
     checkpoint repeats it bit for bit. A non-finite estimate skips the meta-step and restarts
     every task's run."""
-    from .meta import _finite, meta_lr
+    from .meta import _finite, make_l2o, meta_lr
 
-    net = L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden, cfg.layers, cfg.p, cfg.eta,
-              log_eps=cfg.log_eps)
+    net = make_l2o(cfg, {k: v.detach() for k, v in phi.items()})
     est = make(Settings.of(cfg), net, model, train_factory(cfg, model, train, epoch, device),
                generator("perturb", cfg.seed, epoch), cfg.torch_dtype, device)
     params = opt.param_groups[0]["params"]

@@ -1,5 +1,9 @@
 """Meta-training the L2O by truncated backpropagation through time.
 
+Either family of learned optimizers (`MetaTrainConfig.family`): the coordinate-wise LSTM of
+learned.py (lstm, the default) or the per-parameter MLP of mlp_lopt.py (mlp); both have the
+functional init/update interface, so everything below serves both (M_phi is either).
+
 One optimizee run: `horizon` steps from a fresh init and a fresh data order,
 cut into unrolls of K steps. For one unroll starting at theta_s (detached):
 
@@ -33,8 +37,9 @@ from . import data as data_mod
 from . import symmetry
 from .learned import (L2O, NET_RANGES, adopt_fusion, check_phi, fusion_in_use, init_phi, l2o_from_checkpoint,
                       read_torch)
+from .mlp_lopt import MLP_RANGES, MLPL2O, check_mlp_phi, init_mlp_phi, mlp_net, mlp_phi_shapes
 from .optimizees import Optimizee, get_optimizee
-from .optimizers import Float32Range
+from .optimizers import Float32Range, tree_tensors
 from .results import MetricLog, write_run
 from .runner import init_params, meta_test
 from .env import resolve_device
@@ -53,6 +58,10 @@ SELECTIONS = ("val", "train-runs", "meta-loss")
 OUT_BIAS = ("default", "zero")
 SCHEDULES = ("constant", "cosine", "step")
 REGS = ("rescale", "scale", "translation", "all")
+FAMILIES = ("lstm", "mlp")  # learned.L2O, mlp_lopt.MLPL2O
+# The network settings of each family; a config of one family must leave the other's at their defaults.
+FAMILY_FIELDS = {"lstm": ("hidden", "layers", "p", "eta", "log_eps", "out_bias"),
+                 "mlp": ("mlp_hidden", "mlp_layers", "step_mult", "exp_mult")}
 # A collapse: for COLLAPSE_UNROLLS consecutive unrolls the updates drift (|mean u| / mean |u|
 # above cfg.collapse: every coordinate moves the same way, whatever its gradient) while the
 # optimizee dies (a DEAD share of its hidden units flat, or its loss at CHANCE x log(classes)).
@@ -66,6 +75,7 @@ EARLY_STEPS = 25  # the "fast start": mean loss over steps 1..25
 @dataclass
 class MetaTrainConfig:
     optimizee: str = "leaky_relu"  # a zoo name, or a comma-separated mixture
+    family: str = "lstm"  # the learned optimizer: lstm (learned.L2O) or mlp (mlp_lopt.MLPL2O)
     epochs: int = 50
     runs: int = 20  # optimizee runs per epoch
     horizon: int = 200
@@ -95,6 +105,11 @@ class MetaTrainConfig:
     p: float = 10.0
     eta: float = 0.1
     log_eps: float = 0.0  # added inside the log of the gradient preprocessing (authors: 1e-8)
+    # the MLP family's network (mlp_lopt.py): hidden width and layers, output scales (the reference's)
+    mlp_hidden: int = 32
+    mlp_layers: int = 2
+    step_mult: float = 1e-3
+    exp_mult: float = 1e-3
     select: str = "val"  # keep the epoch with the best: val | train-runs | meta-loss (SELECTIONS)
     # the meta-gradient estimator (estimators.py): tbptt | es | pes | full-es; the ES family's settings
     estimator: str = "tbptt"
@@ -117,6 +132,7 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if value is not None or name not in OPTIONAL:
                 valid.check(name, value)
+        self._validate_family()
         if self.unroll > self.horizon:
             raise L2OError(f"unroll ({self.unroll}) must be at most horizon ({self.horizon})")
         if self.horizon % self.unroll:
@@ -144,9 +160,17 @@ class MetaTrainConfig:
                                f"and at most horizon ({self.horizon}), got {list(self.curriculum)}")
         if self.init_from is not None:  # a missing, malformed or mismatched one fails here, before any work
             start = l2o_from_checkpoint(self.init_from)
-            if (start.hidden, start.layers) != (self.hidden, self.layers):
+            family = "mlp" if isinstance(start, MLPL2O) else "lstm"
+            if family != self.family:
+                raise L2OError(f"init_from {self.init_from} is an L2O of the {family} family; this config's family "
+                               f"is {self.family}: make them equal (CLI: --family {family})")
+            if family == "lstm" and (start.hidden, start.layers) != (self.hidden, self.layers):
                 raise L2OError(f"init_from {self.init_from} has hidden {start.hidden}, layers {start.layers}; "
                                f"this config has hidden {self.hidden}, layers {self.layers}: make them equal")
+            if family == "mlp" and (start.hidden, start.hidden_layers) != (self.mlp_hidden, self.mlp_layers):
+                raise L2OError(f"init_from {self.init_from} has {start.hidden_layers} hidden layers of "
+                               f"{start.hidden}; this config has mlp_layers {self.mlp_layers}, mlp_hidden "
+                               f"{self.mlp_hidden}: make them equal")
         if self.dtype not in ("float32", "float64"):
             raise L2OError(f"unknown dtype {self.dtype!r}; valid: float32, float64")
         if self.reg is not None:
@@ -163,6 +187,17 @@ class MetaTrainConfig:
         self._validate_estimator()
         check_fits(self, available_memory(resolve_device(self.device)))
         return self
+
+    def _validate_family(self) -> None:
+        if self.family not in FAMILIES:
+            raise L2OError(f"unknown family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        other = next(f for f in FAMILIES if f != self.family)
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [k for k in FAMILY_FIELDS[other] if getattr(self, k) != defaults[k]]
+        if given:
+            raise L2OError(f"{', '.join(given)} apply to the {other} family only, not to family {self.family}; "
+                           f"the {self.family} family's network settings are "
+                           f"{', '.join(FAMILY_FIELDS[self.family])}")
 
     def _validate_estimator(self) -> None:
         from .estimators import ESTIMATORS, FULL_ES_LOSSES
@@ -238,6 +273,8 @@ RANGES: dict[str, Range] = {
     # validation runs draw minibatches from the validation split (MNIST.val_size images)
     "batch_size": Range(1, data_mod.MNIST.val_size, integer=True), "tasks": Range(1, 10_000, integer=True),
     **NET_RANGES, "seed": Range(0, 2**63 - 1, integer=True),
+    "mlp_hidden": MLP_RANGES["hidden"], "mlp_layers": MLP_RANGES["hidden_layers"],
+    "step_mult": MLP_RANGES["step_mult"], "exp_mult": MLP_RANGES["exp_mult"],
     "pairs": Range(1, 100_000, integer=True), "sigma": Range(1e-8, 100),
     "horizon_min": _COUNT,
     # values that multiply float32 tensors must not underflow (optimizers.Float32Range)
@@ -267,19 +304,35 @@ def memory_estimate(cfg: MetaTrainConfig) -> dict[str, int]:
                       per step and layer the graph keeps [x, h] (R, I_l + H), c, tanh c' (R, H),
                       the gate activations (R, 4H), the new h, c (R, H) and the gate-scaled
                       weights (4H, I_l + H); per step B n-vectors of parameters, gradients, updates
-        data        = N_TRAIN x 784 bytes of MNIST training images + 2 B batch_size 784 s of minibatches"""
+        data        = N_TRAIN x 784 bytes of MNIST training images + 2 B batch_size 784 s of minibatches
+
+    The MLP family (F = 28 normalised features, H = mlp_hidden, L = mlp_layers, P its phi) keeps
+    per coordinate instead: unroll, per step, the features and the pieces they are built from
+    (2F), each layer's activations before and after the ReLU (2 L H) and the two outputs; a
+    population copy its accumulators (4), one step's features and pieces (2F) and activations (2H):
+
+        population  = s ((2N+1) R (2F + 2H + 4) + (2N+2) B P)
+        unroll      = K s (R (2F + 2 L H + 2) + 8 B n)"""
     from .learned import phi_shapes
+    from .mlp_lopt import N_NORMALISED
 
     s = torch.finfo(cfg.torch_dtype).bits // 8
     n = max(sum(math.prod(shape) for shape in m.shapes().values()) for m in cfg.models())
     big_b, h, k = cfg.tasks, cfg.hidden, cfg.unroll
     rows = big_b * n
-    inputs = [2] + [h] * (cfg.layers - 1)
-    n_phi = sum(math.prod(shape) for shape in phi_shapes(h, cfg.layers).values())
-    per_step = rows * sum(i + 9 * h for i in inputs) + sum(4 * h * (i + h) for i in inputs) + 8 * big_b * n
+    if cfg.family == "mlp":
+        f, h = N_NORMALISED, cfg.mlp_hidden
+        n_phi = sum(math.prod(shape) for shape in mlp_phi_shapes(h, cfg.mlp_layers).values())
+        per_step = rows * (2 * f + 2 * cfg.mlp_layers * h + 2) + 8 * big_b * n
+        per_copy = 2 * f + 2 * h + 4
+    else:
+        inputs = [2] + [h] * (cfg.layers - 1)
+        n_phi = sum(math.prod(shape) for shape in phi_shapes(h, cfg.layers).values())
+        per_step = rows * sum(i + 9 * h for i in inputs) + sum(4 * h * (i + h) for i in inputs) + 8 * big_b * n
+        per_copy = 2 * cfg.layers * h + 4 * h + 2 * h + 4
     if cfg.estimator != "tbptt":  # no graph: C = 2N + 1 copies of the B runs' states, one step's gates
         copies = (2 * cfg.pairs + 1) * rows
-        population = copies * (2 * cfg.layers * h + 4 * h + 2 * h + 4) + (2 * cfg.pairs + 2) * n_phi * big_b
+        population = copies * per_copy + (2 * cfg.pairs + 2) * n_phi * big_b
         return {"meta_params": 7 * n_phi * s, "population": population * s,
                 "data": data_mod.N_TRAIN * data_mod.DIM + 2 * big_b * cfg.batch_size * data_mod.DIM * s}
     return {"meta_params": 7 * n_phi * s, "unroll": k * per_step * s,
@@ -351,11 +404,15 @@ RECIPE_ALIASES = {"published": "authors"}  # 'published' named 'plain' before th
 
 
 def recipe(name: str = "default", **overrides) -> MetaTrainConfig:
-    """The MetaTrainConfig of recipe `name` with `overrides` (any config field) applied."""
+    """The MetaTrainConfig of recipe `name` with `overrides` (any config field) applied. A
+    recipe's network settings of the other family are left out (`--recipe authors --family
+    mlp` takes the authors' meta-training without their LSTM preprocessing's log_eps)."""
     name = RECIPE_ALIASES.get(name, name)
     if name not in RECIPES:
         raise L2OError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    return MetaTrainConfig(**{**RECIPES[name], **overrides})
+    family = overrides.get("family", "lstm")
+    other = [k for f, keys in FAMILY_FIELDS.items() if f != family for k in keys]
+    return MetaTrainConfig(**{**{k: v for k, v in RECIPES[name].items() if k not in other}, **overrides})
 
 
 # ---- one unroll ------------------------------------------------------------------------
@@ -370,7 +427,7 @@ class Unroll:
     drift: torch.Tensor  # (K, B) |mean_i u_i| / mean_i |u_i| of each step's update (value)
 
 
-def unroll(l2o: L2O, model: Optimizee, params: dict, state: dict, grads: dict,
+def unroll(l2o: L2O | MLPL2O, model: Optimizee, params: dict, state: dict, grads: dict,
            next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], steps: int, *,
            meta_loss: str = "logsum", reg: str | None = None, beta: float = 0.0,
            reg_measure: str = "total", loss_index: str = "next",
@@ -429,14 +486,14 @@ def meta_lr(cfg: MetaTrainConfig, step: int, total: int, scale: float = 1.0) -> 
 
 
 # ---- validation --------------------------------------------------------------------------
-def validation_score(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> float:
+def validation_score(l2o: L2O | MLPL2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> float:
     """Mean minibatch training loss over the full horizon of `val_runs` runs (held-out
     seeds) trained on the validation split (on the training split with select='train-runs',
     as the authors did), averaged over the optimizees. Lower is better."""
     return validation_scores(l2o, cfg, data)["val_score"]
 
 
-def validation_scores(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> dict[str, float]:
+def validation_scores(l2o: L2O | MLPL2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> dict[str, float]:
     """`val_score` (see `validation_score`) and `val_early`: the same runs' mean loss
     over steps 1..EARLY_STEPS (the fast start), each averaged over the optimizees."""
     seeds = [VAL_SEEDS + i for i in range(cfg.val_runs)]
@@ -457,7 +514,7 @@ def validation_scores(l2o: L2O, cfg: MetaTrainConfig, data: data_mod.MNIST) -> d
 # ---- the outer loop --------------------------------------------------------------------------
 @dataclass
 class MetaTrainResult:
-    l2o: L2O  # with the selected (best validation) phi
+    l2o: L2O | MLPL2O  # with the selected (best validation) phi
     best_score: float
     best_epoch: int
     skipped: int
@@ -467,7 +524,33 @@ class MetaTrainResult:
 
 
 def _net(cfg: MetaTrainConfig) -> dict:
+    if cfg.family == "mlp":
+        return mlp_net(cfg.mlp_hidden, cfg.mlp_layers, cfg.exp_mult, cfg.step_mult)
     return {"hidden": cfg.hidden, "layers": cfg.layers, "p": cfg.p, "eta": cfg.eta, "log_eps": cfg.log_eps}
+
+
+def make_l2o(cfg: MetaTrainConfig, phi: dict, meta: dict | None = None) -> L2O | MLPL2O:
+    """The learned optimizer of cfg.family with meta-parameters `phi` (not copied)."""
+    if cfg.family == "mlp":
+        return MLPL2O(phi, cfg.mlp_hidden, cfg.mlp_layers, cfg.exp_mult, cfg.step_mult, meta=meta or {})
+    return L2O(phi, cfg.hidden, cfg.layers, cfg.p, cfg.eta, log_eps=cfg.log_eps, meta=meta or {})
+
+
+def init_meta_params(cfg: MetaTrainConfig, dtype: torch.dtype, device) -> dict:
+    """cfg.family's seeded init of phi (generator('phi', seed))."""
+    if cfg.family == "mlp":
+        return init_mlp_phi(generator("phi", cfg.seed), cfg.mlp_hidden, cfg.mlp_layers, dtype, device)
+    phi = init_phi(generator("phi", cfg.seed), cfg.hidden, cfg.layers, dtype, device)
+    if cfg.out_bias == "zero":  # drawn and then zeroed: every other tensor is as published
+        phi["out.bias"].zero_()
+    return phi
+
+
+def _check_meta_params(cfg: MetaTrainConfig, phi, name: str) -> dict:
+    """`learned.check_phi` or `mlp_lopt.check_mlp_phi` for cfg's network, in cfg's dtype."""
+    if cfg.family == "mlp":
+        return check_mlp_phi(phi, cfg.mlp_hidden, cfg.mlp_layers, name, cfg.torch_dtype)
+    return check_phi(phi, cfg.hidden, cfg.layers, name, cfg.torch_dtype)
 
 
 def _finite(tensors) -> bool:
@@ -500,14 +583,13 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
 
-    phi = init_phi(generator("phi", cfg.seed), cfg.hidden, cfg.layers, dtype, device)
-    if cfg.out_bias == "zero":  # drawn and then zeroed: every other tensor is as published
-        phi["out.bias"].zero_()
+    phi = init_meta_params(cfg, dtype, device)
     if phi0 is None and cfg.init_from is not None:
         phi0 = dict(l2o_from_checkpoint(cfg.init_from).phi)
     if phi0 is not None:
         if set(phi0) != set(phi) or any(phi0[k].shape != phi[k].shape for k in phi):
-            raise L2OError("phi0 does not match the network of this config (hidden, layers)")
+            raise L2OError(f"phi0 does not match the network of this config (family {cfg.family}: "
+                           f"{', '.join(FAMILY_FIELDS[cfg.family][:2])})")
         phi = {k: phi0[k].detach().to(dtype=dtype, device=device).clone() for k in phi}
     phi = {k: v.requires_grad_(True) for k, v in phi.items()}
     opt = torch.optim.Adam(phi.values(), lr=cfg.meta_lr)
@@ -537,7 +619,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         raise L2OError(f"{ckpt_path} exists; pass resume=True to continue it, or remove it to start over "
                        "(CLI: --resume, --overwrite)")
 
-    l2o = L2O(phi, cfg.hidden, cfg.layers, cfg.p, cfg.eta, log_eps=cfg.log_eps)
+    l2o = make_l2o(cfg, phi)
     bar = tqdm(total=total_steps, initial=st["meta_step"], disable=not progress,
                desc=f"meta-train {name}", unit="unroll", dynamic_ncols=True)
     epochs_done_here = 0
@@ -555,8 +637,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
                 from .estimators import run_epoch
                 run_epoch(cfg, phi, opt, models[epoch % len(models)], train, epoch, st, log, bar, device,
                           total_steps)
-            scores = validation_scores(L2O({k: v.detach() for k, v in phi.items()}, cfg.hidden,
-                                           cfg.layers, cfg.p, cfg.eta, log_eps=cfg.log_eps), cfg, data)
+            scores = validation_scores(make_l2o(cfg, {k: v.detach() for k, v in phi.items()}), cfg, data)
             score = scores["val_score"]
             log.add("val_score", st["meta_step"], score)
             log.add("val_early", st["meta_step"], scores["val_early"])
@@ -581,8 +662,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     finally:
         bar.close()
 
-    best = L2O({k: v.detach().clone() for k, v in st["best_phi"].items()}, cfg.hidden, cfg.layers,
-               cfg.p, cfg.eta, log_eps=cfg.log_eps, meta={"best_epoch": st["best_epoch"]})
+    best = make_l2o(cfg, {k: v.detach().clone() for k, v in st["best_phi"].items()},
+                    meta={"best_epoch": st["best_epoch"]})
     result = MetaTrainResult(best, st["best_score"], st["best_epoch"], st["skipped"], out,
                              time.time() - started, log)
     if out is not None and st["epoch"] == cfg.epochs:
@@ -728,7 +809,7 @@ def read_checkpoint(path: Path, cfg: MetaTrainConfig) -> dict:
         raise L2OError(f"{name} was written with a different config; resume with the same config, "
                        "or use a new output directory")
     for key in ("phi", "best_phi"):
-        ck[key] = check_phi(ck[key], cfg.hidden, cfg.layers, f"{name} ({key})", cfg.torch_dtype)
+        ck[key] = _check_meta_params(cfg, ck[key], f"{name} ({key})")
     for problem in _state_problems(ck, cfg):
         raise L2OError(f"{name} is damaged: {problem}; remove it to start over (CLI: --overwrite)")
     try:
@@ -759,21 +840,9 @@ def _state_problems(ck: dict, cfg: MetaTrainConfig) -> list[str]:
             continue
         if not isinstance(ck[key], dict) or not isinstance(ck[key].get("state"), dict):
             problems.append(f"{key} is not a meta-optimizer state_dict")
-        elif not all(_finite([t]) for t in _tensors(ck[key]["state"])):
+        elif not all(_finite([t]) for t in tree_tensors(ck[key]["state"])):
             problems.append(f"{key} holds non-finite meta-optimizer state")
     return problems
-
-
-def _tensors(tree):
-    """Every tensor inside nested dicts, lists and tuples."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 def _resumable(config: dict) -> dict:
@@ -801,8 +870,9 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
     }, path)
 
 
-def export(l2o: L2O, cfg: MetaTrainConfig, st: dict, path: Path) -> None:
-    """The selected optimizer, loadable by `learned.l2o_from_checkpoint` / `L2OOptimizer`."""
+def export(l2o: L2O | MLPL2O, cfg: MetaTrainConfig, st: dict, path: Path) -> None:
+    """The selected optimizer, loadable by `learned.l2o_from_checkpoint` and `L2OOptimizer`
+    (the MLP family: `MLPL2OOptimizer`; the layout of `mlp_lopt.save_mlp_l2o`)."""
     atomic_torch_save({"phi": {k: v.detach().cpu() for k, v in l2o.phi.items()}, "net": _net(cfg),
                        "config": cfg.to_dict(), "best_score": st["best_score"],
                        "best_epoch": st["best_epoch"]}, path)

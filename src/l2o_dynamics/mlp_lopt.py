@@ -124,9 +124,12 @@ def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return int(order[-2]), int(order[-1])
 
 
-def time_features(step: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(11,): tanh(step / s - 1) for the timescales s of TIMESCALES."""
+def time_features(step: int | torch.Tensor, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(11,): tanh(step / s - 1) for the timescales s of TIMESCALES; a tensor of steps (*B,)
+    (one per run) gives (*B, 11)."""
     s = torch.tensor(TIMESCALES, dtype=dtype, device=device)
+    if isinstance(step, torch.Tensor):
+        return torch.tanh(step.to(dtype=dtype, device=device).unsqueeze(-1) / s - 1.0)
     return torch.tanh(step / s - 1.0)
 
 
@@ -191,50 +194,17 @@ class MLPL2O:
 
     def _raw_features(self, grads, state, params):
         """({name: (raw features (*batch, *S, 28), their normaliser (*batch, 1.., 28))}, new state)."""
-        mom_d, rms_d, fac_d = decays(self.phi)
-        raw, new_m, new_rms, new_fac = {}, {}, {}, {}
-        for k, shape in state["shapes"].items():
-            g, p = grads[k], params[k]
-            if not shape:  # a scalar as a length-1 vector
-                g, p = g.unsqueeze(-1), p.unsqueeze(-1)
-            x, scale, new_m[k], new_rms[k], new_fac[k] = _tensor_features(
-                g, p, state["m"][k], state["rms"][k], state["fac"][k], shape or (1,), mom_d, rms_d, fac_d)
-            raw[k] = (x, scale)
-        return raw, {"step": state["step"] + 1, "m": new_m, "rms": new_rms, "fac": new_fac,
-                     "shapes": state["shapes"]}
+        return _raw_features(self.phi, grads, state, params)
 
     def update(self, grads, state, params):
-        raw, new_state = self._raw_features(grads, state, params)
-        updates, bias = {}, None
-        for k, (x, scale) in raw.items():
-            lead = x.shape[:-1]  # (*batch, *S)
-            nd = len(state["shapes"][k]) or 1
-            runs = math.prod(lead[:-nd])
-            bias = self._first_bias(state["step"], x) if bias is None else bias
-            out = self._mlp(x.reshape(runs, -1, N_NORMALISED), bias,
-                            scale.reshape(runs, 1, N_NORMALISED))  # (runs, n, 2)
-            u = -(out[..., 0] * torch.exp(self.exp_mult * out[..., 1]) * self.step_mult).reshape(lead)
-            updates[k] = u if state["shapes"][k] else u.squeeze(-1)
-        return updates, new_state
+        return _update(self.phi, grads, state, params, self.hidden_layers, self.exp_mult, self.step_mult)
 
-    def mlp(self, x: torch.Tensor, step: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Features x (R, n, 28) of R runs at step t, normalised by `scale` (R, 1, 28) (None: x is
-        normalised) -> (R, n, 2) = (d, m). The per-run normaliser is folded into the first layer's
-        weights, and the time features, the same for every coordinate, into its bias (one
-        (n, 28)-sized product fewer per tensor)."""
-        return self._mlp(x, self._first_bias(step, x), scale)
-
-    def _first_bias(self, step: int, like: torch.Tensor) -> torch.Tensor:
-        """(H,): the first layer's bias plus its response to the time features of step t."""
-        return self.phi["b0"] + time_features(step, like.dtype, like.device) @ self.phi["w0"][N_NORMALISED:]
-
-    def _mlp(self, x: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        w0 = self.phi["w0"]
-        w = w0[:N_NORMALISED] if scale is None else scale.transpose(-1, -2) * w0[:N_NORMALISED]  # (R, 28, H)
-        h = torch.baddbmm(bias, x, w.expand(x.shape[0], *w.shape[-2:]))  # (R, n, H)
-        for i in range(1, self.hidden_layers + 1):
-            h = torch.nn.functional.linear(torch.relu_(h), self.phi[f"w{i}"].t(), self.phi[f"b{i}"])
-        return h
+    def mlp(self, x: torch.Tensor, step: int | torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Features x (R, n, 28) of R runs at step t (or R steps (R,)), normalised by `scale`
+        (R, 1, 28) (None: x is normalised) -> (R, n, 2) = (d, m). The per-run normaliser is folded
+        into the first layer's weights, and the time features, the same for every coordinate,
+        into its bias (one (n, 28)-sized product fewer per tensor)."""
+        return _mlp(self.phi, x, _first_bias(self.phi, step, x, x.shape[:1]), scale, self.hidden_layers)
 
     def detach_state(self, state):
         return {"step": state["step"], "m": {k: v.detach() for k, v in state["m"].items()},
@@ -251,6 +221,79 @@ class MLPL2O:
         return sum(v.numel() for v in self.phi.values())
 
 
+# ---- the functional core (phi explicit: one optimizer's, or a population's) ---------------
+# A population (`population_update`) carries a leading run dim Q on every phi tensor: run q
+# has phi[k][q] (w0 (Q, 39, H), ..., decay offsets (Q, 3)), and its params and state lead with Q.
+def _raw_features(phi, grads, state, params):
+    """({name: (raw features (*batch, *S, 28), their normaliser (*batch, 1.., 28))}, new state)."""
+    mom_d, rms_d, fac_d = decays(phi)
+    raw, new_m, new_rms, new_fac = {}, {}, {}, {}
+    for k, shape in state["shapes"].items():
+        g, p = grads[k], params[k]
+        if not shape:  # a scalar as a length-1 vector
+            g, p = g.unsqueeze(-1), p.unsqueeze(-1)
+        x, scale, new_m[k], new_rms[k], new_fac[k] = _tensor_features(
+            g, p, state["m"][k], state["rms"][k], state["fac"][k], shape or (1,), mom_d, rms_d, fac_d)
+        raw[k] = (x, scale)
+    return raw, {"step": state["step"] + 1, "m": new_m, "rms": new_rms, "fac": new_fac,
+                 "shapes": state["shapes"]}
+
+
+def _update(phi, grads, state, params, hidden_layers: int, exp_mult: float, step_mult: float):
+    """`MLPL2O.update` with phi explicit: (updates {name: (*batch, *S)}, new state)."""
+    raw, new_state = _raw_features(phi, grads, state, params)
+    updates, bias = {}, None
+    for k, (x, scale) in raw.items():
+        lead = x.shape[:-1]  # (*batch, *S)
+        nd = len(state["shapes"][k]) or 1
+        runs = math.prod(lead[:-nd])
+        bias = _first_bias(phi, state["step"], x, lead[:-nd]) if bias is None else bias
+        out = _mlp(phi, x.reshape(runs, -1, N_NORMALISED), bias,
+                   scale.reshape(runs, 1, N_NORMALISED), hidden_layers)  # (runs, n, 2)
+        u = -(out[..., 0] * torch.exp(exp_mult * out[..., 1]) * step_mult).reshape(lead)
+        updates[k] = u if state["shapes"][k] else u.squeeze(-1)
+    return updates, new_state
+
+
+def _first_bias(phi, step: int | torch.Tensor, like: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    """The first layer's bias plus its response to the time features: (H,) for one phi at one
+    step t; (R, 1, H) for R = prod(batch) runs with their own steps (a tensor broadcastable to
+    `batch`) or their own phis (Q = R)."""
+    w_time = phi["w0"][..., N_NORMALISED:, :]  # (11, H) or (Q, 11, H)
+    t = time_features(step, like.dtype, like.device)  # (11,) or (*B, 11)
+    if t.ndim == 1 and phi["w0"].ndim == 2:
+        return phi["b0"] + t @ w_time
+    t = t.expand(*batch, len(TIMESCALES)).reshape(-1, 1, len(TIMESCALES)) if t.ndim > 1 else t[None]
+    return phi["b0"].unsqueeze(-2) + t @ w_time  # (R, 1, H)
+
+
+def _mlp(phi, x: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None, hidden_layers: int) -> torch.Tensor:
+    """x (R, n, 28) -> (R, n, 2) through the MLP of phi (shared, or one per run)."""
+    w0 = phi["w0"][..., :N_NORMALISED, :]  # (28, H) or (R, 28, H)
+    w = w0 if scale is None else scale.transpose(-1, -2) * w0  # (R, 28, H)
+    h = torch.baddbmm(bias, x, w.expand(x.shape[0], *w.shape[-2:]))  # (R, n, H)
+    for i in range(1, hidden_layers + 1):
+        weight, b = phi[f"w{i}"], phi[f"b{i}"]
+        if weight.ndim == 2:
+            h = torch.nn.functional.linear(torch.relu_(h), weight.t(), b)
+        else:  # one layer per run: (R, in, out)
+            h = torch.baddbmm(b.unsqueeze(-2), torch.relu_(h), weight)
+    return h
+
+
+def population_update(net: MLPL2O, phis, grads, state, params):
+    """`MLPL2O.update` for Q runs, each with its own phi, in one batched computation (the ES
+    family's copies, `estimators.Tasks`): phis {name: (Q, *phi shape)}, grads and params
+    {name: (Q, *param shape)}, state of Q runs (`init(params, batch_ndim=1)`; its step an int
+    or (Q,)). Returns (updates {name: (Q, *param shape)}, new state)."""
+    return _update(phis, grads, state, params, net.hidden_layers, net.exp_mult, net.step_mult)
+
+
+def _per_run(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Decays d (3,) as they are; a population's (Q, 3) as (Q, 1, .., 1, 3), like `like` (Q, .., 3)."""
+    return d if d.ndim == 1 else d.reshape(d.shape[0], *[1] * (like.ndim - 2), d.shape[-1])
+
+
 def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     """One tensor of shape S = `shape`: g (*gb, *S), p (*B, *S), accumulators (*B, ...) ->
     (raw features x (*gb|B, *S, 28), normaliser (*gb|B, 1.., 28): x * it are the features,
@@ -260,12 +303,12 @@ def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     # an EMA b a + (1 - b) x is lerp(x, a, b) = x + b (a - x): one kernel, one new tensor
     g1 = g.unsqueeze(-1)  # (*gb, *S, 1)
     g2 = g1 * g1
-    m = torch.lerp(g1, m, mom_d)  # (.., *S, 3)
-    rms = torch.lerp(g2, rms, rms_d)  # (.., *S, 1)
+    m = torch.lerp(g1, m, _per_run(mom_d, m))  # (.., *S, 3)
+    rms = torch.lerp(g2, rms, _per_run(rms_d, rms))  # (.., *S, 1)
     sq = g2 + 1e-30
     dims = factored_dims(shape)
     if dims is None:
-        v = torch.lerp(sq, fac[0], fac_d)
+        v = torch.lerp(sq, fac[0], _per_run(fac_d, fac[0]))
         fac_g = g1 * _safe_rsqrt(v + 1e-9)
         row = col = v
         fac_m = m * (v + 1e-6) ** -0.5
@@ -273,8 +316,8 @@ def _tensor_features(g, p, m, rms, fac, shape, mom_d, rms_d, fac_d):
     else:
         d1, d0 = dims
         a0, a1 = d0 - nd - 1, d1 - nd - 1  # the factored axes, counted from the end of (.., *S, 3)
-        v_row = torch.lerp(sq.mean(a0), fac[0], fac_d)  # (.., S minus D0, 3)
-        v_col = torch.lerp(sq.mean(a1), fac[1], fac_d)  # (.., S minus D1, 3)
+        v_row = torch.lerp(sq.mean(a0), fac[0], _per_run(fac_d, fac[0]))  # (.., S minus D0, 3)
+        v_col = torch.lerp(sq.mean(a1), fac[1], _per_run(fac_d, fac[1]))  # (.., S minus D1, 3)
         reduced_d1 = d1 - 1 if d1 > d0 else d1  # D1's axis in v_row
         row_mean = v_row.mean(reduced_d1 - nd, keepdim=True)
         row_factor = _safe_rsqrt(v_row / (row_mean + 1e-9)).unsqueeze(a0)
@@ -324,9 +367,14 @@ def check_mlp_phi(phi, hidden: int, hidden_layers: int, name: str,
 def save_mlp_l2o(l2o: MLPL2O, path: str | os.PathLike, **extra) -> None:
     """Write `l2o` as an l2o.pt that `mlp_l2o_from_checkpoint` (and `learned.l2o_from_checkpoint`)
     load: {'phi': ..., 'net': {'family': 'mlp', ...}} plus `extra` entries, atomically."""
-    net = {"family": "mlp", "hidden": l2o.hidden, "hidden_layers": l2o.hidden_layers,
-           "exp_mult": l2o.exp_mult, "step_mult": l2o.step_mult}
+    net = mlp_net(l2o.hidden, l2o.hidden_layers, l2o.exp_mult, l2o.step_mult)
     atomic_torch_save({"phi": {k: v.detach().cpu() for k, v in l2o.phi.items()}, "net": net, **extra}, path)
+
+
+def mlp_net(hidden: int, hidden_layers: int, exp_mult: float, step_mult: float) -> dict:
+    """The 'net' entry of an MLP L2O's checkpoint (what `check_mlp_settings` accepts)."""
+    return {"family": "mlp", "hidden": hidden, "hidden_layers": hidden_layers, "exp_mult": exp_mult,
+            "step_mult": step_mult}
 
 
 def mlp_l2o_from_checkpoint(source, device=None) -> MLPL2O:

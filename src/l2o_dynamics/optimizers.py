@@ -218,10 +218,23 @@ def apply_updates(params: Mapping[str, torch.Tensor], updates: Mapping[str, torc
 
 def tree_index(tree: Any, i: int | slice) -> Any:
     """Index every tensor of a params/grads/state tree along its first (run) dim."""
+    return tree_map(lambda t: t[i], tree)
+
+
+def tree_map(fn, tree: Any) -> Any:
+    """`fn` applied to every tensor of a params/grads/state tree (dicts, tuples, lists); other
+    leaves (step counts, shapes) as they are."""
     if isinstance(tree, dict):
-        return {k: tree_index(v, i) for k, v in tree.items()}
+        return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_index(v, i) for v in tree)
+        return type(tree)(tree_map(fn, v) for v in tree)
     if isinstance(tree, torch.Tensor):
-        return tree[i]
+        return fn(tree)
     return tree
+
+
+def tree_tensors(tree: Any) -> list[torch.Tensor]:
+    """Every tensor of a tree, in `tree_map`'s order."""
+    out: list[torch.Tensor] = []
+    tree_map(out.append, tree)
+    return out
