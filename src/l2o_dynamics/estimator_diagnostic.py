@@ -24,6 +24,7 @@ seconds per estimate. `diagnose` runs it all; `table` renders the markdown table
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -226,17 +227,15 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
         phi = {k: v.to(dtype=dtype, device=device) for k, v in l2o.phi.items()}
         net = L2O(phi, l2o.hidden, l2o.layers, l2o.p, l2o.eta, log_eps=l2o.log_eps)
         refs, est = [], {c: [] for c in cells}
-        secs = {c: [] for c in [*cells, "reference"]}
+        secs = {c: [] for c in [*cells, "reference"]}  # wall-clock
+        cpu = {c: [] for c in [*cells, "reference"]}  # this process's CPU time (all its threads)
         values, stability = [], []
         for r, seed in enumerate(seeds):
             params = model.init(generator("init", seed), dtype=dtype, device=device)
             batcher = Batcher(*train, batch_size=cfg.batch_size, seed=seed, device=device)
             batches = [next(batcher) for _ in range(cfg.horizon + 1)]
-            sync()
-            t0 = time.perf_counter()
-            g, value = full_run_gradient(net, phi, model, params, batches)
-            sync()
-            secs["reference"].append(time.perf_counter() - t0)
+            with _clock(secs["reference"], cpu["reference"], sync):
+                g, value = full_run_gradient(net, phi, model, params, batches)
             refs.append(_flat(g).double().cpu())
             values.append(value)
             if dtype != torch.float64:  # the same gradient in float64: how much rounding moves it
@@ -247,11 +246,8 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
             bar.update(1)
             for kind, k in cells:
                 gen = generator("estimator-diagnostic", seed, kind, k)
-                sync()
-                t0 = time.perf_counter()
-                e = run_estimate(kind, k, cfg, net, phi, model, params, batches, gen, dtype, device)
-                sync()
-                secs[(kind, k)].append(time.perf_counter() - t0)
+                with _clock(secs[(kind, k)], cpu[(kind, k)], sync):
+                    e = run_estimate(kind, k, cfg, net, phi, model, params, batches, gen, dtype, device)
                 est[(kind, k)].append(_flat(e).double().cpu())
                 bar.set_postfix_str(f"{label} draw {r + 1}/{cfg.draws} {kind} K={k}", refresh=False)
                 bar.update(1)
@@ -260,13 +256,14 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
         rows = []
         for kind, k in cells:
             row = {"estimator": kind, "unroll": k, **summarize(torch.stack(est[(kind, k)]), ref),
-                   "seconds": statistics.median(secs[(kind, k)]),
+                   "seconds": statistics.median(secs[(kind, k)]), "cpu_seconds": statistics.median(cpu[(kind, k)]),
                    "seconds_per_meta_step": statistics.median(secs[(kind, k)]) / (1 if kind == "full-es" else cfg.horizon // k),
                    "finite": bool(all(torch.isfinite(v).all() for v in est[(kind, k)]))}
             rows.append(row)
         out["phis"][label] = {
             "l2o": l2o.config(), "meta_params": sum(v.numel() for v in phi.values()),
-            "reference": {"seconds": statistics.median(secs["reference"]), "J": values,
+            "reference": {"seconds": statistics.median(secs["reference"]),
+                          "cpu_seconds": statistics.median(cpu["reference"]), "J": values,
                           "grad_norm": [float(torch.linalg.vector_norm(g)) for g in ref],
                           "variance": float(ref_var.mean()), "variance_median": float(ref_var.median()),
                           "rel_variance": float(ref_var.sum() / (ref ** 2).sum(1).mean()),
@@ -277,21 +274,32 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
     return out
 
 
+@contextlib.contextmanager
+def _clock(wall: list, cpu: list, sync):
+    """Append the block's wall-clock and CPU seconds (after `sync`: CUDA work finished)."""
+    sync()
+    w, c = time.perf_counter(), time.process_time()
+    yield
+    sync()
+    wall.append(time.perf_counter() - w)
+    cpu.append(time.process_time() - c)
+
+
 def table(result: dict) -> str:
     """The markdown table of a `diagnose` result (or of its JSON)."""
     c = result["config"]
     lines = [f"{c['optimizee']}, T = {c['horizon']} steps, batch {c['batch_size']}, {c['draws']} draws "
              f"(report seeds {c['seeds'][0]}-{c['seeds'][-1]}), N = {c['pairs']} pairs, sigma = {c['sigma']:g}, "
              f"{c['dtype'].removeprefix('torch.')}, {c['device']}, {c['threads']} thread(s)", "",
-             "| phi | estimator | K | cosine to exact | rel. bias^2 | rel. variance | variance / coord | "
-             "s / estimate | s / meta-step |", "|---|---|---|---|---|---|---|---|---|"]
+             "| phi | estimator | K | cosine to exact | rel. bias² | rel. variance | variance / coord | "
+             "s / estimate | CPU s / estimate |", "|---|---|---|---|---|---|---|---|---|"]
     for label, ph in result["phis"].items():
         ref = ph["reference"]
         lines.append(f"| {label} | exact (reference) | {c['horizon']} | {ref['cosine_float64_mean']:.3f} "
                      f"(to float64) | 0 | {ref['rel_variance']:.3g} (tasks) | "
-                     f"{ref['variance']:.3g} | {ref['seconds']:.2f} | |")
+                     f"{ref['variance']:.3g} | {ref['seconds']:.2f} | {ref['cpu_seconds']:.2f} |")
         for row in ph["rows"]:
             lines.append(f"| {label} | {row['estimator']} | {row['unroll']} | {row['cosine']:.3f} ± "
                          f"{row['cosine_se']:.3f} | {row['rel_bias2']:.3g} | {row['rel_variance']:.3g} | "
-                         f"{row['variance']:.3g} | {row['seconds']:.2f} | {row['seconds_per_meta_step']:.3f} |")
+                         f"{row['variance']:.3g} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -374,7 +374,7 @@ def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
                        "give the estimators.json that `l2o-dynamics estimators` wrote") from None
     panels = (("cosine", "cosine to the exact gradient", False),
               ("rel_variance", "variance / |exact gradient|² (log)", True),
-              ("seconds", "seconds per estimate (log)", True))
+              ("cpu_seconds", "CPU seconds per estimate (log)", True))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for (key, ylabel, log), ax in zip(panels, axes):
         for style, (name, ph) in zip(PHI_STYLES, phis.items()):
@@ -390,8 +390,12 @@ def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
                                 alpha=0.6)
         _panel(ax, ylabel.split(" (")[0], "truncation length K (full-es: the whole run)", ylabel, log)
         ax.set_xscale("log")
+        ticks = sorted({r["unroll"] for ph in phis.values() for r in ph["rows"]})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if key == "cosine":
             ax.axhline(0, color="#7f7f7f", lw=0.8)
+            ax.set_ylim(-1.05, 1.05)
     fig.suptitle(f"meta-gradient estimators on {config['optimizee']}: T = {config['horizon']}, "
                  f"{config['draws']} draws, N = {config['pairs']} pairs, sigma = {config['sigma']:g}", fontsize=10)
     legend_outside(fig, axes)
