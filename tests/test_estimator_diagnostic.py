@@ -172,3 +172,12 @@ def test_a_file_that_is_not_a_diagnostic_is_refused_by_the_figure_in_one_line(tm
     with pytest.raises(L2OError, match="not an estimator diagnostic"):
         estimator_figure(tmp_path / "x.json", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_only_draws_whose_exact_gradient_rounding_does_not_turn_count_as_well_conditioned():
+    ref = {"grad_norm": [1.0, 2.0, 3.0], "cosine_float64": [0.9999, -0.7, 0.99]}
+    row = {"cosines": [0.5, -0.9, 0.7]}
+    assert D.conditioned_draws(ref) == [0, 2]
+    assert D.conditioned_cosine(row, ref) == pytest.approx(0.6, rel=1e-15)
+    assert math.isnan(D.conditioned_cosine(row, {**ref, "cosine_float64": [0.5, 0.5, 0.5]}))
+    assert D.conditioned_draws({"grad_norm": [1.0, 2.0], "cosine_float64": []}) == [0, 1]  # a float64 run

@@ -361,8 +361,9 @@ PHI_STYLES = ("-", "--", ":", "-.")
 
 def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """The diagnostic's figure, drawn from its JSON (`l2o-dynamics estimators`): against the
-    truncation length K, the cosine of each estimate to the exact gradient on the same task,
-    the estimate's variance relative to the gradient's size, and the seconds per estimate;
+    truncation length K, the cosine of each estimate to the exact gradient on the same task
+    (over all draws, and over the draws whose exact gradient float rounding does not turn), the
+    estimate's per-coordinate variance, and the CPU seconds per estimate;
     one colour per estimator, one line style per phi (full-es: one point at K = T)."""
     import json
 
@@ -372,10 +373,13 @@ def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise L2OError(f"{path} is not an estimator diagnostic's JSON ({type(e).__name__}); "
                        "give the estimators.json that `l2o-dynamics estimators` wrote") from None
-    panels = (("cosine", "cosine to the exact gradient", False),
-              ("rel_variance", "variance / |exact gradient|² (log)", True),
+    from .estimator_diagnostic import conditioned_cosine
+
+    panels = (("cosine", "cosine to the exact gradient, all draws", False),
+              ("conditioned", "cosine, well-conditioned draws", False),
+              ("variance", "variance per coordinate (log)", True),
               ("cpu_seconds", "CPU seconds per estimate (log)", True))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for (key, ylabel, log), ax in zip(panels, axes):
         for style, (name, ph) in zip(PHI_STYLES, phis.items()):
             for est, col in ESTIMATOR_COLORS.items():
@@ -383,7 +387,7 @@ def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
                 if not rows:
                     continue
                 ks = [r["unroll"] for r in rows]
-                ys = [r[key] for r in rows]
+                ys = [conditioned_cosine(r, ph["reference"]) if key == "conditioned" else r[key] for r in rows]
                 ax.plot(ks, ys, style, color=col, marker="o", ms=4, label=f"{est} ({name})")
                 if key == "cosine":
                     ax.errorbar(ks, ys, yerr=[1.96 * r["cosine_se"] for r in rows], fmt="none", ecolor=col,
@@ -393,7 +397,7 @@ def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         ticks = sorted({r["unroll"] for ph in phis.values() for r in ph["rows"]})
         ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        if key == "cosine":
+        if key in ("cosine", "conditioned"):
             ax.axhline(0, color="#7f7f7f", lw=0.8)
             ax.set_ylim(-1.05, 1.05)
     fig.suptitle(f"meta-gradient estimators on {config['optimizee']}: T = {config['horizon']}, "
