@@ -145,6 +145,7 @@ CASES = [
     (["--l2o", "untrained", "--l2o", "untrained"], "each L2O once"),
     (["--device", "tpu"], "valid: cpu"),
     (["--optimizee", "nope"], "invalid choice"),
+    (["--horizon", "10000", "--unroll", "10"], "lower --horizon"),  # the reference's graph: ~600 GiB
 ]
 
 

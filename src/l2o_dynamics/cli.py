@@ -528,10 +528,12 @@ def _diagnostic_l2o(spec: str):
 
 
 def cmd_estimators(args) -> int:
+    import torch
+
     from . import data as data_mod
     from . import learned
     from .env import resolve_device
-    from .estimator_diagnostic import DiagnosticConfig, diagnose, table
+    from .estimator_diagnostic import DiagnosticConfig, check_memory, diagnose, table
     from .files import atomic_write_json, atomic_write_text, make_dir
     from .optimizees import get_optimizee
     from .plotting import estimator_figure
@@ -549,9 +551,10 @@ def cmd_estimators(args) -> int:
         raise L2OError(f"--out {args.out} already holds {', '.join(there)}; pass --overwrite or choose another directory")
     device = resolve_device(args.device)
     l2os = {spec: _diagnostic_l2o(spec) for spec in specs}  # a bad checkpoint fails here, before any work
+    model = get_optimizee(args.optimizee)
+    check_memory(cfg, model, l2os, torch.float32, device)
     ds = data_mod.load_mnist()
-    result = diagnose(l2os, get_optimizee(args.optimizee), ds.split("train"), cfg, device=device,
-                      progress=args.progress)
+    result = diagnose(l2os, model, ds.split("train"), cfg, device=device, progress=args.progress)
     make_dir(out)
     atomic_write_json(out / "estimators.json", result)
     text = table(result)
