@@ -277,8 +277,49 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir")
     pl.add_argument("--out", help="PNG path of the loss figure (default DIR/loss.png); the others go beside it")
 
+    _add_estimators_parser(sub)
     _add_experiment_parsers(sub)
     return p
+
+
+def _name_list(valid: tuple[str, ...]):
+    """An argparse `type` for comma-separated names, each one of `valid`, each once."""
+    def parse(s: str) -> tuple[str, ...]:
+        names = tuple(x.strip() for x in s.split(","))
+        bad = [n for n in names if n not in valid]
+        if bad or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(valid)}, got {s!r}")
+        return names
+    return parse
+
+
+def _add_estimators_parser(sub) -> None:
+    from .estimator_diagnostic import DRAWS, HORIZON
+    from .estimators import ESTIMATORS
+    from .meta import RANGES
+    from .optimizees import ZOO
+
+    d = sub.add_parser("estimators", help="bias, variance and cost of the meta-gradient estimators at a fixed "
+                       "phi, against the exact gradient of whole runs (docs/estimators.md)")
+    d.add_argument("--l2o", action="append", default=None, metavar="L2O",
+                   help="untrained (the init meta-training seed 0 starts from), an l2o.pt, or pretrained:NAME; "
+                        "repeat for several (default: untrained and pretrained:leaky_relu)")
+    d.add_argument("--optimizee", choices=list(ZOO), default="leaky_relu")
+    d.add_argument("--estimators", type=_name_list(ESTIMATORS), default=ESTIMATORS, metavar="E1,E2,..",
+                   help=f"from {', '.join(ESTIMATORS)} (default: all)")
+    d.add_argument("--unroll", type=_int_list(RANGES["unroll"]), default=(10, 20, 50), metavar="K1,K2,..",
+                   help="truncation lengths of tbptt, es, pes; each must divide --horizon (10,20,50)")
+    d.add_argument("--horizon", type=ranged(HORIZON), default=100, help="run length T (100)")
+    d.add_argument("--draws", type=ranged(DRAWS), default=4,
+                   help="independent tasks and perturbation streams (report seeds 100..; 4)")
+    d.add_argument("--pairs", type=ranged(RANGES["pairs"]), default=8, metavar="N", help="antithetic pairs (8)")
+    d.add_argument("--sigma", type=ranged(RANGES["sigma"]), default=0.01, help="std of the perturbations (0.01)")
+    d.add_argument("--batch-size", type=ranged(TRAIN_BATCH), default=128)
+    d.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    d.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
+    d.add_argument("--out", required=True, help="directory for estimators.json, estimators.md, estimators.png")
+    d.add_argument("--overwrite", action="store_true", help="replace the files of an earlier diagnostic in --out")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 WORKERS = Range(0, 256, integer=True)
@@ -484,6 +525,58 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+ESTIMATOR_FILES = ("estimators.json", "estimators.md", "estimators.png")
+
+
+def _diagnostic_l2o(spec: str):
+    from .learned import L2O, init_phi, l2o_from_checkpoint
+    from .seeds import generator
+
+    if spec == "untrained":
+        return L2O(init_phi(generator("phi", 0)))
+    l2o = l2o_from_checkpoint(spec)
+    if not isinstance(l2o, L2O):
+        raise L2OError(f"--l2o {spec}: the diagnostic takes the LSTM L2O, not {type(l2o).__name__}")
+    return l2o
+
+
+def cmd_estimators(args) -> int:
+    import torch
+
+    from . import data as data_mod
+    from . import learned
+    from .env import resolve_device
+    from .estimator_diagnostic import DiagnosticConfig, check_memory, diagnose, table
+    from .files import atomic_write_json, atomic_write_text, make_dir
+    from .optimizees import get_optimizee
+    from .plotting import estimator_figure
+
+    learned.set_fusion(args.fusion)
+    cfg = DiagnosticConfig(estimators=args.estimators, unrolls=args.unroll, horizon=args.horizon,
+                           draws=args.draws, pairs=args.pairs, sigma=args.sigma,
+                           batch_size=args.batch_size).validate()
+    specs = args.l2o or ["untrained", "pretrained:leaky_relu"]
+    if len(set(specs)) != len(specs):
+        raise L2OError(f"--l2o {', '.join(specs)}: each L2O once")
+    out = check_out_dir(args.out)
+    there = [n for n in ESTIMATOR_FILES if (out / n).exists()]
+    if there and not args.overwrite:
+        raise L2OError(f"--out {args.out} already holds {', '.join(there)}; pass --overwrite or choose another directory")
+    device = resolve_device(args.device)
+    l2os = {spec: _diagnostic_l2o(spec) for spec in specs}  # a bad checkpoint fails here, before any work
+    model = get_optimizee(args.optimizee)
+    check_memory(cfg, model, l2os, torch.float32, device)
+    ds = data_mod.load_mnist()
+    result = diagnose(l2os, model, ds.split("train"), cfg, device=device, progress=args.progress)
+    make_dir(out)
+    atomic_write_json(out / "estimators.json", result)
+    text = table(result)
+    atomic_write_text(out / "estimators.md", text)
+    estimator_figure(out / "estimators.json", out / "estimators.png")
+    print(text + f"\nwrote {', '.join(str(out / n) for n in ESTIMATOR_FILES)}")
+    return 0
+
+
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
@@ -503,8 +596,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "meta-test": cmd_meta_test, "meta-train": cmd_meta_train, "plot": cmd_plot,
-            "reproduce": cmd_reproduce, "experiment": cmd_experiment}
-LOCKED = ("meta-test", "meta-train")  # one writer per --out; reproduce/experiment lock in pipeline
+            "reproduce": cmd_reproduce, "experiment": cmd_experiment, "estimators": cmd_estimators}
+LOCKED = ("meta-test", "meta-train", "estimators")  # one writer per --out; reproduce/experiment lock in pipeline
 
 
 def run_command(args) -> int:

@@ -432,3 +432,56 @@ def study_overlay(table: Table, path) -> Path:
                     "not drawn on the log axes.", fontsize=9, va="center")
     fig.tight_layout()
     return save(fig, path)
+
+
+# ---- the meta-gradient estimators' diagnostic --------------------------------------------------------
+ESTIMATOR_COLORS = {"tbptt": "#d62728", "es": "#1f77b4", "pes": "#2ca02c", "full-es": "#9467bd"}
+PHI_STYLES = ("-", "--", ":", "-.")
+
+
+def estimator_figure(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The diagnostic's figure, drawn from its JSON (`l2o-dynamics estimators`): against the
+    truncation length K, the cosine of each estimate to the exact gradient on the same task
+    (over all draws, and over the draws whose exact gradient float rounding does not turn), the
+    estimate's per-coordinate variance, and the CPU seconds per estimate;
+    one colour per estimator, one line style per phi (full-es: one point at K = T)."""
+    import json
+
+    try:
+        result = json.loads(Path(path).read_text())
+        phis, config = result["phis"], result["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise L2OError(f"{path} is not an estimator diagnostic's JSON ({type(e).__name__}); "
+                       "give the estimators.json that `l2o-dynamics estimators` wrote") from None
+    from .estimator_diagnostic import conditioned_cosine
+
+    panels = (("cosine", "cosine to the exact gradient, all draws", False),
+              ("conditioned", "cosine, well-conditioned draws", False),
+              ("variance", "variance per coordinate (log)", True),
+              ("cpu_seconds", "CPU seconds per estimate (log)", True))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for (key, ylabel, log), ax in zip(panels, axes):
+        for style, (name, ph) in zip(PHI_STYLES, phis.items()):
+            for est, col in ESTIMATOR_COLORS.items():
+                rows = sorted((r for r in ph["rows"] if r["estimator"] == est), key=lambda r: r["unroll"])
+                if not rows:
+                    continue
+                ks = [r["unroll"] for r in rows]
+                ys = [conditioned_cosine(r, ph["reference"]) if key == "conditioned" else r[key] for r in rows]
+                ax.plot(ks, ys, style, color=col, marker="o", ms=4, label=f"{est} ({name})")
+                if key == "cosine":
+                    ax.errorbar(ks, ys, yerr=[1.96 * r["cosine_se"] for r in rows], fmt="none", ecolor=col,
+                                alpha=0.6)
+        _panel(ax, ylabel.split(" (")[0], "truncation length K (full-es: the whole run)", ylabel, log)
+        ax.set_xscale("log")
+        ticks = sorted({r["unroll"] for ph in phis.values() for r in ph["rows"]})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if key in ("cosine", "conditioned"):
+            ax.axhline(0, color="#7f7f7f", lw=0.8)
+            ax.set_ylim(-1.05, 1.05)
+    fig.suptitle(f"meta-gradient estimators on {config['optimizee']}: T = {config['horizon']}, "
+                 f"{config['draws']} draws, N = {config['pairs']} pairs, sigma = {config['sigma']:g}", fontsize=10)
+    legend_outside(fig, axes)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save(fig, out)
