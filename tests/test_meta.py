@@ -184,6 +184,18 @@ def test_resumed_run_is_bit_identical(tmp_path, synthetic):
         meta_train(cfg, tmp_path / "full", data=synthetic, progress=False)
 
 
+def test_a_resumed_runs_wall_time_includes_the_time_before_the_kill(tmp_path, synthetic):
+    cfg = _tiny_cfg(epochs=2, runs=1)
+    meta_train(cfg, tmp_path / "cut", data=synthetic, progress=False, stop_after_epochs=1)
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    saved = torch.load(ck, weights_only=False)
+    saved["wall_s"] = 1000.0  # as if the part before the kill had taken 1000 s
+    torch.save(saved, ck)
+    resumed = meta_train(cfg, tmp_path / "cut", data=synthetic, progress=False, resume=True)
+    recorded = json.loads((tmp_path / "cut" / "config.json").read_text())["wall_time_s"]
+    assert 1000.0 < resumed.wall_time_s < 1000.0 + 600 and 1000.0 < recorded < 1000.0 + 600
+
+
 class _Poisoned(Optimizee):
     """leaky_relu whose 4th gradient evaluation returns a NaN loss."""
 

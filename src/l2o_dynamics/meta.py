@@ -598,7 +598,8 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     total_steps = cfg.total_meta_steps()
     st = {"epoch": 0, "meta_step": 0, "best_score": math.inf, "best_epoch": -1, "skipped": 0,
           "rollbacks": 0, "lr_scale": 1.0,
-          "best_phi": {k: v.detach().clone() for k, v in phi.items()}, "best_opt": None}
+          "best_phi": {k: v.detach().clone() for k, v in phi.items()}, "best_opt": None,
+          "started": started, "earlier_s": 0.0}  # wall time: this call's, plus that of the calls it resumes
 
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = read_checkpoint(ckpt_path, cfg)
@@ -610,6 +611,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
             st.update({k: ck[k] for k in _STATE_KEYS})
             st["best_phi"] = {k: v.to(device) for k, v in ck["best_phi"].items()}
             st["best_opt"] = ck["best_opt"]
+            st["earlier_s"] = float(ck.get("wall_s", 0.0))  # absent in checkpoints before it was kept
             log.entries = [(m, s, v) for m, s, v in ck["log"]]
             torch.set_rng_state(ck["rng"]["torch"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -665,7 +667,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
     best = make_l2o(cfg, {k: v.detach().clone() for k, v in st["best_phi"].items()},
                     meta={"best_epoch": st["best_epoch"]})
     result = MetaTrainResult(best, st["best_score"], st["best_epoch"], st["skipped"], out,
-                             time.time() - started, log)
+                             _wall_s(st), log)
     if out is not None and st["epoch"] == cfg.epochs:
         if st["best_epoch"] < 0:
             raise L2OError(f"no epoch of {cfg.epochs} validated (every validation run diverged: "
@@ -675,7 +677,7 @@ def meta_train(cfg: MetaTrainConfig, out_dir: str | os.PathLike | None = None, *
         write_run(out, {"kind": "meta-train", "config": cfg.to_dict(), "best_score": st["best_score"],
                         "best_epoch": st["best_epoch"], "skipped": st["skipped"],
                         "data_source": data.source, "data_digest": data.digest},
-                  log.rows(), device=device, started=started)
+                  log.rows(), device=device, started=started - st["earlier_s"])
     return result
 
 
@@ -851,6 +853,11 @@ def _resumable(config: dict) -> dict:
     return {k: v for k, v in full.items() if k != "device"}
 
 
+def _wall_s(st: dict) -> float:
+    """Seconds of meta-training so far, summed over a run and the runs it resumed."""
+    return st["earlier_s"] + time.time() - st["started"]
+
+
 def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
     tensors = [*phi.values(), *st["best_phi"].values()]
     if not _finite(tensors):
@@ -866,6 +873,7 @@ def _save_checkpoint(path: Path, cfg, phi, opt, st, log) -> None:
         "rng": {"torch": torch.get_rng_state()},
         "log": list(log.entries),
         "fusion": fusion_in_use(resolve_device(cfg.device)),
+        "wall_s": _wall_s(st),
         **{k: st[k] for k in _STATE_KEYS},
     }, path)
 
