@@ -22,7 +22,7 @@ def synced(readme: str, findings: str) -> str:
     head, sep, rest = readme.partition(START)
     _, sep2, tail = rest.partition(END)
     if not sep or not sep2:
-        raise SystemExit(f"README.md lacks {START.strip()!r} or a following {END.strip()!r} paragraph")
+        raise ValueError(f"README.md lacks {START.strip()!r} or a following {END.strip()!r} paragraph")
     return head + START + findings.rstrip("\n") + "\n" + END + tail
 
 
@@ -32,13 +32,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     readme = ROOT / "README.md"
     old = readme.read_text()
-    new = synced(old, (ROOT / "docs" / "findings.md").read_text())
+    try:
+        new = synced(old, (ROOT / "docs" / "findings.md").read_text())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sync_readme: {e}", file=sys.stderr)
+        return 2
     if a.check:
         return int(new != old)
     if new != old:
-        tmp = readme.with_name(".README.md.tmp")
-        tmp.write_text(new)
-        tmp.replace(readme)
+        sys.path.insert(0, str(ROOT / "src"))
+        from l2o_dynamics.files import atomic_write_text
+        atomic_write_text(readme, new)
     return 0
 
 
