@@ -132,9 +132,11 @@ def _diff_preprocess(g, p=10.0):
     return torch.stack([first, second], dim=-1)
 
 
-def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON, last=False):
+def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON, last=False, beta=0.0):
     """d/dphi sum_{t=1..steps} L(theta_t; batch_t), autograd through the whole run: every optimizee
-    gradient g_t a function of theta_t (create_graph), torch's own LSTM cell."""
+    gradient g_t a function of theta_t (create_graph), torch's own LSTM cell. With beta, plus
+    beta x the rescale deviation |sum_k <u_k, xi_k(theta)>| of each update u at the parameters
+    theta it is applied to (written out for TINY's one hidden layer, theta not detached)."""
     params, batches = _task()
     leaves = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
     theta = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -153,6 +155,9 @@ def _exact_run_gradient(phi, hidden=2, eta=0.1, steps=HORIZON, last=False):
         for k in names:
             new[k] = theta[k] + u[i:i + theta[k].numel()].reshape(theta[k].shape)
             i += theta[k].numel()
+        if beta:
+            dot = lambda k: ((new[k] - theta[k]) * theta[k]).sum()  # noqa: E731
+            total = total + beta * (dot("fc1.weight") + dot("fc1.bias") - dot("fc2.weight")).abs()
         theta = new
         loss = TINY.loss(theta, *batches[t])
         grads = torch.autograd.grad(loss, [theta[k] for k in names], create_graph=True)
@@ -243,6 +248,41 @@ def test_pes_accumulator_holds_the_runs_perturbations_and_resets_when_its_run_en
     assert resets >= 4  # 8 truncations of 2 steps, runs of 6: each task's run ended at least twice
 
 
+# ---- the symmetry penalty inside the ES family's objective ------------------------------------------
+@pytest.mark.parametrize("kind", ["es", "pes"])
+def test_a_penalised_truncation_has_tbptts_meta_loss_penalty_included(kind):
+    """The unperturbed copy (es), or the antithetic mean at a tiny sigma (pes), of the first
+    truncation's objective equals `meta.unroll`'s meta-loss with the same penalty, run by TBPTT."""
+    phi = _phi(hidden=3)
+    net = L2O(phi, hidden=3, layers=1)
+    common = dict(tasks=1, unroll=K, horizon=HORIZON, offsets=False, pairs=2, sigma=1e-8, reg="rescale",
+                  beta=0.7)
+    ref = E.make(E.Settings(estimator="tbptt", **common), net, TINY, _factory, torch.Generator(), D).estimate(phi)
+    est = E.make(E.Settings(estimator=kind, **common), net, TINY, _factory, torch.Generator().manual_seed(3),
+                 D).estimate(phi)
+    assert ref.reg_loss > 1e-3 * abs(ref.meta_loss)  # the penalty is a real part of the objective
+    tol = dict(rtol=1e-12, atol=0) if kind == "es" else dict(rtol=1e-9, atol=0)  # pes: O(sigma) copies
+    torch.testing.assert_close(est.meta_loss, ref.meta_loss, **tol)
+    torch.testing.assert_close(est.reg_loss, ref.reg_loss, **tol)
+    plain = E.make(E.Settings(estimator="tbptt", **{**common, "beta": 0.0}), net, TINY, _factory,
+                   torch.Generator(), D).estimate(phi)
+    torch.testing.assert_close(ref.meta_loss - plain.meta_loss, ref.reg_loss, rtol=1e-12, atol=0)
+
+
+def test_penalised_es_estimates_the_gradient_of_the_penalised_objective():
+    """ES on the penalised truncation equals the exact gradient of TBPTT's penalised meta-loss
+    within its sampling interval (the penalty's path included; both 'sum' meta-losses)."""
+    phi = _phi()
+    common = dict(tasks=1, unroll=K, horizon=HORIZON, offsets=False, meta_loss="sum", reg="rescale", beta=2.0)
+    net = L2O(phi, hidden=2, layers=1)
+    s = E.Settings(estimator="es", pairs=100, sigma=1e-3, **common)
+    samples = torch.stack([_flat(E.make(s, net, TINY, _factory, torch.Generator().manual_seed(r), D)
+                                 .estimate(phi).grad) for r in range(40)])
+    assert _z_scores(samples, _exact_run_gradient(phi, steps=K, beta=2.0)).max() < Z
+    # the penalty's part is large next to the losses' here: without it, far outside the interval
+    assert _z_scores(samples, _exact_run_gradient(phi, steps=K)).max() > 2 * Z
+
+
 # ---- meta-training with them ------------------------------------------------------------------------
 SMALL = Optimizee("small", (2,), "leaky_relu")  # 784 -> 2 -> 10: 1,600 parameters
 
@@ -280,6 +320,14 @@ def test_es_meta_training_logs_the_health_metrics_at_every_meta_step(synthetic, 
         values = [v for m, _, v in res.log.entries if m == metric]
         assert len(values) == steps and all(math.isfinite(v) for v in values), metric
     assert any(not torch.equal(res.l2o.phi[k], _cfg_phi0(cfg)[k]) for k in res.l2o.phi)
+
+
+@pytest.mark.parametrize("estimator", ["es", "pes", "full-es"])
+def test_es_meta_training_with_a_symmetry_penalty_logs_it(synthetic, small, estimator):
+    cfg = _cfg(estimator=estimator, epochs=1, tasks=1, reg="rescale", beta=0.5)
+    res = meta_train(cfg.validate(), data=synthetic, progress=False)
+    values = [v for m, _, v in res.log.entries if m == "reg_loss"]
+    assert len(values) == cfg.total_meta_steps() and all(math.isfinite(v) and v > 0 for v in values)
 
 
 def _cfg_phi0(cfg):

@@ -12,6 +12,7 @@ import pytest
 
 from l2o_dynamics import pipeline
 from l2o_dynamics.experiments import build_jobs, get_profile
+from l2o_dynamics.errors import L2OError
 from l2o_dynamics.files import MARKER
 from l2o_dynamics.results import COLUMNS, Table
 
@@ -392,3 +393,39 @@ def test_bad_extra_recipes_are_refused(extra, l2os, msg):
 
     with pytest.raises(L2OError, match=msg):
         build_jobs(dataclasses.replace(get_profile("smoke"), l2os=l2os, extra_recipes=extra))
+
+
+def test_reproduce_meta_trains_its_l2os_by_the_recipe_and_estimator_given(tmp_path, mnist):
+    """`reproduce --recipe plain --meta estimator=pes ...`: every main L2O of the run, the
+    penalised ones included, is meta-trained by PES, and the report says so."""
+    import dataclasses
+
+    prof = dataclasses.replace(get_profile("smoke"), l2os="train")
+    meta = {"estimator": "pes", "pairs": 2, "sigma": 0.02}
+    summary = pipeline.reproduce(prof, tmp_path, experiments=("regularization",), recipe="plain", meta=meta,
+                                 progress=False, fusion="eager", echo=lambda s: None)
+    trains = [j for j in build_jobs(pipeline.override(prof, recipe="plain", meta=meta), ("regularization",))
+              if j.kind == "meta-train"]
+    assert len(trains) == 4 and all(j.config["estimator"] == "pes" and j.config["pairs"] == 2 for j in trains)
+    for job in trains:
+        metrics = Table.read(tmp_path / "jobs" / job.key / "metrics.csv").unique("metric")
+        assert ("reg_loss" in metrics) == bool(job.config["beta"]), job.label  # the penalty in PES's objective
+    assert "meta-gradients by pes (2 antithetic pairs, sigma 0.02, truncations of 5)" in \
+        (tmp_path / "report.md").read_text()
+    assert summary["findings"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(meta={"estimator": "pes"}), "profile smoke analyses the shipped ones; add --l2os train"),
+    (dict(l2os="train", meta={"seed": 3}), "--meta seed: set by the pipeline per job; valid: batch_size"),
+    (dict(l2os="train", meta={"estimatr": "pes"}), "--meta estimatr: not a meta-training setting"),
+    (dict(l2os="train", meta={"estimator": "pes"}, recipe="default"), "estimator pes does not support short_runs"),
+    (dict(l2os="train", recipe="plain", meta={"estimator": "pes", "pairs": 0}), "pairs must be an integer"),
+])
+def test_bad_meta_training_overrides_are_refused_before_anything_runs(kw, msg):
+    import dataclasses
+
+    prof = dataclasses.replace(get_profile("smoke"), l2os="pretrained")
+    with pytest.raises(L2OError) as e:
+        pipeline.override(prof, **kw)
+    assert msg in str(e.value) and "\n" not in str(e.value)

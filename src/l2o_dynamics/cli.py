@@ -11,6 +11,7 @@ INTERRUPTED = 130  # the exit status of a shell command ended by Ctrl-C (128 + S
 
 try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one later
     import argparse
+    import ast
     import contextlib
     import json
     import os
@@ -282,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def meta_setting(s: str) -> tuple[str, object]:
+    """An argparse `type` for KEY=VALUE: VALUE a Python literal (4, 0.01, None, True, (50, 200))
+    or else the text itself (pes); the pipeline checks the key and the value."""
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. estimator=pes), got {s!r}")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
 def _name_list(valid: tuple[str, ...]):
     """An argparse `type` for comma-separated names, each one of `valid`, each once."""
     def parse(s: str) -> tuple[str, ...]:
@@ -340,6 +354,7 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
 
 def _add_experiment_parsers(sub) -> None:
     from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES
+    from .meta import RECIPE_ALIASES, RECIPES
 
     r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
     r.add_argument("--profile", choices=list(PROFILES), default="quick")
@@ -351,6 +366,12 @@ def _add_experiment_parsers(sub) -> None:
                         "findings' intervals over them (default: the profile's; paper 3, quick 1)")
     r.add_argument("--seeds", type=seed_spec, default=None, metavar="SEEDS",
                    help=f"meta-test seeds: {SEEDS_HELP} (default: the profile's, quick 3, paper 5)")
+    r.add_argument("--recipe", choices=[*RECIPES, *RECIPE_ALIASES], default=None,
+                   help="meta-train the main L2Os by this recipe (needs --l2os train; default: the profile's)")
+    r.add_argument("--meta", type=meta_setting, action="append", default=None, metavar="KEY=VALUE",
+                   help="a meta-training setting over the profile's and the recipe's, for the main L2Os (needs "
+                        "--l2os train; repeatable), e.g. --meta estimator=pes --meta pairs=4: any "
+                        "MetaTrainConfig field but optimizee, reg, beta, seed and device")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _pipeline_options(r)
     e = sub.add_parser("experiment", help="run one experiment of the study")
@@ -504,7 +525,8 @@ def cmd_reproduce(args) -> int:
     from .pipeline import override, reproduce
 
     learned.set_fusion(args.fusion)
-    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds, args.seeds)
+    profile = override(get_profile(args.profile), args.l2os, args.meta_seeds, args.seeds, args.recipe,
+                       dict(args.meta or ()))
     _check_pipeline_paths(args)
     reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,

@@ -19,6 +19,9 @@ batched forward computation (`population_update`), with no autograd graph:
   full-es  each meta-step runs B fresh tasks for a whole run at phi +- eps_i; F is the mean of the
            run's losses L(theta_1)..L(theta_T) ('mean') or L(theta_T) ('last'); with `sign`,
            (F+ - F-) is replaced by its sign (VeLO's variant).
+  With a symmetry penalty (Settings reg, beta) every F adds beta x the deviations of the copy's
+  updates (`symmetry.deviation` at the parameters each was applied to): summed over a truncation's
+  steps as in `meta.unroll` (es, pes), averaged over the run's steps (full-es).
   tbptt    autograd through the K steps of a truncation (meta.unroll); the reference for tests
            and benchmarks. `meta.meta_train` runs TBPTT through its own loop (`meta._one_run`),
            bit for bit as before these estimators existed; the ES family goes through `run_epoch`.
@@ -32,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import data as data_mod
+from . import symmetry
 from .errors import L2OError
 from .learned import KERNELS, L2O, _gate_scale, preprocess
 from .mlp_lopt import MLPL2O
@@ -57,6 +61,7 @@ class Estimate:
     drift: float  # |mean u| / mean |u| of the updates, averaged over steps and copies
     dead_frac: float  # optimizee hidden units flat on the last minibatch (first copy)
     ended: int  # task runs that ended in this meta-step
+    reg_loss: float = 0.0  # beta x the symmetry penalty inside meta_loss (0 without one)
 
 
 # ---- the L2O over a population of phis --------------------------------------------------
@@ -158,22 +163,28 @@ class Tasks:
         self.last_x = torch.stack(xs).to(self.dtype)
         return self.last_x, torch.stack(ys)
 
-    def advance(self, phis: Params, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, phis: Params, steps: int, reg: str | None = None, reg_measure: str = "total"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`steps` L2O steps of every copy, copy (c, b) with phis[k][c, b]; returns the losses
-        after each step (steps, C, B) and the drift of each update (steps, C, B)."""
+        after each step (steps, C, B), the drift of each update (steps, C, B) and, with `reg`,
+        each update's deviation from that symmetry's constraint at the parameters it was
+        applied to (steps, C, B; `symmetry.deviation`, the penalty of `meta.unroll`), else zeros."""
         C, B = self.C, self.B
         flat = lambda t: t.reshape(C * B, *t.shape[2:])  # noqa: E731
         phis = {k: flat(v.expand(C, B, *v.shape[2:])) for k, v in phis.items()}
         state = tree_map(flat, self.state)
         params = {k: flat(v) for k, v in self.params.items()}
         grads = {k: flat(v) for k, v in self.grads.items()}
-        losses, drifts = [], []
+        losses, drifts, penalties = [], [], []
         tiny = torch.finfo(self.dtype).tiny
         with torch.no_grad():
             for _ in range(steps):
                 updates, state = population_step(self.net, phis, grads, state, params, self.shapes)
                 u = torch.cat([v.reshape(C * B, -1) for v in updates.values()], dim=-1)
                 drifts.append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(C, B))
+                if reg is not None:
+                    dev = symmetry.deviation(reg, updates, params, self.model.structure, reg_measure)
+                    penalties.append(dev.reshape(C, B))
                 params = {k: params[k] + updates[k] for k in params}
                 x, y = self.next_batch()
                 unflat = {k: v.reshape(C, B, *v.shape[1:]) for k, v in params.items()}
@@ -186,7 +197,8 @@ class Tasks:
         self.loss0 = losses[-1]
         for b in range(B):
             self.step[b] += steps
-        return torch.stack(losses), torch.stack(drifts)
+        losses = torch.stack(losses)
+        return losses, torch.stack(drifts), torch.stack(penalties) if penalties else torch.zeros_like(losses)
 
     def copy_from(self, source: int) -> None:
         """Every copy of every task continues from copy `source`'s state."""
@@ -215,6 +227,13 @@ class Settings:
     loss_index: str = "next"
     full_es_loss: str = "mean"
     sign: bool = False
+    reg: str | None = None  # symmetry penalty on the updates, as meta.unroll's (None: none)
+    beta: float = 0.0
+    reg_measure: str = "total"
+
+    @property
+    def penalised(self) -> bool:
+        return self.reg is not None and self.beta != 0
 
     @classmethod
     def of(cls, cfg) -> "Settings":
@@ -293,6 +312,10 @@ class Estimator:
     def _on_end(self, b: int) -> None:
         pass
 
+    def _advance(self, phis: Params, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`Tasks.advance` with the settings' penalty (deviations of zeros without one)."""
+        return self.tasks.advance(phis, steps, self.s.reg if self.s.penalised else None, self.s.reg_measure)
+
     def estimate(self, phi: Params) -> Estimate:
         raise NotImplementedError
 
@@ -307,13 +330,15 @@ class TruncatedES(Estimator):
         s, n, B = self.s, self.s.pairs, self.s.tasks
         eps = perturb(phi, (n, B), s.sigma, self.gen)
         loss0 = self.tasks.loss0.clone()
-        losses, drift = self.tasks.advance(antithetic(phi, eps, center=True), s.unroll)
-        f = truncation_loss(losses, loss0, s.meta_loss, s.loss_index)  # (2N+1, B)
+        losses, drift, dev = self._advance(antithetic(phi, eps, center=True), s.unroll)
+        penalty = s.beta * dev.sum(0)  # (2N+1, B), as meta.unroll's
+        f = truncation_loss(losses, loss0, s.meta_loss, s.loss_index) + penalty
         grad = es_gradient(eps, f[:n] - f[n:2 * n], s.sigma)
         unroll_loss = float(torch.cat([loss0[-1][None], losses[:-1, -1]]).mean())
         dead = self.tasks.dead_fraction()
         self.tasks.copy_from(2 * n)  # every copy continues from phi's own run
-        return Estimate(grad, float(f[-1].mean()), unroll_loss, float(drift.mean()), dead, self._end_runs())
+        return Estimate(grad, float(f[-1].mean()), unroll_loss, float(drift.mean()), dead, self._end_runs(),
+                        float(penalty[-1].mean()))
 
 
 class PES(Estimator):
@@ -328,12 +353,14 @@ class PES(Estimator):
         eps = perturb(phi, (n, B), s.sigma, self.gen)
         self.accum = eps if self.accum is None else {k: self.accum[k] + eps[k] for k in eps}
         loss0 = self.tasks.loss0.clone()
-        losses, drift = self.tasks.advance(antithetic(phi, eps), s.unroll)
-        f = truncation_loss(losses, loss0, s.meta_loss, s.loss_index)  # (2N, B)
+        losses, drift, dev = self._advance(antithetic(phi, eps), s.unroll)
+        penalty = s.beta * dev.sum(0)  # (2N, B)
+        f = truncation_loss(losses, loss0, s.meta_loss, s.loss_index) + penalty
         grad = es_gradient(self.accum, f[:n] - f[n:], s.sigma)
         unroll_loss = float(torch.cat([loss0[None], losses[:-1]]).mean())
         dead = self.tasks.dead_fraction()
-        return Estimate(grad, float(f.mean()), unroll_loss, float(drift.mean()), dead, self._end_runs())
+        return Estimate(grad, float(f.mean()), unroll_loss, float(drift.mean()), dead, self._end_runs(),
+                        float(penalty.mean()))
 
     def _on_end(self, b: int) -> None:
         for v in self.accum.values():
@@ -353,12 +380,14 @@ class FullES(Estimator):
             self.tasks.reset(b, length)
         eps = perturb(phi, (n, B), s.sigma, self.gen)
         loss0 = self.tasks.loss0.clone()
-        losses, drift = self.tasks.advance(antithetic(phi, eps), length)
-        f = losses.mean(0) if s.full_es_loss == "mean" else losses[-1]  # (2N, B)
+        losses, drift, dev = self._advance(antithetic(phi, eps), length)
+        penalty = s.beta * dev.mean(0)  # (2N, B): averaged over the run's steps, as the 'mean' loss
+        f = (losses.mean(0) if s.full_es_loss == "mean" else losses[-1]) + penalty
         diff = f[:n] - f[n:]
         grad = es_gradient(eps, torch.sign(diff) if s.sign else diff, s.sigma)
         unroll_loss = float(torch.cat([loss0[None], losses[:-1]]).mean())
-        return Estimate(grad, float(f.mean()), unroll_loss, float(drift.mean()), self.tasks.dead_fraction(), B)
+        return Estimate(grad, float(f.mean()), unroll_loss, float(drift.mean()), self.tasks.dead_fraction(), B,
+                        float(penalty.mean()))
 
 
 class TBPTT(Estimator):
@@ -382,7 +411,8 @@ class TBPTT(Estimator):
         loss0 = t.loss0[0]
         with torch.enable_grad():
             out = unroll(l2o, self.model, params, state, grads, t.next_batch, s.unroll,
-                         meta_loss=s.meta_loss, loss_index=s.loss_index, loss0=loss0)
+                         meta_loss=s.meta_loss, loss_index=s.loss_index, loss0=loss0,
+                         reg=s.reg, beta=s.beta, reg_measure=s.reg_measure)
             total = out.meta_loss.mean()
             grad = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
         t.params = {k: v.detach()[None] for k, v in out.params.items()}
@@ -393,7 +423,7 @@ class TBPTT(Estimator):
             t.step[b] += s.unroll
         unroll_loss = float(torch.cat([loss0[None], out.losses[:-1]]).mean())
         return Estimate(grad, float(total.detach()), unroll_loss, float(out.drift.mean()), t.dead_fraction(),
-                        self._end_runs())
+                        self._end_runs(), float(s.beta * out.reg.detach().mean()) if s.penalised else 0.0)
 
 
 CLASSES = {"tbptt": TBPTT, "es": TruncatedES, "pes": PES, "full-es": FullES}
@@ -461,6 +491,8 @@ def run_epoch(cfg, phi: Params, opt: torch.optim.Optimizer, model: Optimizee, tr
             log.add("meta_grad_norm", step, float(norm))
             log.add("drift", step, e.drift)
             log.add("dead_frac", step, e.dead_frac)
+            if cfg.reg is not None and cfg.beta:
+                log.add("reg_loss", step, e.reg_loss)
             bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} {cfg.estimator} meta-loss {e.meta_loss:.3f} "
                                 f"|g| {float(norm):.2g} drift {e.drift:.2f} best val {st['best_score']:.4f}",
                                 refresh=False)

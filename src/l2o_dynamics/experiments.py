@@ -157,12 +157,26 @@ def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, m
         settings = {**recipe(extra).to_dict(), **extra_meta(profile, extra), "recipe": extra}
     cfg = {**settings, "optimizee": optimizee, "reg": reg, "beta": float(beta), "seed": meta_seed,
            "device": device}
-    unrolls = _meta_steps(cfg)
+    unrolls = _meta_steps(cfg) * _unroll_cost(cfg)
     est = unrolls * COST["unroll"] + cfg["epochs"] * cfg["val_runs"] * cfg["horizon"] * COST["val_step"]
     seed = f", seed {meta_seed}" if meta_seed else ""
     name = "L2O" if extra is None else f"L2O [{extra}]"
     return Job("meta-train", cfg, f"meta-train {name} on {optimizee} (beta={beta:g}{seed})",
                estimate_s=est + COST["job"])
+
+
+# One perturbed copy of the ES family, advanced over a truncation, costs about this share of a
+# TBPTT meta-step (benchmarks/estimators.py: PES with 8 pairs, 16 copies, 7.2 TBPTT meta-steps).
+ES_COPY = 0.45
+
+
+def _unroll_cost(cfg: Mapping[str, Any]) -> float:
+    """A meta-step of cfg's estimator in TBPTT meta-steps (full-es: a whole run of truncations)."""
+    kind = cfg.get("estimator", "tbptt")
+    if kind == "tbptt":
+        return 1.0
+    copies = 2 * cfg["pairs"] + (kind == "es")
+    return copies * ES_COPY * (cfg["horizon"] / cfg["unroll"] if kind == "full-es" else 1)
 
 
 def _meta_steps(cfg: Mapping[str, Any]) -> int:

@@ -217,7 +217,7 @@ class MetaTrainConfig:
         if self.estimator == "tbptt":
             return
         given = [name for name, on in (("short_runs", self.short_runs > 0), ("curriculum", self.curriculum),
-                                        ("collapse", self.collapse is not None), ("reg", self.reg)) if on]
+                                        ("collapse", self.collapse is not None)) if on]
         if given:
             raise L2OError(f"estimator {self.estimator} does not support {', '.join(given)} (tbptt only; the "
                            "default recipe sets short_runs and collapse): use recipe plain or authors")

@@ -28,11 +28,12 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .experiments import EXPERIMENTS, Files, Job, Profile, build_jobs, get_profile, missing_pretrained, run_job
+from .experiments import (EXPERIMENTS, TRAINED_ON, Files, Job, Profile, build_jobs, get_profile, missing_pretrained,
+                          run_job)
 from .env import resolve_device
 from .errors import L2OError
 from .files import (TEMP_TAG, check_run_dir, check_store, claim_store, fresh_path, owner, remove_tree,
@@ -349,16 +350,25 @@ def make_executor(workers: int, ray_address: str | None, fusion: str = "auto", t
     return LocalExecutor(workers, threads=threads, fusion=fusion)
 
 
+# meta-training settings the pipeline sets per job, never a profile's
+JOB_META = ("optimizee", "reg", "beta", "seed", "device")
+
+
 def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None,
-             seeds: Sequence[int] | None = None) -> Profile:
-    """The profile with where its L2Os come from, how many per setting, and its meta-test
-    seeds replaced (the generalisation table keeps its share: at most as many as before)."""
+             seeds: Sequence[int] | None = None, recipe: str | None = None,
+             meta: Mapping[str, Any] | None = None) -> Profile:
+    """The profile with where its L2Os come from, how many per setting, its meta-test seeds
+    (the generalisation table keeps its share: at most as many as before), and the recipe
+    and settings (MetaTrainConfig fields over the profile's) its main L2Os are meta-trained
+    with replaced; checked here, before anything runs."""
     from dataclasses import replace
 
     from .seeds import check_seeds
 
     if l2os is not None:
         profile = replace(profile, l2os=l2os)
+    if recipe is not None or meta:
+        profile = _override_meta(profile, recipe, dict(meta or {}))
     if meta_seeds is not None:
         if meta_seeds > 1 and profile.l2os == "pretrained":
             raise L2OError(f"--meta-seeds {meta_seeds} needs --l2os train: the shipped set has one L2O per "
@@ -371,21 +381,52 @@ def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None =
     return profile
 
 
+def _override_meta(profile: Profile, recipe: str | None, meta: dict) -> Profile:
+    from dataclasses import fields, replace
+
+    from .meta import RECIPE_ALIASES, RECIPES, MetaTrainConfig
+    from .meta import recipe as make_recipe
+
+    if profile.l2os != "train":
+        raise L2OError(f"--recipe and --meta set how the L2Os are meta-trained, and profile {profile.name} "
+                       "analyses the shipped ones; add --l2os train")
+    names = {f.name for f in fields(MetaTrainConfig)}
+    for key in meta:
+        if key in JOB_META or key not in names:
+            valid = ", ".join(sorted(names - set(JOB_META)))
+            raise L2OError(f"--meta {key}: " + ("set by the pipeline per job" if key in JOB_META else
+                                                "not a meta-training setting") + f"; valid: {valid}")
+    if recipe is not None:
+        recipe = RECIPE_ALIASES.get(recipe, recipe)
+        if recipe not in RECIPES:
+            raise L2OError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    profile = replace(profile, recipe=recipe or profile.recipe, meta={**profile.meta, **meta},
+                      extra_recipes=tuple(r for r in profile.extra_recipes
+                                          if RECIPE_ALIASES.get(r, r) != (recipe or profile.recipe)))
+    for optimizee, reg in TRAINED_ON.items():  # every setting a job will meta-train with
+        for beta in {0.0, *profile.betas}:
+            make_recipe(profile.recipe, **{**profile.meta, "optimizee": optimizee,
+                                           "reg": reg if beta else None, "beta": beta}).validate()
+    return profile
+
+
 def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiments: Iterable[str] = EXPERIMENTS,
               workers: int = 0, ray_address: str | None = None, device: str = "cpu",
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
               l2os: str | None = None, meta_seeds: int | None = None, seeds: Sequence[int] | None = None,
-              echo=print) -> dict:
+              recipe: str | None = None, meta: Mapping[str, Any] | None = None, echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
     `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from,
     `meta_seeds` how many L2Os it meta-trains per setting, and `seeds` (a list of ints)
-    its meta-test seeds (default: the profile's report seeds; seeds.py)."""
+    its meta-test seeds (default: the profile's report seeds; seeds.py); `recipe` and `meta`
+    (MetaTrainConfig fields) how its main L2Os are meta-trained (with l2os 'train'), e.g.
+    recipe='plain', meta={'estimator': 'pes'} for L2Os meta-trained by PES."""
     from . import data as data_mod
     from .report import write_outputs
 
     profile = override(profile_name if isinstance(profile_name, Profile) else get_profile(profile_name),
-                       l2os, meta_seeds, seeds)
+                       l2os, meta_seeds, seeds, recipe, meta)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))

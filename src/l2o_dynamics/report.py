@@ -365,8 +365,15 @@ def _recipe_text(profile: Profile, extra: str | None = None) -> str:
                      + ("" if c.rollback_cut == 1 else f", meta-lr x {c.rollback_cut:g} each time"))
     if c.collapse:
         parts.append(f"collapse monitor at drift {c.collapse:g}")
-    if c.select == "train":
+    if c.select == "train-runs":
+        parts.append("the epoch whose fresh runs on the training split have the lowest training loss kept")
+    elif c.select == "meta-loss":
         parts.append("the epoch with the lowest mean meta-training loss kept")
+    if c.estimator != "tbptt":
+        parts.append(f"meta-gradients by {c.estimator} ({c.pairs} antithetic pairs, sigma {c.sigma:g}"
+                     + (f", truncations of {c.unroll}" if c.estimator != "full-es" else "") + ")")
+    if c.family != "lstm":
+        parts.append(f"the {c.family} learned optimizer")
     return ", ".join(parts)
 
 
