@@ -429,3 +429,22 @@ def test_bad_meta_training_overrides_are_refused_before_anything_runs(kw, msg):
     with pytest.raises(L2OError) as e:
         pipeline.override(prof, **kw)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_mlp_family_goes_through_every_experiment_beside_the_lstm(tmp_path, mnist):
+    """`reproduce --l2o-family lstm,mlp`: the MLP L2Os (recipe mlp, the profile's budget) are
+    meta-tested by every experiment and get a findings column of their own."""
+    import dataclasses
+
+    prof = pipeline.override(dataclasses.replace(get_profile("smoke"), l2os="train"), families=("lstm", "mlp"))
+    trains = [j for j in build_jobs(prof) if j.kind == "meta-train" and j.config.get("recipe") == "mlp"]
+    assert len(trains) == 4 and all(j.config["family"] == "mlp" and j.config["epochs"] == 2 for j in trains)
+    summary = pipeline.reproduce(prof, tmp_path, progress=False, fusion="eager", echo=lambda s: None)
+    t = Table.read(tmp_path / "metrics.csv")
+    for experiment in ("symmetry-breaking", "regularization", "generalization", "noise"):
+        assert any(o.startswith("l2o[mlp]") for o in t.where(experiment=experiment).unique("optimizer")), experiment
+    assert set(summary["findings_by_recipe"]) == {"plain", "mlp"}
+    report = (tmp_path / "report.md").read_text()
+    assert "held here? L2O [mlp] (mlp recipe)" in report and "the mlp learned optimizer" in report
+    with pytest.raises(L2OError, match="valid: lstm or lstm,mlp"):
+        pipeline.override(prof, families=("mlp",))

@@ -353,7 +353,7 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_experiment_parsers(sub) -> None:
-    from .experiments import EXPERIMENTS, L2O_SOURCES, PROFILES
+    from .experiments import EXPERIMENTS, L2O_FAMILIES, L2O_SOURCES, PROFILES
     from .meta import RECIPE_ALIASES, RECIPES
 
     r = sub.add_parser("reproduce", help="run every experiment of the study; figures and a report")
@@ -372,6 +372,10 @@ def _add_experiment_parsers(sub) -> None:
                    help="a meta-training setting over the profile's and the recipe's, for the main L2Os (needs "
                         "--l2os train; repeatable), e.g. --meta estimator=pes --meta pairs=4: any "
                         "MetaTrainConfig field but optimizee, reg, beta, seed and device")
+    r.add_argument("--l2o-family", type=_name_list(L2O_FAMILIES), default=None, metavar="lstm[,mlp]",
+                   help="learned-optimizer families analysed: lstm (the profile's L2Os), lstm,mlp (also the "
+                        "per-parameter MLP optimizer, recipe mlp, labelled l2o[mlp]: a findings column of its "
+                        "own; with --l2os train meta-trained with the profile's budget)")
     r.add_argument("--docs", default=None, help="also copy the figures and findings table to this dir")
     _pipeline_options(r)
     e = sub.add_parser("experiment", help="run one experiment of the study")
@@ -526,7 +530,7 @@ def cmd_reproduce(args) -> int:
 
     learned.set_fusion(args.fusion)
     profile = override(get_profile(args.profile), args.l2os, args.meta_seeds, args.seeds, args.recipe,
-                       dict(args.meta or ()))
+                       dict(args.meta or ()), args.l2o_family)
     _check_pipeline_paths(args)
     reproduce(profile, args.out, workers=args.workers, ray_address=args.ray_address,
               device=args.device, store=args.store, dry_run=args.dry_run, progress=args.progress,

@@ -117,6 +117,7 @@ PROFILES = {
 
 
 L2O_SOURCES = ("pretrained", "train")
+L2O_FAMILIES = ("lstm", "mlp")  # the LSTM's are a profile's own L2Os; the MLP's come from recipe 'mlp'
 
 
 def get_profile(name: str) -> Profile:

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .experiments import (EXPERIMENTS, TRAINED_ON, Files, Job, Profile, build_jobs, get_profile, missing_pretrained,
-                          run_job)
+from .experiments import (EXPERIMENTS, L2O_FAMILIES, TRAINED_ON, Files, Job, Profile, build_jobs, get_profile,
+                          missing_pretrained, run_job)
 from .env import resolve_device
 from .errors import L2OError
 from .files import (TEMP_TAG, check_run_dir, check_store, claim_store, fresh_path, owner, remove_tree,
@@ -356,11 +356,14 @@ JOB_META = ("optimizee", "reg", "beta", "seed", "device")
 
 def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None = None,
              seeds: Sequence[int] | None = None, recipe: str | None = None,
-             meta: Mapping[str, Any] | None = None) -> Profile:
+             meta: Mapping[str, Any] | None = None, families: Sequence[str] | None = None) -> Profile:
     """The profile with where its L2Os come from, how many per setting, its meta-test seeds
     (the generalisation table keeps its share: at most as many as before), and the recipe
     and settings (MetaTrainConfig fields over the profile's) its main L2Os are meta-trained
-    with replaced; checked here, before anything runs."""
+    with replaced; checked here, before anything runs. `families` ('lstm', 'mlp'): the
+    learned-optimizer families analysed; 'mlp' adds recipe 'mlp' (the MLP family) to the
+    further recipes, its L2Os labelled l2o[mlp] (with l2os 'train': meta-trained with the
+    profile's budget)."""
     from dataclasses import replace
 
     from .seeds import check_seeds
@@ -369,6 +372,8 @@ def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None =
         profile = replace(profile, l2os=l2os)
     if recipe is not None or meta:
         profile = _override_meta(profile, recipe, dict(meta or {}))
+    if families is not None:
+        profile = _with_families(profile, tuple(families))
     if meta_seeds is not None:
         if meta_seeds > 1 and profile.l2os == "pretrained":
             raise L2OError(f"--meta-seeds {meta_seeds} needs --l2os train: the shipped set has one L2O per "
@@ -379,6 +384,22 @@ def override(profile: Profile, l2os: str | None = None, meta_seeds: int | None =
         unseen = None if profile.unseen_seeds is None else min(profile.unseen_seeds, len(seeds))
         profile = replace(profile, seeds=seeds, unseen_seeds=unseen)
     return profile
+
+
+def _with_families(profile: Profile, families: tuple[str, ...]) -> Profile:
+    from dataclasses import replace
+
+    bad = [f for f in families if f not in L2O_FAMILIES]
+    if bad or len(set(families)) != len(families) or "lstm" not in families:
+        raise L2OError(f"--l2o-family {','.join(families)}: valid: lstm or lstm,mlp (the LSTM L2Os are the "
+                       "profile's own, the MLP's are analysed beside them)")
+    extras = tuple(r for r in profile.extra_recipes if r != "mlp")
+    if "mlp" not in families:
+        return replace(profile, extra_recipes=extras)
+    extra_meta = dict(profile.extra_meta)
+    if profile.l2os == "train" and "mlp" not in extra_meta:  # the main L2Os' budget, not the recipe's own
+        extra_meta["mlp"] = {k: v for k, v in profile.meta.items() if k not in ("family", "step_mult")}
+    return replace(profile, extra_recipes=(*extras, "mlp"), extra_meta=extra_meta)
 
 
 def _override_meta(profile: Profile, recipe: str | None, meta: dict) -> Profile:
@@ -415,7 +436,8 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
               store: str | os.PathLike | None = None, dry_run: bool = False, progress: bool = True,
               docs: str | os.PathLike | None = None, fusion: str = "auto", threads: int | None = None,
               l2os: str | None = None, meta_seeds: int | None = None, seeds: Sequence[int] | None = None,
-              recipe: str | None = None, meta: Mapping[str, Any] | None = None, echo=print) -> dict:
+              recipe: str | None = None, meta: Mapping[str, Any] | None = None,
+              families: Sequence[str] | None = None, echo=print) -> dict:
     """Run the experiments of a profile, then write metrics.csv, figures/, report.md/html.
     `l2os` ('pretrained' or 'train') overrides where the profile's L2Os come from,
     `meta_seeds` how many L2Os it meta-trains per setting, and `seeds` (a list of ints)
@@ -426,7 +448,7 @@ def reproduce(profile_name: str | Profile, out: str | os.PathLike, *, experiment
     from .report import write_outputs
 
     profile = override(profile_name if isinstance(profile_name, Profile) else get_profile(profile_name),
-                       l2os, meta_seeds, seeds, recipe, meta)
+                       l2os, meta_seeds, seeds, recipe, meta, families)
     dev = resolve_device(device)
     experiments = tuple(experiments)
     jobs = build_jobs(profile, experiments, device=str(dev))
