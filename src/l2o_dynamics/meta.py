@@ -414,7 +414,7 @@ def recipe(name: str = "default", **overrides) -> MetaTrainConfig:
     name = RECIPE_ALIASES.get(name, name)
     if name not in RECIPES:
         raise L2OError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    family = overrides.get("family", "lstm")
+    family = overrides.get("family", RECIPES[name].get("family", "lstm"))
     other = [k for f, keys in FAMILY_FIELDS.items() if f != family for k in keys]
     return MetaTrainConfig(**{**{k: v for k, v in RECIPES[name].items() if k not in other}, **overrides})
 
