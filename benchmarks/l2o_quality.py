@@ -68,12 +68,13 @@ def _train_one(args: tuple) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     cfg = meta.recipe(recipe_name, **{**overrides, "optimizee": optimizee, "seed": seed})
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     prior = json.loads((out / "wall.json").read_text())["s"] if (out / "wall.json").exists() else 0.0
     res = meta.meta_train(cfg, out, data=data.load_mnist(verbose=False), resume=True, progress=False)
     rows = res.log.entries
     summary = {"optimizee": optimizee, "seed": seed, "config": cfg.to_dict(),
                "wall_s": prior + time.time() - started, "best_score": res.best_score,
+               "cpu_s": time.process_time() - cpu,  # this process's (a resumed run: its last part only)
                "best_epoch": res.best_epoch, "skipped": res.skipped,
                "collapse_flags": sum(1 for m, _, _ in rows if m == "collapse"),
                "rollbacks": sum(1 for m, _, _ in rows if m == "rollback"),
@@ -155,10 +156,11 @@ def table(results: dict, summaries: list[dict], meta_seeds: int) -> str:
         l = row["l2o"]
         lines.append(f"| {key} | {l['early_below_adam']} of {len(l['per_meta_seed'])} | "
                      f"{', '.join(f'{x:.2f}' for x in l['final_vs_adam'])} | {l['ended_collapsed']} |")
-    lines += ["", "| meta-training | meta-steps | wall (min, 1 thread) | best epoch | val score | "
-              "collapse flags | rollbacks |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| meta-training | meta-steps | wall (min, 1 thread) | CPU (min) | best epoch | val score | "
+              "collapse flags | rollbacks |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['optimizee']} seed {s['seed']} | {s['meta_steps']} | {s['wall_s'] / 60:.1f} | "
+        cpu = f"{s['cpu_s'] / 60:.1f}" if "cpu_s" in s else "-"
+        lines.append(f"| {s['optimizee']} seed {s['seed']} | {s['meta_steps']} | {s['wall_s'] / 60:.1f} | {cpu} | "
                      f"{s['best_epoch'] + 1} | {s['best_score']:.4f} | {s['collapse_flags']} | "
                      f"{s['rollbacks']} |")
     return "\n".join(lines)
