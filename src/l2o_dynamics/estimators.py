@@ -19,12 +19,13 @@ batched forward computation (`population_update`), with no autograd graph:
   full-es  each meta-step runs B fresh tasks for a whole run at phi +- eps_i; F is the mean of the
            run's losses L(theta_1)..L(theta_T) ('mean') or L(theta_T) ('last'); with `sign`,
            (F+ - F-) is replaced by its sign (VeLO's variant).
-  With a symmetry penalty (Settings reg, beta) every F adds beta x the deviations of the copy's
-  updates (`symmetry.deviation` at the parameters each was applied to): summed over a truncation's
-  steps as in `meta.unroll` (es, pes), averaged over the run's steps (full-es).
   tbptt    autograd through the K steps of a truncation (meta.unroll); the reference for tests
            and benchmarks. `meta.meta_train` runs TBPTT through its own loop (`meta._one_run`),
            bit for bit as before these estimators existed; the ES family goes through `run_epoch`.
+
+With a symmetry penalty (Settings reg, beta) every F adds beta x the deviations of the copy's
+updates (`symmetry.deviation` at the parameters each was applied to): summed over a truncation's
+steps as in `meta.unroll` (es, pes), averaged over the run's steps (full-es).
 """
 from __future__ import annotations
 

@@ -398,15 +398,28 @@ def _with_families(profile: Profile, families: tuple[str, ...]) -> Profile:
         return replace(profile, extra_recipes=extras)
     extra_meta = dict(profile.extra_meta)
     if profile.l2os == "train" and "mlp" not in extra_meta:  # the main L2Os' budget, not the recipe's own
-        extra_meta["mlp"] = {k: v for k, v in profile.meta.items() if k not in ("family", "step_mult")}
+        from .meta import FAMILY_FIELDS
+
+        network = {"family", *(k for keys in FAMILY_FIELDS.values() for k in keys)}  # the recipe's own
+        extra_meta["mlp"] = {k: v for k, v in profile.meta.items() if k not in network}
+        _check_settings(profile, "mlp", extra_meta["mlp"])
     return replace(profile, extra_recipes=(*extras, "mlp"), extra_meta=extra_meta)
+
+
+def _check_settings(profile: Profile, recipe: str, meta: Mapping[str, Any]) -> None:
+    """Refuse now (L2OError) what a meta-training job of `recipe` with `meta` would refuse."""
+    from .meta import recipe as make_recipe
+
+    for optimizee, reg in TRAINED_ON.items():  # every setting a job will meta-train with
+        for beta in {0.0, *profile.betas}:
+            make_recipe(recipe, **{**meta, "optimizee": optimizee, "reg": reg if beta else None,
+                                   "beta": beta}).validate()
 
 
 def _override_meta(profile: Profile, recipe: str | None, meta: dict) -> Profile:
     from dataclasses import fields, replace
 
     from .meta import RECIPE_ALIASES, RECIPES, MetaTrainConfig
-    from .meta import recipe as make_recipe
 
     if profile.l2os != "train":
         raise L2OError(f"--recipe and --meta set how the L2Os are meta-trained, and profile {profile.name} "
@@ -424,10 +437,7 @@ def _override_meta(profile: Profile, recipe: str | None, meta: dict) -> Profile:
     profile = replace(profile, recipe=recipe or profile.recipe, meta={**profile.meta, **meta},
                       extra_recipes=tuple(r for r in profile.extra_recipes
                                           if RECIPE_ALIASES.get(r, r) != (recipe or profile.recipe)))
-    for optimizee, reg in TRAINED_ON.items():  # every setting a job will meta-train with
-        for beta in {0.0, *profile.betas}:
-            make_recipe(profile.recipe, **{**profile.meta, "optimizee": optimizee,
-                                           "reg": reg if beta else None, "beta": beta}).validate()
+    _check_settings(profile, profile.recipe, profile.meta)
     return profile
 
 
