@@ -28,7 +28,17 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one
     from .seeds import MAX_SEEDS, REPORT, check_seeds, report_seeds
 except KeyboardInterrupt:
     print(f"{PROG}: interrupted while starting; nothing was done", file=sys.stderr)
+    exec("")  # see _handled_interrupt
     raise SystemExit(INTERRUPTED) from None
+
+
+def _handled_interrupt() -> int:
+    """The exit status of a Ctrl-C we handled. CPython marks a KeyboardInterrupt that leaves
+    an `exec`/`eval` of a string (a library generating code, say) as unhandled, keeps that
+    mark even when a caller catches the exception, and at exit kills the process with SIGINT
+    (status -2 instead of 130). Executing any string clears the mark."""
+    exec("")
+    return INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -645,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished results are kept, nothing half-written", file=sys.stderr)
-        return INTERRUPTED
+        return _handled_interrupt()
     except BrokenPipeError:  # e.g. `l2o-dynamics data info | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
