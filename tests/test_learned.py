@@ -156,7 +156,7 @@ def test_pretrained_l2o_trains_a_fresh_pytorch_mlp_on_mnist(mnist):
 SHIPPED = [f"{o}/beta={b}" for o in ("bn_relu", "leaky_relu") for b in ("0", "0.1", "0.5", "1")] + ["sigmoid/beta=0"] \
     + ["authors/leaky_relu/beta=0", "authors/bn_relu/beta=0", "authors/leaky_relu/beta=0.5",
        "authors/bn_relu/beta=0.5", "authors/leaky_relu/beta=1", "authors/leaky_relu/beta=0.1",
-       "authors/bn_relu/beta=0.1"]  # the study's recipe (tools/ship_authors.py); bn_relu beta 1 not yet
+       "authors/bn_relu/beta=0.1"]  # the study's recipe (tools/ship_recipe.py authors); bn_relu beta 1 not yet
 
 
 def test_the_shipped_set_is_complete():
