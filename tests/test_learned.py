@@ -153,10 +153,9 @@ def test_pretrained_l2o_trains_a_fresh_pytorch_mlp_on_mnist(mnist):
 
 
 # ---- the shipped set -------------------------------------------------------------------
-SHIPPED = [f"{o}/beta={b}" for o in ("bn_relu", "leaky_relu") for b in ("0", "0.1", "0.5", "1")] + ["sigmoid/beta=0"] \
-    + ["authors/leaky_relu/beta=0", "authors/bn_relu/beta=0", "authors/leaky_relu/beta=0.5",
-       "authors/bn_relu/beta=0.5", "authors/leaky_relu/beta=1", "authors/leaky_relu/beta=0.1",
-       "authors/bn_relu/beta=0.1"]  # the study's recipe (tools/ship_recipe.py authors); bn_relu beta 1 not yet
+SETTINGS = [f"{o}/beta={b}" for o in ("bn_relu", "leaky_relu") for b in ("0", "0.1", "0.5", "1")]  # the study's eight
+SHIPPED = SETTINGS + ["sigmoid/beta=0"] \
+    + [f"{recipe}/{name}" for recipe in ("authors", "mlp") for name in SETTINGS]  # tools/ship_recipe.py
 
 
 def test_the_shipped_set_is_complete():
@@ -170,7 +169,10 @@ def test_each_shipped_l2o_loads_by_name_and_trains_a_fresh_optimizee(name, mnist
     from l2o_dynamics.runner import meta_test
 
     l2o = l2o_from_checkpoint(f"pretrained:{name}")
-    assert l2o.num_meta_params == 5_301 and (l2o.hidden, l2o.layers, l2o.p, l2o.eta) == (20, 2, 10.0, 0.1)
+    if name.startswith("mlp/"):  # the MLP family: small_fc_lopt's shape, the reference's output scale
+        assert type(l2o).__name__ == "MLPL2O" and (l2o.hidden, l2o.hidden_layers, l2o.step_mult) == (32, 2, 1e-3)
+    else:
+        assert l2o.num_meta_params == 5_301 and (l2o.hidden, l2o.layers, l2o.p, l2o.eta) == (20, 2, 10.0, 0.1)
     optimizee = name.split("/")[-2]  # [RECIPE/]OPTIMIZEE/beta=B
     log = meta_test(l2o, optimizee, mnist.split("train"), seeds=[123], steps=60)
     c = log.curve("train_loss")[:, 0]  # a fresh init (seed 123 is no training seed), 60 steps

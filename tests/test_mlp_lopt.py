@@ -629,10 +629,12 @@ def test_a_recipe_leaves_out_the_other_familys_settings():
     assert (cfg.log_eps, cfg.loss_index, cfg.select) == (0.0, "current", "train-runs")
     with pytest.raises(L2OError, match="log_eps apply to the lstm family only"):
         recipe("authors", family="mlp", log_eps=1e-8).validate()
-    mlp = recipe("mlp").validate()  # the MLP family's own recipe keeps its MLP settings
-    assert (mlp.family, mlp.step_mult) == ("mlp", 1e-2)
-    lstm = recipe("mlp", family="lstm").validate()  # and drops them for the LSTM
-    assert (lstm.family, lstm.step_mult) == ("lstm", 1e-3)
+    # the MLP family's recipe: the default recipe's meta-training at 760 meta-steps, the
+    # reference's output scale (docs/mlp_l2o.md: chosen on selection seeds)
+    mlp, default = recipe("mlp").validate(), recipe("default")
+    assert (mlp.family, mlp.step_mult, mlp.exp_mult, mlp.total_meta_steps()) == ("mlp", 1e-3, 1e-3, 760)
+    assert all(getattr(mlp, k) == getattr(default, k)
+               for k in ("short_runs", "clip_grad", "rollback", "rollback_cut", "collapse", "select", "meta_lr"))
 
 
 def test_the_cli_refuses_an_lstm_setting_with_family_mlp_with_exit_2(tmp_path, capsys):
