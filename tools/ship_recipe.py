@@ -145,12 +145,11 @@ def summary_of_run(c: Collection, run_dir: Path) -> dict:
     cfg = info["config"]
     c.check(cfg, run_dir)
     table = Table.read(run_dir / "metrics.csv")
-    events = set(table.unique("metric"))
     return {"optimizee": cfg["optimizee"], "config": cfg, "wall_s": info.get("wall_time_s"),
             "best_score": info["best_score"], "best_epoch": info["best_epoch"], "skipped": info["skipped"],
             "collapse_episodes": collapse_episodes(table),
-            "collapse_flags": len(table.where(metric="collapse")) if "collapse" in events else 0,
-            "rollbacks": len(table.where(metric="rollback")) if "rollback" in events else 0,
+            "collapse_flags": len(table.where(metric="collapse")),
+            "rollbacks": len(table.where(metric="rollback")),
             "meta_steps": MetaTrainConfig.from_dict(cfg).total_meta_steps(), "l2o": str(run_dir / "l2o.pt"),
             "metrics": str(run_dir / "metrics.csv")}
 
@@ -206,7 +205,7 @@ def install(c: Collection, summaries: list[dict]) -> None:
     write_cards(c, manifest)
 
 
-def _monitoring(c: Collection, s: dict) -> str:
+def _monitoring(s: dict) -> str:
     cfg = s["config"]
     if cfg.get("collapse") is not None:
         return (f"Collapse flags raised by the monitor: {s.get('collapse_flags', 0)}; rollbacks: "
@@ -246,7 +245,7 @@ def write_cards(c: Collection, manifest: dict) -> None:
             f"Meta-trained on `{cfg['optimizee']}` ({penalty}), meta-training seed {cfg['seed']}: "
             f"{s['meta_steps']:,} meta-steps, {wall} (torch 2.13). Selected epoch {s['best_epoch'] + 1} of "
             f"{cfg['epochs']}: {_selection(s)}. Skipped meta-steps (non-finite meta-loss): {s['skipped']}. "
-            f"{_monitoring(c, s)} Meta-training curve: `{s['figure']}`.", "",
+            f"{_monitoring(s)} Meta-training curve: `{s['figure']}`.", "",
             "| optimizer | steps 1-25 | steps 1-100 | @ 200 (mean of last 3) |", "|---|---|---|---|",
             *rows, ""]
     atomic_write_text(_dest_dir(c) / "README.md", "\n".join(head + cards))

@@ -9,6 +9,16 @@ import sys
 PROG = "l2o-dynamics"
 INTERRUPTED = 130  # the exit status of a shell command ended by Ctrl-C (128 + SIGINT)
 
+
+def _handled_interrupt() -> int:
+    """The exit status of a Ctrl-C we handled. CPython marks a KeyboardInterrupt that leaves
+    an `exec`/`eval` of a string (a library generating code, say) as unhandled, keeps that
+    mark even when a caller catches the exception, and at exit kills the process with SIGINT
+    (status -2 instead of 130). Executing any string clears the mark."""
+    exec("")
+    return INTERRUPTED
+
+
 try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one later
     import argparse
     import ast
@@ -28,17 +38,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile ends as quietly as one
     from .seeds import MAX_SEEDS, REPORT, check_seeds, report_seeds
 except KeyboardInterrupt:
     print(f"{PROG}: interrupted while starting; nothing was done", file=sys.stderr)
-    exec("")  # see _handled_interrupt
-    raise SystemExit(INTERRUPTED) from None
-
-
-def _handled_interrupt() -> int:
-    """The exit status of a Ctrl-C we handled. CPython marks a KeyboardInterrupt that leaves
-    an `exec`/`eval` of a string (a library generating code, say) as unhandled, keeps that
-    mark even when a caller catches the exception, and at exit kills the process with SIGINT
-    (status -2 instead of 130). Executing any string clears the mark."""
-    exec("")
-    return INTERRUPTED
+    raise SystemExit(_handled_interrupt()) from None
 
 
 class _Parser(argparse.ArgumentParser):

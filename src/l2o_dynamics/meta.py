@@ -387,6 +387,7 @@ def _gib(n: int) -> str:
 # study's recipe as its code runs it; 'plain' the dataclass defaults, bit for bit what this
 # project ran before recipes existed; 'default' is what docs/meta_training.md measured to
 # train a fast starter reliably on a 2-core CPU.
+_DEFAULT = dict(short_runs=0.9, clip_grad=1.0, rollback=1.5, rollback_cut=1.0, collapse=0.9)
 RECIPES: dict[str, dict] = {
     # The study's authors' recipe as their code runs it (docs/replication.md lists each setting
     # with its file and line): meta-loss over the losses before each update, +1e-8 inside the
@@ -396,13 +397,12 @@ RECIPES: dict[str, dict] = {
     "authors": dict(loss_index="current", log_eps=1e-8, select="train-runs"),
     # BACKGROUND.md sec. 2 as first read (the paper's formulas; selection on held-out runs).
     "plain": {},
-    "default": dict(short_runs=0.9, clip_grad=1.0, rollback=1.5, rollback_cut=1.0, collapse=0.9),
+    "default": _DEFAULT,
     # The per-parameter MLP learned optimizer (mlp_lopt.py, the reference's step_mult 1e-3) with
     # the default recipe's meta-training at the shipped LSTMs' budget (8 x 50 runs: 760
     # meta-steps), chosen among four candidates on selection seeds by optimizee loss
     # (docs/mlp_l2o.md); the family `reproduce --l2o-family lstm,mlp` analyses beside the LSTM.
-    "mlp": dict(family="mlp", epochs=8, runs=50, short_runs=0.9, clip_grad=1.0, rollback=1.5, rollback_cut=1.0,
-                collapse=0.9),
+    "mlp": dict(_DEFAULT, family="mlp", epochs=8, runs=50),
 }
 
 
