@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # l2o_quality's worker (importable in spawned workers too)
+from l2o_dynamics.errors import L2OError  # noqa: E402 (after the path above)
 SET = [(o, b) for o in ("leaky_relu", "bn_relu") for b in (0.0, 0.1, 0.5, 1.0)]
 PENALTY = {"leaky_relu": "rescale", "bn_relu": "scale"}
 TEST_SEEDS = 5
@@ -53,7 +54,6 @@ class Collection:
     def check(self, cfg: dict, run_dir: Path) -> None:
         """L2OError unless `cfg` (a run's config) was meta-trained with this recipe."""
         from l2o_dynamics import meta
-        from l2o_dynamics.errors import L2OError
 
         expected = meta.recipe(self.name, optimizee=cfg["optimizee"]).to_dict()
         # what a run may change: its penalty, seed and device; everything else is the recipe's
@@ -141,6 +141,8 @@ def summary_of_run(c: Collection, run_dir: Path) -> dict:
     from l2o_dynamics.meta import MetaTrainConfig
     from l2o_dynamics.results import Table
 
+    if not (run_dir / "config.json").is_file() or not (run_dir / "l2o.pt").is_file():
+        raise L2OError(f"{run_dir} is not a finished meta-training run (needs config.json and l2o.pt)")
     info = json.loads((run_dir / "config.json").read_text())
     cfg = info["config"]
     c.check(cfg, run_dir)
@@ -267,7 +269,15 @@ def main(argv=None) -> int:
     i.add_argument("runs", nargs="+")
     sub.add_parser("cards")
     a = p.parse_args(argv)
-    c = COLLECTIONS[a.collection]
+    try:
+        _run(COLLECTIONS[a.collection], a)
+    except L2OError as e:  # a run of another recipe, a missing file: one line, exit 2
+        print(f"ship_recipe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(c: Collection, a: argparse.Namespace) -> None:
     if a.cmd == "train":
         import l2o_quality
 
@@ -278,7 +288,6 @@ def main(argv=None) -> int:
         install(c, [summary_of_run(c, Path(r)) for r in a.runs])
     else:
         write_cards(c, json.loads((_dest_dir(c) / "manifest.json").read_text()))
-    return 0
 
 
 if __name__ == "__main__":
