@@ -113,6 +113,79 @@ def test_with_little_noise_pes_and_full_es_point_along_the_reference_at_its_scal
     assert "| x | pes | 2 |" in D.table(out)
 
 
+# ---- resume after a kill ---------------------------------------------------------------------------
+def _small_run():
+    g = torch.Generator().manual_seed(3)
+    train = (torch.randint(0, 256, (64, 4), generator=g, dtype=torch.uint8), torch.randint(0, 3, (64,), generator=g))
+    cfg = D.DiagnosticConfig(unrolls=(2, 3), horizon=6, draws=2, pairs=2, sigma=1e-2, batch_size=8)
+    l2os = {"a": L2O(_phi(layers=1), hidden=2, layers=1), "b": L2O(_phi(hidden=3, layers=1), hidden=3, layers=1)}
+    return train, cfg, l2os
+
+
+def _numbers(result):
+    """The result without its clocks (a resumed run times only the parts it ran again)."""
+    if isinstance(result, dict):
+        return {k: _numbers(v) for k, v in result.items() if "seconds" not in k}
+    if isinstance(result, list):
+        return [_numbers(v) for v in result]
+    return result
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 9])  # saves: after the first reference, mid-draw, in phi 'b'
+def test_a_diagnostic_killed_after_any_save_resumes_to_the_same_numbers_without_redoing_work(
+        tmp_path, monkeypatch, stop_after):
+    train, cfg, l2os = _small_run()
+    whole = D.diagnose(l2os, TINY, train, cfg, dtype=F64)
+    fp = D.fingerprint(l2os, TINY, cfg, F64, torch.device("cpu"), "eager")
+    ckpt, saves = D.Checkpoint(tmp_path, fp), []
+
+    def save_then_die(done):
+        ckpt.save(done)
+        saves.append(1)
+        if len(saves) == stop_after:
+            raise KeyboardInterrupt  # a kill right after this write: the file holds exactly this
+
+    with pytest.raises(KeyboardInterrupt):
+        D.diagnose(l2os, TINY, train, cfg, dtype=F64, save=save_then_die)
+    done = D.Checkpoint(tmp_path, fp).load()
+    assert sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values()) == stop_after
+    estimates_done = stop_after - sum(len(recs) for recs in done.values())
+    calls = []
+    real = D.run_estimate
+    monkeypatch.setattr(D, "run_estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = D.diagnose(l2os, TINY, train, cfg, dtype=F64, done=done, save=ckpt.save)
+    assert _numbers(resumed) == _numbers(whole)
+    assert len(calls) == len(l2os) * cfg.draws * len(cfg.cells()) - estimates_done
+
+
+def test_a_checkpoint_of_other_settings_is_refused_unless_discarded_and_a_foreign_file_never(tmp_path):
+    train, cfg, l2os = _small_run()
+    fp = D.fingerprint(l2os, TINY, cfg, F64, torch.device("cpu"), "eager")
+    D.Checkpoint(tmp_path, fp).save({"a": {}})
+    other = D.fingerprint(l2os, TINY, D.DiagnosticConfig(unrolls=(2,), horizon=6, draws=2), F64,
+                          torch.device("cpu"), "eager")
+    with pytest.raises(D.L2OError, match=r"other settings \(config differ\).*--overwrite"):
+        D.Checkpoint(tmp_path, other).load()
+    assert D.Checkpoint(tmp_path, other).load(discard=True) == {}
+    assert D.Checkpoint(tmp_path, fp).load() == {"a": {}}
+    l2os["a"].phi["out.bias"] += 1e-12  # another phi: its bytes differ
+    changed = D.fingerprint(l2os, TINY, cfg, F64, torch.device("cpu"), "eager")
+    with pytest.raises(D.L2OError, match=r"\(l2os differ\)"):
+        D.Checkpoint(tmp_path, changed).load()
+    for foreign in (b"not a checkpoint", None):
+        path = tmp_path / D.CHECKPOINT
+        path.unlink()
+        if foreign is None:
+            (tmp_path / "elsewhere").write_bytes(b"x")
+            path.symlink_to(tmp_path / "elsewhere")
+        else:
+            path.write_bytes(foreign)
+        for discard in (False, True):
+            with pytest.raises(D.L2OError, match="move it away"):
+                D.Checkpoint(tmp_path, fp).load(discard=discard)
+        assert path.read_bytes() == (foreign or b"x")
+
+
 # ---- bad inputs ------------------------------------------------------------------------------------
 @pytest.fixture
 def cwd(tmp_path, monkeypatch):
@@ -157,6 +230,15 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(argv, expect, cwd, 
     assert tree(cwd) == before
 
 
+def test_a_checkpoint_of_another_diagnostic_in_out_is_refused_and_kept(cwd, capsys):
+    (cwd / "o").mkdir()
+    torch.save({"kind": D.CHECKPOINT_KIND, "fingerprint": {"config": {}}, "done": {}}, cwd / "o" / D.CHECKPOINT)
+    before = (cwd / "o" / D.CHECKPOINT).read_bytes()
+    line = one_line_exit_2(["estimators", "--out", "o"], capsys)
+    assert "other settings" in line and "--overwrite" in line
+    assert (cwd / "o" / D.CHECKPOINT).read_bytes() == before and tree(cwd / "o") == {D.CHECKPOINT}
+
+
 def test_an_earlier_diagnostic_is_kept_without_overwrite(cwd, capsys):
     (cwd / "o").mkdir()
     (cwd / "o" / "estimators.json").write_text("{}")
@@ -182,3 +264,33 @@ def test_only_draws_whose_exact_gradient_rounding_does_not_turn_count_as_well_co
     assert D.conditioned_cosine(row, ref) == pytest.approx(0.6, rel=1e-15)
     assert math.isnan(D.conditioned_cosine(row, {**ref, "cosine_float64": [0.5, 0.5, 0.5]}))
     assert D.conditioned_draws({"grad_norm": [1.0, 2.0], "cosine_float64": []}) == [0, 1]  # a float64 run
+
+
+def test_the_command_killed_mid_run_resumes_to_the_same_json_and_leaves_no_checkpoint(
+        tmp_path, monkeypatch, mnist, capsys):
+    import json
+
+    from l2o_dynamics import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["estimators", "--l2o", "untrained", "--horizon", "2", "--unroll", "1", "--draws", "2", "--pairs", "1",
+            "--estimators", "tbptt,pes", "--fusion", "eager", "--no-progress"]
+    assert cli.main([*argv, "--out", "whole"]) == 0
+    real, saves = D.Checkpoint.save, []
+
+    def save_then_die(self, done):
+        real(self, done)
+        saves.append(1)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.Checkpoint, "save", save_then_die)
+    assert cli.main([*argv, "--out", "cut"]) == 130
+    assert tree(tmp_path / "cut") == {D.CHECKPOINT}
+    monkeypatch.setattr(D.Checkpoint, "save", real)
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", "cut"]) == 0
+    assert "3 references and estimates already done" in capsys.readouterr().out
+    assert tree(tmp_path / "cut") == set(cli.ESTIMATOR_FILES)
+    whole, cut = (json.loads((tmp_path / d / "estimators.json").read_text()) for d in ("whole", "cut"))
+    assert _numbers(cut) == _numbers(whole)

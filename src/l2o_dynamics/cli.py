@@ -342,7 +342,9 @@ def _add_estimators_parser(sub) -> None:
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     d.add_argument("--fusion", choices=("auto", "compile", "eager"), default="auto")
     d.add_argument("--out", required=True, help="directory for estimators.json, estimators.md, estimators.png")
-    d.add_argument("--overwrite", action="store_true", help="replace the files of an earlier diagnostic in --out")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier diagnostic in --out, and start over from a checkpoint "
+                        "of one with other settings (a killed run of the same command resumes by itself)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -582,7 +584,7 @@ def cmd_estimators(args) -> int:
     from . import data as data_mod
     from . import learned
     from .env import resolve_device
-    from .estimator_diagnostic import DiagnosticConfig, check_memory, diagnose, table
+    from .estimator_diagnostic import Checkpoint, DiagnosticConfig, check_memory, diagnose, fingerprint, table
     from .files import atomic_write_json, atomic_write_text, make_dir
     from .optimizees import get_optimizee
     from .plotting import estimator_figure
@@ -602,13 +604,20 @@ def cmd_estimators(args) -> int:
     l2os = {spec: _diagnostic_l2o(spec) for spec in specs}  # a bad checkpoint fails here, before any work
     model = get_optimizee(args.optimizee)
     check_memory(cfg, model, l2os, torch.float32, device)
+    ckpt = Checkpoint(out, fingerprint(l2os, model, cfg, torch.float32, device, learned.fusion_in_use(device)))
+    done = ckpt.load(discard=args.overwrite)  # a killed run of the same command resumes
+    if done:
+        n = sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values())
+        print(f"resuming from {ckpt.path}: {n} references and estimates already done")
     ds = data_mod.load_mnist()
-    result = diagnose(l2os, model, ds.split("train"), cfg, device=device, progress=args.progress)
     make_dir(out)
+    result = diagnose(l2os, model, ds.split("train"), cfg, device=device, progress=args.progress,
+                      done=done, save=ckpt.save)
     atomic_write_json(out / "estimators.json", result)
     text = table(result)
     atomic_write_text(out / "estimators.md", text)
     estimator_figure(out / "estimators.json", out / "estimators.png")
+    ckpt.remove()
     print(text + f"\nwrote {', '.join(str(out / n) for n in ESTIMATOR_FILES)}")
     return 0
 

@@ -26,15 +26,19 @@ at that phi), `conditioned_draws` leaves that draw out. `diagnose` runs it all; 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from . import estimators as E
 from .errors import L2OError, Range
+from .files import atomic_torch_save
 from .learned import L2O
 from .meta import RANGES
 from .optimizees import Optimizee
@@ -229,10 +233,17 @@ def check_memory(cfg: DiagnosticConfig, model: Optimizee, l2os: dict[str, L2O], 
 
 
 def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfig, *,
-             dtype: torch.dtype = torch.float32, device="cpu", progress: bool = False) -> dict:
+             dtype: torch.dtype = torch.float32, device="cpu", progress: bool = False,
+             done: dict | None = None, save=None) -> dict:
     """The diagnostic of every (estimator, K) of `cfg` at each phi of `l2os` ({label: L2O}) on
     `model`, tasks from `train` = (x uint8 (n, 784), y). Returns the JSON-ready result: config,
-    per phi the reference's numbers and one row per (estimator, K) (`summarize` plus seconds)."""
+    per phi the reference's numbers and one row per (estimator, K) (`summarize` plus seconds).
+
+    Resumable: `done` ({label: {draw: record}}, from an earlier call's `save`, or {}) holds the
+    references and estimates already computed, which are taken as they are; `save(done)` is
+    called after each new reference and each new estimate (a `Checkpoint` writes it to disk).
+    Every estimate draws from its own seeded generator, so a resumed diagnostic equals an
+    uninterrupted one in every number but the seconds of the parts run again."""
     from tqdm.auto import tqdm
 
     from .data import Batcher
@@ -242,8 +253,10 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
     check_memory(cfg, model, l2os, dtype, device)
     cells = cfg.cells()
     seeds = list(REPORT[:cfg.draws])
+    done = {} if done is None else done
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
-    bar = tqdm(total=len(l2os) * cfg.draws * (len(cells) + 1), disable=not progress, desc="estimators")
+    bar = tqdm(total=len(l2os) * cfg.draws * (len(cells) + 1), disable=not progress, desc="estimators",
+               initial=sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values()))
     out = {"config": {**asdict(cfg), "optimizee": model.name, "seeds": seeds, "dtype": str(dtype),
                       "device": str(device), "threads": torch.get_num_threads(),
                       "objective": "J = sum_{t=1..T} L(theta_t; batch_t), T = horizon",
@@ -252,52 +265,134 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
     for label, l2o in l2os.items():
         phi = {k: v.to(dtype=dtype, device=device) for k, v in l2o.phi.items()}
         net = L2O(phi, l2o.hidden, l2o.layers, l2o.p, l2o.eta, log_eps=l2o.log_eps)
-        refs, est = [], {c: [] for c in cells}
-        secs = {c: [] for c in [*cells, "reference"]}  # wall-clock
-        cpu = {c: [] for c in [*cells, "reference"]}  # this process's CPU time (all its threads)
-        values, stability = [], []
+        records = done.setdefault(label, {})
         for r, seed in enumerate(seeds):
+            rec = records.get(r)
+            if rec is not None and len(rec["cells"]) == len(cells):
+                continue
             params = model.init(generator("init", seed), dtype=dtype, device=device)
             batcher = Batcher(*train, batch_size=cfg.batch_size, seed=seed, device=device)
             batches = [next(batcher) for _ in range(cfg.horizon + 1)]
-            with _clock(secs["reference"], cpu["reference"], sync):
-                g, value = full_run_gradient(net, phi, model, params, batches)
-            refs.append(_flat(g).double().cpu())
-            values.append(value)
-            if dtype != torch.float64:  # the same gradient in float64: how much rounding moves it
-                g64, _ = full_run_gradient(net, {k: v.double() for k, v in phi.items()}, model,
-                                           {k: v.double() for k, v in params.items()},
-                                           [(x.double(), y) for x, y in batches])
-                stability.append(cosine(_flat(g64).cpu(), refs[-1]))
-            bar.update(1)
+            if rec is None:
+                rec = records[r] = _reference_record(net, phi, model, params, batches, dtype, sync)
+                if save:
+                    save(done)
+                bar.update(1)
             for kind, k in cells:
+                key = f"{kind}:{k}"
+                if key in rec["cells"]:
+                    continue
                 gen = generator("estimator-diagnostic", seed, kind, k)
-                with _clock(secs[(kind, k)], cpu[(kind, k)], sync):
+                wall, cpu = [], []
+                with _clock(wall, cpu, sync):
                     e = run_estimate(kind, k, cfg, net, phi, model, params, batches, gen, dtype, device)
-                est[(kind, k)].append(_flat(e).double().cpu())
+                rec["cells"][key] = {"estimate": _flat(e).double().cpu(), "wall": wall[0], "cpu": cpu[0]}
+                if save:
+                    save(done)
                 bar.set_postfix_str(f"{label} draw {r + 1}/{cfg.draws} {kind} K={k}", refresh=False)
                 bar.update(1)
-        ref = torch.stack(refs)
-        ref_var = ref.var(0, unbiased=True)
-        rows = []
-        for kind, k in cells:
-            row = {"estimator": kind, "unroll": k, **summarize(torch.stack(est[(kind, k)]), ref),
-                   "seconds": statistics.median(secs[(kind, k)]), "cpu_seconds": statistics.median(cpu[(kind, k)]),
-                   "seconds_per_meta_step": statistics.median(secs[(kind, k)]) / (1 if kind == "full-es" else cfg.horizon // k),
-                   "finite": bool(all(torch.isfinite(v).all() for v in est[(kind, k)]))}
-            rows.append(row)
-        out["phis"][label] = {
-            "l2o": l2o.config(), "meta_params": sum(v.numel() for v in phi.values()),
-            "reference": {"seconds": statistics.median(secs["reference"]),
-                          "cpu_seconds": statistics.median(cpu["reference"]), "J": values,
+        out["phis"][label] = _phi_result(l2o, phi, [records[r] for r in range(len(seeds))], cells, cfg)
+    bar.close()
+    return out
+
+
+def _reference_record(net: L2O, phi: Params, model: Optimizee, params: Params, batches, dtype, sync) -> dict:
+    """One draw's exact gradient (flat, float64), J, its cosine to the float64 one (when `dtype` is
+    narrower) and its seconds; `cells` to be filled with the estimates."""
+    wall, cpu = [], []
+    with _clock(wall, cpu, sync):
+        g, value = full_run_gradient(net, phi, model, params, batches)
+    stability = None
+    if dtype != torch.float64:  # the same gradient in float64: how much rounding moves it
+        g64, _ = full_run_gradient(net, {k: v.double() for k, v in phi.items()}, model,
+                                   {k: v.double() for k, v in params.items()},
+                                   [(x.double(), y) for x, y in batches])
+        stability = cosine(_flat(g64).cpu(), _flat(g).double().cpu())
+    return {"reference": _flat(g).double().cpu(), "J": value, "cosine_float64": stability,
+            "wall": wall[0], "cpu": cpu[0], "cells": {}}
+
+
+def _phi_result(l2o: L2O, phi: Params, records: list[dict], cells, cfg: DiagnosticConfig) -> dict:
+    """One phi's part of the result from its draws' records."""
+    ref = torch.stack([rec["reference"] for rec in records])
+    ref_var = ref.var(0, unbiased=True)
+    stability = [rec["cosine_float64"] for rec in records if rec["cosine_float64"] is not None]
+    rows = []
+    for kind, k in cells:
+        got = [rec["cells"][f"{kind}:{k}"] for rec in records]
+        wall = statistics.median(c["wall"] for c in got)
+        rows.append({"estimator": kind, "unroll": k, **summarize(torch.stack([c["estimate"] for c in got]), ref),
+                     "seconds": wall, "cpu_seconds": statistics.median(c["cpu"] for c in got),
+                     "seconds_per_meta_step": wall / (1 if kind == "full-es" else cfg.horizon // k),
+                     "finite": bool(all(torch.isfinite(c["estimate"]).all() for c in got))})
+    return {"l2o": l2o.config(), "meta_params": sum(v.numel() for v in phi.values()),
+            "reference": {"seconds": statistics.median(rec["wall"] for rec in records),
+                          "cpu_seconds": statistics.median(rec["cpu"] for rec in records),
+                          "J": [rec["J"] for rec in records],
                           "grad_norm": [float(torch.linalg.vector_norm(g)) for g in ref],
                           "variance": float(ref_var.mean()), "variance_median": float(ref_var.median()),
                           "rel_variance": float(ref_var.sum() / (ref ** 2).sum(1).mean()),
                           "cosine_float64": stability,
                           "cosine_float64_mean": statistics.mean(stability) if stability else 1.0},
             "rows": rows}
-    bar.close()
-    return out
+
+
+# ---- checkpoint: a killed diagnostic resumes where it stopped --------------------------------------
+CHECKPOINT = "estimators.ckpt.pt"
+CHECKPOINT_KIND = "l2o-dynamics estimator diagnostic checkpoint"
+
+
+def fingerprint(l2os: dict[str, L2O], model: Optimizee, cfg: DiagnosticConfig, dtype: torch.dtype,
+                device: torch.device, fusion: str) -> dict:
+    """What determines the diagnostic's numbers: settings, optimizee, dtype, device type, the LSTM
+    cell in use (its rounding differs) and each phi's exact bytes."""
+    def digest(phi: Params) -> str:
+        h = hashlib.sha256()
+        for k in sorted(phi):
+            h.update(k.encode())
+            h.update(phi[k].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    return {"config": asdict(cfg), "optimizee": model.name, "dtype": str(dtype), "device": device.type,
+            "fusion": fusion, "l2os": {label: digest(l2o.phi) for label, l2o in l2os.items()}}
+
+
+class Checkpoint:
+    """`out/CHECKPOINT`: the references and estimates done so far, written atomically after each.
+    `load` gives them back for a run with the same fingerprint; a checkpoint of another run is
+    refused in one line (with `discard`: started over), and a file of that name that this tool
+    did not write, or a link there, is never read, replaced or removed."""
+
+    def __init__(self, out: Path, fp: dict):
+        self.path, self.fp = Path(out) / CHECKPOINT, fp
+
+    def load(self, discard: bool = False) -> dict:
+        if not os.path.lexists(self.path):
+            return {}
+        if self.path.is_symlink() or not self.path.is_file():
+            raise L2OError(f"{self.path} is not a file this tool wrote; move it away or choose another --out")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            ours = isinstance(state, dict) and state.get("kind") == CHECKPOINT_KIND
+        except Exception:  # noqa: BLE001 - unreadable: not ours
+            ours = False
+        if not ours:
+            raise L2OError(f"{self.path} is not a checkpoint of this diagnostic; move it away or choose another --out")
+        if state["fingerprint"] == self.fp:
+            return state["done"]
+        if discard:
+            return {}
+        changed = sorted(k for k in self.fp if state["fingerprint"].get(k) != self.fp.get(k))
+        raise L2OError(f"{self.path} is the checkpoint of a diagnostic with other settings ({', '.join(changed)} "
+                       "differ); rerun that command to finish it, or pass --overwrite to start over")
+
+    def save(self, done: dict) -> None:
+        atomic_torch_save({"kind": CHECKPOINT_KIND, "fingerprint": self.fp, "done": done}, self.path)
+
+    def remove(self) -> None:
+        """Once the results are written: the checkpoint (ours, by its kind) is not needed."""
+        if self.path.is_file() and not self.path.is_symlink():
+            self.path.unlink()
 
 
 @contextlib.contextmanager
