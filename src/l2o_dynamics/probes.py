@@ -208,42 +208,126 @@ def _fast_parts(s: Symmetry) -> dict[str, Callable] | None:
     return parts
 
 
-def _fast_terms(s: Symmetry, parts: dict[str, Callable], v: Mapping[str, torch.Tensor],
-                theta: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_k, ||v_k||^2) of `symmetry.unit_terms` for one symmetry, without copying the
-    consumer's weights into columns: its per-unit sums run over the (F, U, block) view."""
-    vw, w, vb, b = parts["w"](v), parts["w"](theta), parts["b"](v), parts["b"](theta)
-    c = (vw * w).sum(-1) + vb * b
-    vv = (vw * vw).sum(-1) + vb * vb
-    if s.kind == "rescale":
-        va, a = parts["a"].cube(v), parts["a"].cube(theta)
-        c = c - (va * a).sum(2).sum(0)  # two stages: 2-3x faster than one strided sum over (0, 2)
-        vv = vv + (va * va).sum(2).sum(0)
-    return c, vv
+class _Reads(dict):
+    """A dict of tensors that notes which keys are read from it."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__(tensors)
+        self.read: list[str] = []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return super().__getitem__(key)
 
 
-def _xi_norms(s: Symmetry, parts: dict[str, Callable] | None, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """||xi_k|| of one symmetry's units at theta (vector-independent: once per step)."""
-    if parts is None:
-        return symmetry.unit_terms(s.kind, s.views(theta), s.views(theta), s.structure)[2]
-    return _fast_terms(s, parts, theta, theta)[1].sqrt()  # ||xi_k||^2 = <theta_k, theta_k> on these parts
+def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable]]:
+    """Per part of `_fast_parts`: (its view, the per-unit sum (U,) of that view of a dict of
+    elementwise products x * y). The views are reshapes, slices and concatenations of the
+    parameters (zeros for a missing bias), so part(x * y) = part(x) * part(y) entry by entry:
+    the sums are those `symmetry.unit_terms` forms, (vw * w).sum(-1), vb * b, (va * a) over
+    each unit's consumer columns (here over the (F, U, block) view: F first, then the
+    block, a contiguous-row sum, 3x faster than the block first)."""
+    w, b = parts["w"], parts["b"]
+    sums = {"w": (w, lambda P: w(P).sum(-1)), "b": (b, lambda P: b(P).clone())}  # P is a reused buffer
+    if "a" in parts:
+        cube = parts["a"].cube
+        sums["a"] = (cube, lambda P: cube(P).sum(0).sum(-1))
+    return sums
 
 
-def _record_fast(symmetries: Sequence[Symmetry], fast: Sequence[dict | None], xi: Sequence[torch.Tensor],
-                 v: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], prefix: str
-                 ) -> dict[str, torch.Tensor]:
-    """`record` from per-symmetry terms (`_fast_terms`, or the views for the others), with
-    the generators' norms `xi` computed once per step."""
+class _StepSums:
+    """The per-step sums of the symmetries with copy-free part views (`_fast_parts`).
+
+    Every parameter they read is visited once per record: its elementwise products
+    (v * theta, v * v and, for the generators' norms, theta * theta) are formed one at a time
+    in a reused buffer and reduced, while still in cache, by every part of every symmetry that
+    reads it (a consumer conv is read as the scale symmetry's rows and the rescale's columns).
+    Parameters read together by one part (a whole-layer norm's weight and bias) form a group.
+    Nothing is allocated per step but the per-unit sums: the buffers are kept, as big as the
+    largest group."""
+
+    def __init__(self, symmetries: Sequence[Symmetry], fast: Sequence[dict | None],
+                 params: Mapping[str, torch.Tensor]):
+        self.kinds = {i: s.kind for i, (s, parts) in enumerate(zip(symmetries, fast)) if parts is not None}
+        terms, group_of = [], {}  # (symmetry, part, sum, names read); name -> its group (union-find)
+
+        def root(n):
+            while group_of[n] != n:
+                n = group_of[n]
+            return n
+
+        for i in self.kinds:
+            for part, (view, total) in _part_sums(fast[i]).items():
+                reads = _Reads(params)
+                view(reads)
+                names = list(dict.fromkeys(reads.read))
+                for n in names:
+                    group_of.setdefault(n, n)
+                for n in names[1:]:
+                    group_of[root(n)] = root(names[0])
+                terms.append((i, part, total, names))
+        groups: dict[str, tuple[list[str], list]] = {}
+        for n in group_of:  # in order of first use
+            groups.setdefault(root(n), ([], []))[0].append(n)
+        for i, part, total, names in terms:
+            groups[root(names[0])][1].append((i, part, total))
+        self.groups = list(groups.values())
+        self.names = list(group_of)
+        self._largest = max((sum(params[n].numel() for n in g) for g, _ in self.groups), default=0)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def scratch(self, slot: str, like: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Contiguous tensors shaped like like[n], one per name, carved from a kept flat buffer
+        per slot, dtype and device (allocated once, as big as the largest group)."""
+        keys = [(slot, like[n].dtype, like[n].device) for n in names]
+        need: dict[tuple, int] = defaultdict(int)
+        for n, key in zip(names, keys):
+            need[key] += like[n].numel()
+        for key, size in need.items():
+            buf = self._buffers.get(key)
+            if buf is None or buf.numel() < size:
+                self._buffers[key] = torch.empty(max(size, self._largest), dtype=key[1], device=key[2])
+        out, used = {}, defaultdict(int)
+        for n, key in zip(names, keys):
+            start = used[key]
+            used[key] += like[n].numel()
+            out[n] = self._buffers[key][start:used[key]].view(like[n].shape)
+        return out
+
+    def release(self) -> None:
+        self._buffers.clear()
+
+    def run(self, theta_of: Callable, v_of: Callable, xi: bool) -> dict[int, dict[tuple[str, str], torch.Tensor]]:
+        """Per symmetry, {(pair, part): per-unit sum} for the pairs 'vt' (v * theta), 'vv' and,
+        with `xi`, 'tt'; theta_of(names) and v_of(names) give a group's tensors (in that order)."""
+        sums: dict[int, dict] = {i: {} for i in self.kinds}
+        for names, terms in self.groups:
+            theta = theta_of(names)
+            v = v_of(names)
+            pairs = [("vt", v, theta), ("vv", v, v)] + ([("tt", theta, theta)] if xi else [])
+            out = self.scratch("product", theta, names)  # one product at a time: each is reduced at once
+            for pair, x, y in pairs:
+                P = {n: torch.mul(x[n], y[n], out=out[n]) for n in names}
+                for i, part, total in terms:
+                    sums[i][pair, part] = total(P)
+        return sums
+
+    def combined(self, sums: dict[tuple[str, str], torch.Tensor], kind: str, pair: str) -> torch.Tensor:
+        """c_k (pair 'vt'), ||v_k||^2 ('vv'), ||xi_k||^2 ('tt') of one symmetry, as `symmetry.unit_terms`."""
+        total = sums[pair, "w"] + sums[pair, "b"]
+        if kind == "rescale":
+            total = total - sums[pair, "a"] if pair == "vt" else total + sums[pair, "a"]
+        return total
+
+
+def _record_terms(symmetries: Sequence[Symmetry], terms: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix: str
+                  ) -> dict[str, torch.Tensor]:
+    """`record` from each symmetry's (c_k, ||v_k|| ||xi_k||)."""
     by_kind: dict[str, list] = defaultdict(list)
+    for s, term in zip(symmetries, terms):
+        by_kind[s.kind].append(term)
+    out = {}
     with torch.no_grad():
-        for s, parts, xn in zip(symmetries, fast, xi):
-            if parts is None:
-                c, vn, _ = symmetry.unit_terms(s.kind, s.views(v), s.views(theta), s.structure)
-            else:
-                c, vv = _fast_terms(s, parts, v, theta)
-                vn = vv.sqrt()
-            by_kind[s.kind].append((c, vn * xn))
-        out = {}
         for kind in symmetry.KINDS:
             if kind in by_kind:
                 c = torch.cat([t[0].reshape(-1) for t in by_kind[kind]])
@@ -1009,7 +1093,8 @@ class ModelProbe:
         self._modes = _modes(model)
         self._by_mode = {self._modes: self.symmetries}
         self._use(self.symmetries)
-        self._before: dict[str, torch.Tensor] | None = None
+        self._before: dict[str, torch.Tensor] | None = None  # theta at the recorded step, until its update
+        self._kept: dict[str, torch.Tensor] = {}  # the buffers of `_before`, kept between steps when every == 1
         self._xi: list[torch.Tensor] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
@@ -1031,6 +1116,8 @@ class ModelProbe:
         self.symmetries = list(symmetries)
         self._watched = list(dict.fromkeys(n for s in self.symmetries for n in s.params))
         self._fast = [_fast_parts(s) for s in self.symmetries]
+        self._sums = _StepSums(self.symmetries, self._fast, {n: p.detach() for n, p in self.model.named_parameters()})
+        self._rest = list(dict.fromkeys(n for s, f in zip(self.symmetries, self._fast) if f is None for n in s.params))
 
     def _accumulate(self, name: str, grad: torch.Tensor) -> None:
         acc = self._outside.get(name)
@@ -1058,6 +1145,40 @@ class ModelProbe:
                           f"symmetries re-detected: {len(found)} (before: {len(self.symmetries)})", stacklevel=4)
         self._use(found)
 
+    def _copies(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Buffers for theta before the step, one per watched parameter (reused from the last
+        record while every == 1: no allocation, no page faults)."""
+        kept = {}
+        for n in self._watched:
+            p, t = params[n], self._kept.get(n)
+            if t is None or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+                t = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            kept[n] = t
+        self._kept = kept
+        return dict(kept)
+
+    def _terms(self, sums: dict[int, dict], v: Callable, theta: Mapping[str, torch.Tensor], xi: bool
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per symmetry (c_k, ||v_k|| ||xi_k||), from `_StepSums` where it has the symmetry, else
+        `symmetry.unit_terms` on the views (v() gives the vectors); with `xi`, the generators'
+        norms ||xi_k|| are computed and kept for the step's second record."""
+        terms, vectors = [], None
+        if xi:
+            self._xi = []
+        for i, s in enumerate(self.symmetries):
+            if i in sums:
+                c = self._sums.combined(sums[i], s.kind, "vt")
+                vn = self._sums.combined(sums[i], s.kind, "vv").sqrt()
+                xn = self._sums.combined(sums[i], s.kind, "tt").sqrt() if xi else self._xi[i]
+            else:
+                vectors = v() if vectors is None else vectors
+                c, vn, xn = symmetry.unit_terms(s.kind, s.views(vectors), s.views(theta), s.structure)
+                xn = xn if xi else self._xi[i]
+            if xi:
+                self._xi.append(xn)
+            terms.append((c, vn * xn))
+        return terms
+
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.step % self.every:
             return
@@ -1065,23 +1186,40 @@ class ModelProbe:
         if not self._watched:
             return
         params = dict(self.model.named_parameters())
-        self._before = {n: params[n].detach().clone() for n in self._watched}
-        with torch.no_grad():  # the generators' norms, shared by both records
-            self._xi = [_xi_norms(s, f, self._before) for s, f in zip(self.symmetries, self._fast)]
+        before = self._before = self._copies(params)
         grads = {}
         for n in self._watched:
             g = self._outside.get(n) if n in self._outside_names or params[n].grad is None else params[n].grad.detach()
             grads[n] = torch.zeros_like(params[n]) if g is None else g
-        for name, value in _record_fast(self.symmetries, self._fast, self._xi, grads, self._before, "grad_").items():
+        with torch.no_grad():
+            # theta is copied group by group, each read again at once for its sums while in cache
+            sums = self._sums.run(lambda names: {n: before[n].copy_(params[n].detach()) for n in names},
+                                  lambda names: grads, xi=True)
+            for n in self._watched:
+                if n not in self._sums.names:
+                    before[n].copy_(params[n].detach())
+            terms = self._terms(sums, lambda: grads, before, xi=True)
+        for name, value in _record_terms(self.symmetries, terms, "grad_").items():
             self.log.add(name, self.step, value)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._before is not None:
-            params = dict(self.model.named_parameters())
-            updates = {n: params[n].detach() - before for n, before in self._before.items()}
-            for name, value in _record_fast(self.symmetries, self._fast, self._xi, updates, self._before, "").items():
+            params, before = dict(self.model.named_parameters()), self._before
+
+            def updates(names):  # u = theta_after - theta_before, into a kept buffer
+                out = self._sums.scratch("update", before, names)
+                return {n: torch.sub(params[n].detach(), before[n], out=out[n]) for n in names}
+
+            with torch.no_grad():
+                sums = self._sums.run(lambda names: before, updates, xi=False)
+                terms = self._terms(sums, lambda: {n: params[n].detach() - before[n] for n in self._rest}, before,
+                                    xi=False)
+            for name, value in _record_terms(self.symmetries, terms, "").items():
                 self.log.add(name, self.step, value)
             self._before, self._xi = None, []
+            if self.every > 1:  # nothing held between records
+                self._kept = {}
+                self._sums.release()
         self._outside.clear()
         self.step += 1
 
@@ -1190,6 +1328,8 @@ class ModelProbe:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._kept, self._before = {}, None
+        self._sums.release()
         self.write()
 
 
