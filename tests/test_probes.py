@@ -1026,6 +1026,43 @@ def test_the_per_step_path_logs_what_record_computes_on_the_views(name, tmp_path
         assert got == pytest.approx(float(v), rel=0, abs=tol * (1.0 if k.endswith("_rel") else bound)), k
 
 
+@pytest.mark.parametrize("name", ["conv_bn", "functional_cnn", "fire", "linear_bn_mlp", "transformer_block",
+                                  "conv_layernorm"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_weights_read_in_blocks_of_rows_log_what_record_computes_at_every_recorded_step(name, every, tmp_path,
+                                                                                         monkeypatch):
+    """Blocks of one row (the zoo's weights are smaller than a block) and the buffers kept (every=1)
+    or released (every=2) between records: each recorded step equals `record`, in float64."""
+    monkeypatch.setattr(probes._StepSums, "CHUNK", 8)
+    model, x, y, loss = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probe = probes.attach(opt, model, x, tmp_path / "run", loss=loss, every=every)
+    g = torch.Generator().manual_seed(4)
+    refs = []
+    for step in range(4):
+        xb = x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        F.cross_entropy(model(xb), y).backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        opt.step()
+        if step % every == 0:
+            updates = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+            refs.append((step, {**probes.record(probe.symmetries, updates, before),
+                                **probes.record(probe.symmetries, grads, before, "grad_")}))
+    probe.close()
+    t = Table.read(tmp_path / "run" / "metrics.csv")
+    tol = reduction_atol(torch.float64, sum(p.numel() for p in model.parameters()), 1.0)
+    for step, ref in refs:
+        for k, v in ref.items():
+            stem = k.removesuffix("_unit").removesuffix("_rel")
+            bound = float(ref[stem + "_unit"] / ref[stem + "_rel"])
+            rows = t.where(metric=k)
+            got = float(rows.cols["value"][list(rows.cols["step"]).index(step)])
+            assert got == pytest.approx(float(v), rel=0, abs=tol * (1.0 if k.endswith("_rel") else bound)), (step, k)
+    assert len(t.where(metric="grad_" + next(iter(refs[0][1])))) == len(refs)
+
+
 def test_a_deviation_of_missing_gradients_is_a_one_line_error():
     model, x, _, loss = build("relu_mlp")
     s = probes.find_symmetries(model, x, loss)[0]

@@ -220,36 +220,52 @@ class _Reads(dict):
         return super().__getitem__(key)
 
 
-def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable]]:
+def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable, Callable | None]]:
     """Per part of `_fast_parts`: (its view, the per-unit sum (U,) of that view of a dict of
-    elementwise products x * y). The views are reshapes, slices and concatenations of the
-    parameters (zeros for a missing bias), so part(x * y) = part(x) * part(y) entry by entry:
-    the sums are those `symmetry.unit_terms` forms, (vw * w).sum(-1), vb * b, (va * a) over
-    each unit's consumer columns (here over the (F, U, block) view: F first, then the
-    block, a contiguous-row sum, 3x faster than the block first)."""
+    elementwise products x * y, the per-unit sum of squares of a dict x or None: then the first
+    sum of x * x). The views are reshapes, slices and concatenations of the parameters (zeros
+    for a missing bias), so part(x * y) = part(x) * part(y) entry by entry: the sums are those
+    `symmetry.unit_terms` forms, (vw * w).sum(-1), vb * b, (va * a) over each unit's consumer
+    columns (here over the (F, U, block) view: F first, then the block, a contiguous-row sum,
+    3x faster than the block first). A row's sum of squares is its squared norm: a reduction
+    that writes no product, 2x faster (a norm over the columns' strided dims is slower)."""
     w, b = parts["w"], parts["b"]
-    sums = {"w": (w, lambda P: w(P).sum(-1)), "b": (b, lambda P: b(P).clone())}  # P is a reused buffer
+    sums = {"w": (w, lambda P: w(P).sum(-1), lambda x: torch.linalg.vector_norm(w(x), dim=-1).square()),
+            "b": (b, lambda P: b(P).clone(), lambda x: b(x) * b(x))}  # P is a reused buffer: copy the view
     if "a" in parts:
         cube = parts["a"].cube
-        sums["a"] = (cube, lambda P: cube(P).sum(0).sum(-1))
+        sums["a"] = (cube, lambda P: cube(P).sum(0).sum(-1), None)
     return sums
+
+
+def _chunk_mode(view: Callable, name: str) -> str | None:
+    """How a part's per-unit sums over rows f0..f1 of parameter `name` make up the whole one:
+    'rows' (they are units f0..f1: concatenated), 'columns' (partial sums over the consumer's
+    F: added), None (not known: the parameter is read whole)."""
+    if getattr(view, "rows_of", None) == name:
+        return "rows"
+    return "columns" if getattr(view, "columns_of", None) == name else None
 
 
 class _StepSums:
     """The per-step sums of the symmetries with copy-free part views (`_fast_parts`).
 
     Every parameter they read is visited once per record: its elementwise products
-    (v * theta, v * v and, for the generators' norms, theta * theta) are formed one at a time
-    in a reused buffer and reduced, while still in cache, by every part of every symmetry that
-    reads it (a consumer conv is read as the scale symmetry's rows and the rescale's columns).
-    Parameters read together by one part (a whole-layer norm's weight and bias) form a group.
-    Nothing is allocated per step but the per-unit sums: the buffers are kept, as big as the
-    largest group."""
+    (v * theta, and for the column sums v * v and theta * theta; the rows' sums of squares
+    are norms) are formed one at a time in a reused buffer and reduced, while still in cache,
+    by every part of every symmetry that reads it (a consumer conv is read as the scale
+    symmetry's rows and the rescale's columns). A large weight is read in blocks of rows of
+    about CHUNK bytes, so that theta, v, the copy and the product of one block stay in cache
+    together (30% faster on resnet18's 512x512x3x3 convs than whole). Parameters read
+    together by one part (a whole-layer norm's weight and bias) form a group, read whole.
+    Nothing is allocated per step but the per-unit sums: the buffers are kept."""
+
+    CHUNK = 2 ** 21
 
     def __init__(self, symmetries: Sequence[Symmetry], fast: Sequence[dict | None],
                  params: Mapping[str, torch.Tensor]):
         self.kinds = {i: s.kind for i, (s, parts) in enumerate(zip(symmetries, fast)) if parts is not None}
-        terms, group_of = [], {}  # (symmetry, part, sum, names read); name -> its group (union-find)
+        terms, group_of = [], {}  # (symmetry, part, sums, names read, view); name -> its group (union-find)
 
         def root(n):
             while group_of[n] != n:
@@ -257,7 +273,7 @@ class _StepSums:
             return n
 
         for i in self.kinds:
-            for part, (view, total) in _part_sums(fast[i]).items():
+            for part, (view, total, squares) in _part_sums(fast[i]).items():
                 reads = _Reads(params)
                 view(reads)
                 names = list(dict.fromkeys(reads.read))
@@ -265,56 +281,82 @@ class _StepSums:
                     group_of.setdefault(n, n)
                 for n in names[1:]:
                     group_of[root(n)] = root(names[0])
-                terms.append((i, part, total, names))
+                terms.append((i, part, total, squares, names, view))
         groups: dict[str, tuple[list[str], list]] = {}
         for n in group_of:  # in order of first use
             groups.setdefault(root(n), ([], []))[0].append(n)
-        for i, part, total, names in terms:
-            groups[root(names[0])][1].append((i, part, total))
-        self.groups = list(groups.values())
+        for i, part, total, squares, names, view in terms:
+            if getattr(view, "zeros", False):
+                continue  # a missing bias adds nothing (`combined`)
+            group = groups[root(names[0])]
+            mode = _chunk_mode(view, group[0][0]) if len(group[0]) == 1 else None
+            group[1].append((i, part, total, squares, mode))
+        # (names, terms, whether the group may be read in blocks of rows)
+        self.groups = [(names, ts, all(t[4] is not None for t in ts)) for names, ts in groups.values()]
         self.names = list(group_of)
-        self._largest = max((sum(params[n].numel() for n in g) for g, _ in self.groups), default=0)
         self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def _blocks(self, names: Sequence[str], like: Mapping[str, torch.Tensor], chunked: bool) -> list[slice]:
+        t = like[names[0]]
+        if not chunked or t.dim() == 0 or t.numel() * t.element_size() <= 2 * self.CHUNK:
+            return [slice(None)]
+        step = max(1, self.CHUNK * t.shape[0] // (t.numel() * t.element_size()))
+        return [slice(r, r + step) for r in range(0, t.shape[0], step)]
 
     def scratch(self, slot: str, like: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Contiguous tensors shaped like like[n], one per name, carved from a kept flat buffer
-        per slot, dtype and device (allocated once, as big as the largest group)."""
-        keys = [(slot, like[n].dtype, like[n].device) for n in names]
-        need: dict[tuple, int] = defaultdict(int)
-        for n, key in zip(names, keys):
-            need[key] += like[n].numel()
-        for key, size in need.items():
+        per slot, dtype and device (grown to the largest request; a view carved before it
+        grew keeps the old one alive)."""
+        out, used = {}, {}
+        for n in names:
+            t = like[n]
+            key = (slot, t.dtype, t.device)
+            start = used.get(key, 0)
+            used[key] = end = start + t.numel()
             buf = self._buffers.get(key)
-            if buf is None or buf.numel() < size:
-                self._buffers[key] = torch.empty(max(size, self._largest), dtype=key[1], device=key[2])
-        out, used = {}, defaultdict(int)
-        for n, key in zip(names, keys):
-            start = used[key]
-            used[key] += like[n].numel()
-            out[n] = self._buffers[key][start:used[key]].view(like[n].shape)
+            if buf is None or buf.numel() < end:
+                buf = self._buffers[key] = torch.empty(end, dtype=t.dtype, device=t.device)
+            out[n] = buf[start:end].view(t.shape)
         return out
 
     def release(self) -> None:
         self._buffers.clear()
 
-    def run(self, theta_of: Callable, v_of: Callable, xi: bool) -> dict[int, dict[tuple[str, str], torch.Tensor]]:
+    def run(self, whole: Mapping[str, torch.Tensor], theta_of: Callable, v_of: Callable, xi: bool
+            ) -> dict[int, dict[tuple[str, str], torch.Tensor]]:
         """Per symmetry, {(pair, part): per-unit sum} for the pairs 'vt' (v * theta), 'vv' and,
-        with `xi`, 'tt'; theta_of(names) and v_of(names) give a group's tensors (in that order)."""
+        with `xi`, 'tt'; theta_of(names, rows) and v_of(names, rows) give rows `rows` (a slice)
+        of a group's tensors (in that order); `whole` holds tensors of the parameters' shapes."""
         sums: dict[int, dict] = {i: {} for i in self.kinds}
-        for names, terms in self.groups:
-            theta = theta_of(names)
-            v = v_of(names)
-            pairs = [("vt", v, theta), ("vv", v, v)] + ([("tt", theta, theta)] if xi else [])
-            out = self.scratch("product", theta, names)  # one product at a time: each is reduced at once
-            for pair, x, y in pairs:
-                P = {n: torch.mul(x[n], y[n], out=out[n]) for n in names}
-                for i, part, total in terms:
-                    sums[i][pair, part] = total(P)
+        for names, terms, chunked in self.groups:
+            blocks = self._blocks(names, whole, chunked)
+            for rows in blocks:
+                theta = theta_of(names, rows)
+                v = v_of(names, rows)
+                out = self.scratch("product", theta, names)  # one product at a time: each is reduced at once
+                P = {n: torch.mul(v[n], theta[n], out=out[n]) for n in names}
+                got = [("vt", i, part, total(P), mode) for i, part, total, _, mode in terms]
+                for pair, x in [("vv", v)] + ([("tt", theta)] if xi else []):
+                    P = None
+                    for i, part, total, squares, mode in terms:
+                        if squares is None:
+                            P = {n: torch.square(x[n], out=out[n]) for n in names} if P is None else P
+                        got.append((pair, i, part, total(P) if squares is None else squares(x), mode))
+                for pair, i, part, value, mode in got:
+                    key, before = (pair, part), sums[i].get((pair, part))
+                    if before is None:
+                        sums[i][key] = value
+                    elif mode == "rows":
+                        sums[i][key] = torch.cat([before, value])
+                    else:  # columns: partial sums over the consumer's rows
+                        sums[i][key] = before + value
         return sums
 
     def combined(self, sums: dict[tuple[str, str], torch.Tensor], kind: str, pair: str) -> torch.Tensor:
         """c_k (pair 'vt'), ||v_k||^2 ('vv'), ||xi_k||^2 ('tt') of one symmetry, as `symmetry.unit_terms`."""
-        total = sums[pair, "w"] + sums[pair, "b"]
+        total = sums[pair, "w"]
+        if (pair, "b") in sums:  # else the layer has no bias
+            total = total + sums[pair, "b"]
         if kind == "rescale":
             total = total - sums[pair, "a"] if pair == "vt" else total + sums[pair, "a"]
         return total
@@ -354,7 +396,9 @@ def _combined(symmetries: Sequence[Symmetry]) -> tuple[Views, Structure]:
 # ---- views of parameters in the zoo's layouts ---------------------------------------------------
 def _rows(name: str) -> Callable:
     """(U, *fan_in) weight -> (U, fan_in): row k = w_k."""
-    return lambda d: d[name].reshape(d[name].shape[0], -1)
+    view = lambda d: d[name].reshape(d[name].shape[0], -1)  # noqa: E731
+    view.rows_of = name  # of any rows of the weight, the rows of those units: `_StepSums` reads it in chunks
+    return view
 
 
 def _gamma(name: str) -> Callable:
@@ -365,7 +409,9 @@ def _gamma(name: str) -> Callable:
 def _vector(name: str | None, like: str, units: int) -> Callable:
     """A bias (U,), or zeros where the layer has none."""
     if name is None:
-        return lambda d: d[like].new_zeros(units)
+        view = lambda d: d[like].new_zeros(units)  # noqa: E731
+        view.zeros = True  # whatever part of `like` it is given
+        return view
     return lambda d: d[name]
 
 
@@ -381,8 +427,9 @@ def _linear_columns(name: str, units: int, block: int, offset: int = 0, width: i
     else:
         view = lambda d: (d[name].reshape(-1, width, block)[:, offset:offset + units]  # noqa: E731
                           .transpose(-1, -2).reshape(-1, units))
-    # (F, U, block) without a copy: `_fast_terms`
+    # (F, U, block) without a copy (`_part_sums`); of rows f0..f1 of the weight, rows f0..f1 of it
     view.cube = lambda d: d[name].reshape(-1, width, block)[:, offset:offset + units]
+    view.cube.columns_of = name
     return view
 
 
@@ -390,7 +437,8 @@ def _conv_columns(name: str, units: int, offset: int = 0) -> Callable:
     """Conv weight (C_out, C_in, *kernel), the units at input channels offset .. offset + U - 1
     -> (C_out * prod kernel, U): column k = a_k."""
     view = lambda d: d[name][:, offset:offset + units].transpose(0, 1).reshape(units, -1).T  # noqa: E731
-    view.cube = lambda d: d[name][:, offset:offset + units].flatten(2)  # (C_out, U, prod kernel): `_fast_terms`
+    view.cube = lambda d: d[name][:, offset:offset + units].flatten(2)  # (C_out, U, prod kernel): `_part_sums`
+    view.cube.columns_of = name  # of output channels f0..f1 of the weight, rows f0..f1 of the cube
     return view
 
 
@@ -1192,9 +1240,10 @@ class ModelProbe:
             g = self._outside.get(n) if n in self._outside_names or params[n].grad is None else params[n].grad.detach()
             grads[n] = torch.zeros_like(params[n]) if g is None else g
         with torch.no_grad():
-            # theta is copied group by group, each read again at once for its sums while in cache
-            sums = self._sums.run(lambda names: {n: before[n].copy_(params[n].detach()) for n in names},
-                                  lambda names: grads, xi=True)
+            # theta is copied block by block, each read again at once for its sums while in cache
+            sums = self._sums.run(before, lambda names, rows: {n: before[n][rows].copy_(params[n].detach()[rows])
+                                                               for n in names},
+                                  lambda names, rows: {n: grads[n][rows] for n in names}, xi=True)
             for n in self._watched:
                 if n not in self._sums.names:
                     before[n].copy_(params[n].detach())
@@ -1206,12 +1255,14 @@ class ModelProbe:
         if self._before is not None:
             params, before = dict(self.model.named_parameters()), self._before
 
-            def updates(names):  # u = theta_after - theta_before, into a kept buffer
-                out = self._sums.scratch("update", before, names)
-                return {n: torch.sub(params[n].detach(), before[n], out=out[n]) for n in names}
+            def updates(names, rows):  # u = theta_after - theta_before, into a kept buffer
+                theta = {n: before[n][rows] for n in names}
+                out = self._sums.scratch("update", theta, names)
+                return {n: torch.sub(params[n].detach()[rows], theta[n], out=out[n]) for n in names}
 
             with torch.no_grad():
-                sums = self._sums.run(lambda names: before, updates, xi=False)
+                sums = self._sums.run(before, lambda names, rows: {n: before[n][rows] for n in names}, updates,
+                                      xi=False)
                 terms = self._terms(sums, lambda: {n: params[n].detach() - before[n] for n in self._rest}, before,
                                     xi=False)
             for name, value in _record_terms(self.symmetries, terms, "").items():
