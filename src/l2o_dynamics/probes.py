@@ -70,6 +70,7 @@ The real model, optimizer and random generators are never touched.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import warnings
@@ -220,31 +221,68 @@ class _Reads(dict):
         return super().__getitem__(key)
 
 
+def _into(dst: torch.Tensor, value: torch.Tensor, add: bool) -> None:
+    if add:
+        dst.add_(value)
+    else:
+        dst.copy_(value)
+
+
 def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable, Callable | None]]:
-    """Per part of `_fast_parts`: (its view, the per-unit sum (U,) of that view of a dict of
-    elementwise products x * y, the per-unit sum of squares of a dict x or None: then the first
-    sum of x * x). The views are reshapes, slices and concatenations of the parameters (zeros
-    for a missing bias), so part(x * y) = part(x) * part(y) entry by entry: the sums are those
+    """Per part of `_fast_parts`: (its view, cross(P, dst, add), squares(x, dst, add) or None).
+    cross writes (or with `add` adds) into dst (U,) the per-unit sums of the part's view of a
+    dict P of elementwise products x * y; squares those of the squares of a dict x (None: cross
+    of x * x). The views are reshapes, slices and concatenations of the parameters (zeros for
+    a missing bias), so part(x * y) = part(x) * part(y) entry by entry: the sums are those
     `symmetry.unit_terms` forms, (vw * w).sum(-1), vb * b, (va * a) over each unit's consumer
     columns (here over the (F, U, block) view: F first, then the block, a contiguous-row sum,
     3x faster than the block first). A row's sum of squares is its squared norm: a reduction
     that writes no product, 2x faster (a norm over the columns' strided dims is slower)."""
     w, b = parts["w"], parts["b"]
-    sums = {"w": (w, lambda P: w(P).sum(-1), lambda x: torch.linalg.vector_norm(w(x), dim=-1).square()),
-            "b": (b, lambda P: b(P).clone(), lambda x: b(x) * b(x))}  # P is a reused buffer: copy the view
+
+    def w_cross(P, dst, add):
+        x = w(P)
+        if add or x.dtype != dst.dtype:
+            _into(dst, x.sum(-1), add)
+        else:
+            torch.sum(x, -1, out=dst)
+
+    def w_squares(t, dst, add):
+        x = w(t)
+        if add or x.dtype != dst.dtype:
+            _into(dst, torch.linalg.vector_norm(x, dim=-1).square(), add)
+        else:
+            torch.linalg.vector_norm(x, dim=-1, out=dst).square_()
+
+    def b_squares(t, dst, add):
+        x = b(t)
+        _into(dst, x * x, add)
+
+    sums = {"w": (w, w_cross, w_squares), "b": (b, lambda P, dst, add: _into(dst, b(P), add), b_squares)}
     if "a" in parts:
         cube = parts["a"].cube
-        sums["a"] = (cube, lambda P: cube(P).sum(0).sum(-1), None)
+
+        def a_cross(P, dst, add):
+            x = cube(P).sum(0)
+            if add or x.dtype != dst.dtype:
+                _into(dst, x.sum(-1), add)
+            else:
+                torch.sum(x, -1, out=dst)
+
+        sums["a"] = (cube, a_cross, None)
     return sums
 
 
 def _chunk_mode(view: Callable, name: str) -> str | None:
     """How a part's per-unit sums over rows f0..f1 of parameter `name` make up the whole one:
-    'rows' (they are units f0..f1: concatenated), 'columns' (partial sums over the consumer's
-    F: added), None (not known: the parameter is read whole)."""
+    'rows' (they are units f0..f1), 'columns' (partial sums over the consumer's F: added),
+    None (not known: the parameter is read whole)."""
     if getattr(view, "rows_of", None) == name:
         return "rows"
     return "columns" if getattr(view, "columns_of", None) == name else None
+
+
+_PAIRS, _PARTS = ("vt", "vv", "tt"), ("w", "b", "a")
 
 
 class _StepSums:
@@ -254,17 +292,27 @@ class _StepSums:
     (v * theta, and for the column sums v * v and theta * theta; the rows' sums of squares
     are norms) are formed one at a time in a reused buffer and reduced, while still in cache,
     by every part of every symmetry that reads it (a consumer conv is read as the scale
-    symmetry's rows and the rescale's columns). A large weight is read in blocks of rows of
-    about CHUNK bytes, so that theta, v, the copy and the product of one block stay in cache
-    together (30% faster on resnet18's 512x512x3x3 convs than whole). Parameters read
-    together by one part (a whole-layer norm's weight and bias) form a group, read whole.
-    Nothing is allocated per step but the per-unit sums: the buffers are kept."""
+    symmetry's rows and the rescale's columns), straight into one table of per-unit sums
+    (pair, part, unit) over all these symmetries' units, laid out kind by kind. A large
+    weight is read in blocks of rows of about CHUNK bytes, so that theta, v, the copy and the
+    product of one block stay in cache together (30% faster on resnet18's 512x512x3x3 convs
+    than whole). Parameters read together by one part (a whole-layer norm's weight and bias)
+    form a group, read whole. Nothing is allocated per step but the table: the buffers are kept."""
 
     CHUNK = 2 ** 21
 
     def __init__(self, symmetries: Sequence[Symmetry], fast: Sequence[dict | None],
                  params: Mapping[str, torch.Tensor]):
-        self.kinds = {i: s.kind for i, (s, parts) in enumerate(zip(symmetries, fast)) if parts is not None}
+        order = sorted((i for i, parts in enumerate(fast) if parts is not None),
+                       key=lambda i: symmetry.KINDS.index(symmetries[i].kind))
+        self.units, self.ranges, start = {}, {}, 0  # symmetry -> (first unit, units); kind -> slice
+        for i in order:
+            units = fast[i]["b"](params).shape[-1]
+            self.units[i] = (start, units)
+            kind = symmetries[i].kind
+            self.ranges[kind] = slice(self.ranges[kind].start if kind in self.ranges else start, start + units)
+            start += units
+        self.size = start
         terms, group_of = [], {}  # (symmetry, part, sums, names read, view); name -> its group (union-find)
 
         def root(n):
@@ -272,8 +320,8 @@ class _StepSums:
                 n = group_of[n]
             return n
 
-        for i in self.kinds:
-            for part, (view, total, squares) in _part_sums(fast[i]).items():
+        for i in order:
+            for part, (view, cross, squares) in _part_sums(fast[i]).items():
                 reads = _Reads(params)
                 view(reads)
                 names = list(dict.fromkeys(reads.read))
@@ -281,25 +329,27 @@ class _StepSums:
                     group_of.setdefault(n, n)
                 for n in names[1:]:
                     group_of[root(n)] = root(names[0])
-                terms.append((i, part, total, squares, names, view))
+                terms.append((i, part, cross, squares, names, view))
         groups: dict[str, tuple[list[str], list]] = {}
         for n in group_of:  # in order of first use
             groups.setdefault(root(n), ([], []))[0].append(n)
-        for i, part, total, squares, names, view in terms:
+        for i, part, cross, squares, names, view in terms:
             if getattr(view, "zeros", False):
-                continue  # a missing bias adds nothing (`combined`)
+                continue  # a missing bias adds nothing (its entries of the table stay 0)
             group = groups[root(names[0])]
             mode = _chunk_mode(view, group[0][0]) if len(group[0]) == 1 else None
-            group[1].append((i, part, total, squares, mode))
+            group[1].append((_PARTS.index(part), *self.units[i], mode, cross, squares))
         # (names, terms, whether the group may be read in blocks of rows)
-        self.groups = [(names, ts, all(t[4] is not None for t in ts)) for names, ts in groups.values()]
+        self.groups = [(names, ts, all(t[3] is not None for t in ts)) for names, ts in groups.values()]
         self.names = list(group_of)
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._table: torch.Tensor | None = None
+        self._spans: dict[tuple, torch.Tensor] = {}  # views of the table (indexing one costs 5 us)
 
     def _blocks(self, names: Sequence[str], like: Mapping[str, torch.Tensor], chunked: bool) -> list[slice]:
         t = like[names[0]]
         if not chunked or t.dim() == 0 or t.numel() * t.element_size() <= 2 * self.CHUNK:
-            return [slice(None)]
+            return [slice(0, None)]
         step = max(1, self.CHUNK * t.shape[0] // (t.numel() * t.element_size()))
         return [slice(r, r + step) for r in range(0, t.shape[0], step)]
 
@@ -321,59 +371,63 @@ class _StepSums:
 
     def release(self) -> None:
         self._buffers.clear()
+        self._table, self._spans = None, {}
 
-    def run(self, whole: Mapping[str, torch.Tensor], theta_of: Callable, v_of: Callable, xi: bool
-            ) -> dict[int, dict[tuple[str, str], torch.Tensor]]:
-        """Per symmetry, {(pair, part): per-unit sum} for the pairs 'vt' (v * theta), 'vv' and,
-        with `xi`, 'tt'; theta_of(names, rows) and v_of(names, rows) give rows `rows` (a slice)
-        of a group's tensors (in that order); `whole` holds tensors of the parameters' shapes."""
-        sums: dict[int, dict] = {i: {} for i in self.kinds}
+    def _span(self, pair: int, part: int, start: int, stop: int) -> torch.Tensor:
+        view = self._spans.get((pair, part, start, stop))
+        if view is None:
+            view = self._spans[pair, part, start, stop] = self._table[pair, part, start:stop]
+        return view
+
+    def run(self, whole: Mapping[str, torch.Tensor], theta_of: Callable, v_of: Callable, xi: bool) -> torch.Tensor:
+        """The table (pair, part, unit) of per-unit sums (kept: overwritten by the next run): pairs 'vt' (v * theta), 'vv' and, with
+        `xi`, 'tt' (else 0); parts 'w', 'b', 'a' (0 where a symmetry has none). theta_of(names,
+        rows) and v_of(names, rows) give rows `rows` (a slice) of a group's tensors (in that
+        order); `whole` holds tensors of the parameters' shapes."""
+        dtype = functools.reduce(torch.promote_types, (whole[n].dtype for n in self.names), torch.float32) \
+            if self.names else torch.float32
+        device = whole[self.names[0]].device if self.names else None
+        if self._table is None or self._table.dtype != dtype or self._table.device != device:
+            self._table, self._spans = torch.zeros(3, 3, self.size, dtype=dtype, device=device), {}
+        else:
+            self._table.zero_()
+        table = self._table
         for names, terms, chunked in self.groups:
             blocks = self._blocks(names, whole, chunked)
-            for rows in blocks:
+            for b, rows in enumerate(blocks):
                 theta = theta_of(names, rows)
                 v = v_of(names, rows)
                 out = self.scratch("product", theta, names)  # one product at a time: each is reduced at once
                 P = {n: torch.mul(v[n], theta[n], out=out[n]) for n in names}
-                got = [("vt", i, part, total(P), mode) for i, part, total, _, mode in terms]
-                for pair, x in [("vv", v)] + ([("tt", theta)] if xi else []):
+                dsts = []
+                for part, start, units, mode, cross, _ in terms:
+                    if mode == "rows" and len(blocks) > 1:
+                        span, add = (start + rows.start, start + min(rows.stop, units)), False
+                    else:
+                        span, add = (start, start + units), b > 0  # columns: partial sums over F
+                    dsts.append((span, add))
+                    cross(P, self._span(0, part, *span), add)
+                for pair, x in ((1, v), (2, theta)) if xi else ((1, v),):
                     P = None
-                    for i, part, total, squares, mode in terms:
-                        if squares is None:
+                    for (part, _, _, _, cross, squares), (span, add) in zip(terms, dsts):
+                        if squares is not None:
+                            squares(x, self._span(pair, part, *span), add)
+                        else:
                             P = {n: torch.square(x[n], out=out[n]) for n in names} if P is None else P
-                        got.append((pair, i, part, total(P) if squares is None else squares(x), mode))
-                for pair, i, part, value, mode in got:
-                    key, before = (pair, part), sums[i].get((pair, part))
-                    if before is None:
-                        sums[i][key] = value
-                    elif mode == "rows":
-                        sums[i][key] = torch.cat([before, value])
-                    else:  # columns: partial sums over the consumer's rows
-                        sums[i][key] = before + value
-        return sums
-
-    def combined(self, sums: dict[tuple[str, str], torch.Tensor], kind: str, pair: str) -> torch.Tensor:
-        """c_k (pair 'vt'), ||v_k||^2 ('vv'), ||xi_k||^2 ('tt') of one symmetry, as `symmetry.unit_terms`."""
-        total = sums[pair, "w"]
-        if (pair, "b") in sums:  # else the layer has no bias
-            total = total + sums[pair, "b"]
-        if kind == "rescale":
-            total = total - sums[pair, "a"] if pair == "vt" else total + sums[pair, "a"]
-        return total
+                            cross(P, self._span(pair, part, *span), add)
+        return table
 
 
-def _record_terms(symmetries: Sequence[Symmetry], terms: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix: str
+def _record_terms(by_kind: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]], prefix: str
                   ) -> dict[str, torch.Tensor]:
-    """`record` from each symmetry's (c_k, ||v_k|| ||xi_k||)."""
-    by_kind: dict[str, list] = defaultdict(list)
-    for s, term in zip(symmetries, terms):
-        by_kind[s.kind].append(term)
+    """`record` from each kind's (c_k, ||v_k|| ||xi_k||) over groups of its units."""
     out = {}
     with torch.no_grad():
         for kind in symmetry.KINDS:
-            if kind in by_kind:
-                c = torch.cat([t[0].reshape(-1) for t in by_kind[kind]])
-                bound = torch.cat([t[1].reshape(-1) for t in by_kind[kind]])
+            if by_kind.get(kind):
+                terms = by_kind[kind]
+                c = terms[0][0] if len(terms) == 1 else torch.cat([t[0].reshape(-1) for t in terms])
+                bound = terms[0][1] if len(terms) == 1 else torch.cat([t[1].reshape(-1) for t in terms])
                 unit = c.abs().sum()
                 out[f"{prefix}{kind}_deviation"] = c.sum().abs()
                 out[f"{prefix}{kind}_deviation_unit"] = unit
@@ -1143,7 +1197,7 @@ class ModelProbe:
         self._use(self.symmetries)
         self._before: dict[str, torch.Tensor] | None = None  # theta at the recorded step, until its update
         self._kept: dict[str, torch.Tensor] = {}  # the buffers of `_before`, kept between steps when every == 1
-        self._xi: list[torch.Tensor] = []
+        self._xi: dict = {}  # the generators' norms at the recorded step: "table" (`_StepSums`), or by symmetry
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
         # a parameter the optimizer does not step keeps its .grad (zero_grad skips it): sum
@@ -1205,27 +1259,26 @@ class ModelProbe:
         self._kept = kept
         return dict(kept)
 
-    def _terms(self, sums: dict[int, dict], v: Callable, theta: Mapping[str, torch.Tensor], xi: bool
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per symmetry (c_k, ||v_k|| ||xi_k||), from `_StepSums` where it has the symmetry, else
-        `symmetry.unit_terms` on the views (v() gives the vectors); with `xi`, the generators'
-        norms ||xi_k|| are computed and kept for the step's second record."""
-        terms, vectors = [], None
+    def _terms(self, table: torch.Tensor, v: Callable, theta: Mapping[str, torch.Tensor], xi: bool
+               ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per kind, (c_k, ||v_k|| ||xi_k||) over groups of its units: `_StepSums`' table, and
+        `symmetry.unit_terms` on the views of each other symmetry (v() gives the vectors); with
+        `xi`, the generators' norms ||xi_k|| are computed and kept for the step's second record."""
+        c = table[0, 0] + table[0, 1] - table[0, 2]
+        vn = (table[1, 0] + table[1, 1] + table[1, 2]).sqrt()
         if xi:
-            self._xi = []
+            self._xi = {"table": (table[2, 0] + table[2, 1] + table[2, 2]).sqrt()}
+        bound = vn * self._xi["table"]
+        by_kind = {kind: [(c[span], bound[span])] for kind, span in self._sums.ranges.items()}
+        vectors = None
         for i, s in enumerate(self.symmetries):
-            if i in sums:
-                c = self._sums.combined(sums[i], s.kind, "vt")
-                vn = self._sums.combined(sums[i], s.kind, "vv").sqrt()
-                xn = self._sums.combined(sums[i], s.kind, "tt").sqrt() if xi else self._xi[i]
-            else:
+            if i not in self._sums.units:
                 vectors = v() if vectors is None else vectors
-                c, vn, xn = symmetry.unit_terms(s.kind, s.views(vectors), s.views(theta), s.structure)
-                xn = xn if xi else self._xi[i]
-            if xi:
-                self._xi.append(xn)
-            terms.append((c, vn * xn))
-        return terms
+                ci, vi, xn = symmetry.unit_terms(s.kind, s.views(vectors), s.views(theta), s.structure)
+                if xi:
+                    self._xi[i] = xn
+                by_kind.setdefault(s.kind, []).append((ci, vi * self._xi[i]))
+        return by_kind
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.step % self.every:
@@ -1248,7 +1301,7 @@ class ModelProbe:
                 if n not in self._sums.names:
                     before[n].copy_(params[n].detach())
             terms = self._terms(sums, lambda: grads, before, xi=True)
-        for name, value in _record_terms(self.symmetries, terms, "grad_").items():
+        for name, value in _record_terms(terms, "grad_").items():
             self.log.add(name, self.step, value)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -1265,9 +1318,9 @@ class ModelProbe:
                                       xi=False)
                 terms = self._terms(sums, lambda: {n: params[n].detach() - before[n] for n in self._rest}, before,
                                     xi=False)
-            for name, value in _record_terms(self.symmetries, terms, "").items():
+            for name, value in _record_terms(terms, "").items():
                 self.log.add(name, self.step, value)
-            self._before, self._xi = None, []
+            self._before, self._xi = None, {}
             if self.every > 1:  # nothing held between records
                 self._kept = {}
                 self._sums.release()
