@@ -13,6 +13,7 @@ from l2o_dynamics.errors import L2OError
 from l2o_dynamics.learned import L2O, init_phi
 from l2o_dynamics.meta import meta_train, recipe
 from l2o_dynamics.optimizees import Optimizee
+from l2o_dynamics.optimizers import tree_tensors
 
 D = torch.float64
 TINY = Optimizee("tiny", (3,), "leaky_relu", in_features=4, classes=3)  # 27 parameters
@@ -246,6 +247,38 @@ def test_pes_accumulator_holds_the_runs_perturbations_and_resets_when_its_run_en
                     expected[k][:, b] += eps[k][:, b]
                     torch.testing.assert_close(est.accum[k][:, b], expected[k][:, b], rtol=0, atol=1e-15)
     assert resets >= 4  # 8 truncations of 2 steps, runs of 6: each task's run ended at least twice
+
+
+@pytest.mark.parametrize("family", ["lstm", "mlp"])
+@pytest.mark.parametrize("kind, reg", [("es", None), ("pes", None), ("pes", "rescale"), ("full-es", None)])
+def test_copies_advanced_in_groups_give_what_advancing_all_at_once_gives(monkeypatch, kind, reg, family):
+    """Tasks.advance runs the copies in cache-sized groups (COPY_GROUP_COORDS): every estimate,
+    metric and state after three meta-steps equals the one of all copies at once."""
+    from l2o_dynamics.mlp_lopt import MLPL2O, init_mlp_phi
+
+    phi = _phi() if family == "lstm" else init_mlp_phi(torch.Generator().manual_seed(0), hidden=4, dtype=D)
+    net = L2O(phi, hidden=2, layers=1) if family == "lstm" else MLPL2O(phi, hidden=4)
+    s = E.Settings(estimator=kind, tasks=2, unroll=K, horizon=HORIZON, offsets=kind != "full-es", pairs=3,
+                   sigma=0.01, reg=reg, beta=0.5 if reg else 0.0)
+    runs = {}
+    for coords in (1 << 30, 1, 2 * TINY.num_params):  # all at once; one copy per group; two per group
+        monkeypatch.setattr(E, "COPY_GROUP_COORDS", coords)
+        est = E.make(s, net, TINY, _factory, torch.Generator().manual_seed(4), D)
+        runs[coords] = [est.estimate(phi) for _ in range(3)], est.tasks
+    (ref, tasks), others = runs[1 << 30], [runs[c] for c in (1, 2 * TINY.num_params)]
+    # Equal up to rounding: an element-wise kernel may take its vectorised or its scalar path for
+    # an element depending on the tensor's size (ulps, then carried through the steps; ES divides
+    # F's by sigma in the gradient). A copy mixed up with another would differ by O(1).
+    tol = dict(rtol=1e-9, atol=1e-12)
+    for estimates, other in others:
+        for a, b in zip(ref, estimates):
+            for field in ("meta_loss", "reg_loss", "drift", "unroll_loss"):
+                torch.testing.assert_close(getattr(b, field), getattr(a, field), **tol)
+            for k in a.grad:
+                torch.testing.assert_close(b.grad[k], a.grad[k], rtol=1e-9, atol=1e-9 * abs(a.meta_loss) / s.sigma)
+        for x, y in zip(tree_tensors((tasks.params, tasks.grads, tasks.state, tasks.loss0)),
+                        tree_tensors((other.params, other.grads, other.state, other.loss0))):
+            torch.testing.assert_close(y, x, **tol)
 
 
 # ---- the symmetry penalty inside the ES family's objective ------------------------------------------

@@ -119,6 +119,10 @@ def truncation_loss(losses: torch.Tensor, loss0: torch.Tensor, meta_loss: str, l
 
 
 # ---- per-task state ------------------------------------------------------------------------
+# Copies advanced together (`Tasks.advance`): about this many coordinates in all, so that their
+# LSTM states and gates stay in the CPU's cache (16 copies of leaky_relu at once do not).
+COPY_GROUP_COORDS = 1 << 16
+
 class Tasks:
     """B optimizee runs, each advanced as C copies (the perturbed phis of one task share its
     init and every minibatch). Tensors are (C, B, ...), the L2O's state included (`state`,
@@ -169,9 +173,40 @@ class Tasks:
         """`steps` L2O steps of every copy, copy (c, b) with phis[k][c, b]; returns the losses
         after each step (steps, C, B), the drift of each update (steps, C, B) and, with `reg`,
         each update's deviation from that symmetry's constraint at the parameters it was
-        applied to (steps, C, B; `symmetry.deviation`, the penalty of `meta.unroll`), else zeros."""
+        applied to (steps, C, B; `symmetry.deviation`, the penalty of `meta.unroll`), else zeros.
+
+        The copies advance in groups of about COPY_GROUP_COORDS coordinates, each group through
+        all `steps` (every copy of a task sees the same minibatches, drawn first): a group's LSTM
+        states and gates then stay in the CPU's cache, where all 2N copies at once do not
+        (benchmarks/estimators.py). Each copy's numbers are those of advancing all at once."""
         C, B = self.C, self.B
-        flat = lambda t: t.reshape(C * B, *t.shape[2:])  # noqa: E731
+        batches = [self.next_batch() for _ in range(steps)]
+        per = max(1, min(C, COPY_GROUP_COORDS // max(1, B * self.num_coords)))
+        groups = [self._advance_group(slice(lo, min(lo + per, C)), phis, batches, reg, reg_measure)
+                  for lo in range(0, C, per)]
+        if len(groups) == 1:
+            losses, drifts, penalties, self.params, self.grads, self.state = groups[0]
+        else:
+            losses, drifts, penalties = (torch.cat([g[i] for g in groups], dim=1) for i in range(3))
+            self.params, self.grads = ({k: torch.cat([g[i][k] for g in groups]) for k in groups[0][i]}
+                                       for i in (3, 4))
+            joined = iter([torch.cat(ts) for ts in zip(*(tree_tensors(g[5]) for g in groups))])
+            self.state = tree_map(lambda _: next(joined), groups[0][5])
+        self.loss0 = losses[-1]
+        for b in range(B):
+            self.step[b] += steps
+        return losses, drifts, penalties
+
+    @property
+    def num_coords(self) -> int:
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def _advance_group(self, copies: slice, phis: Params, batches, reg: str | None, reg_measure: str):
+        """`advance` of copies `copies` (all B tasks) through the given minibatches: (losses,
+        drifts, penalties (steps, c, B), params, grads (c, B, ...), L2O state (c, B, ...))."""
+        C, B = self.C, self.B
+        c = len(range(*copies.indices(C)))
+        flat = lambda t: t[copies].reshape(c * B, *t.shape[2:])  # noqa: E731
         phis = {k: flat(v.expand(C, B, *v.shape[2:])) for k, v in phis.items()}
         state = tree_map(flat, self.state)
         params = {k: flat(v) for k, v in self.params.items()}
@@ -179,27 +214,23 @@ class Tasks:
         losses, drifts, penalties = [], [], []
         tiny = torch.finfo(self.dtype).tiny
         with torch.no_grad():
-            for _ in range(steps):
+            for x, y in batches:
                 updates, state = population_step(self.net, phis, grads, state, params, self.shapes)
-                u = torch.cat([v.reshape(C * B, -1) for v in updates.values()], dim=-1)
-                drifts.append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(C, B))
+                u = torch.cat([v.reshape(c * B, -1) for v in updates.values()], dim=-1)
+                drifts.append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(c, B))
                 if reg is not None:
                     dev = symmetry.deviation(reg, updates, params, self.model.structure, reg_measure)
-                    penalties.append(dev.reshape(C, B))
+                    penalties.append(dev.reshape(c, B))
                 params = {k: params[k] + updates[k] for k in params}
-                x, y = self.next_batch()
-                unflat = {k: v.reshape(C, B, *v.shape[1:]) for k, v in params.items()}
+                unflat = {k: v.reshape(c, B, *v.shape[1:]) for k, v in params.items()}
                 loss, g, _ = self.model.loss_and_grad(unflat, x, y)
-                grads = {k: v.reshape(C * B, *v.shape[2:]) for k, v in g.items()}
+                grads = {k: v.reshape(c * B, *v.shape[2:]) for k, v in g.items()}
                 losses.append(loss)
-        self.params = {k: v.reshape(C, B, *v.shape[1:]) for k, v in params.items()}
-        self.grads = {k: v.reshape(C, B, *v.shape[1:]) for k, v in grads.items()}
-        self.state = tree_map(lambda t: t.reshape(C, B, *t.shape[1:]), state)
-        self.loss0 = losses[-1]
-        for b in range(B):
-            self.step[b] += steps
         losses = torch.stack(losses)
-        return losses, torch.stack(drifts), torch.stack(penalties) if penalties else torch.zeros_like(losses)
+        return (losses, torch.stack(drifts), torch.stack(penalties) if penalties else torch.zeros_like(losses),
+                {k: v.reshape(c, B, *v.shape[1:]) for k, v in params.items()},
+                {k: v.reshape(c, B, *v.shape[1:]) for k, v in grads.items()},
+                tree_map(lambda t: t.reshape(c, B, *t.shape[1:]), state))
 
     def copy_from(self, source: int) -> None:
         """Every copy of every task continues from copy `source`'s state."""
