@@ -252,8 +252,9 @@ def test_pes_accumulator_holds_the_runs_perturbations_and_resets_when_its_run_en
 @pytest.mark.parametrize("family", ["lstm", "mlp"])
 @pytest.mark.parametrize("kind, reg", [("es", None), ("pes", None), ("pes", "rescale"), ("full-es", None)])
 def test_copies_advanced_in_groups_give_what_advancing_all_at_once_gives(monkeypatch, kind, reg, family):
-    """Tasks.advance runs the copies in cache-sized groups (COPY_GROUP_COORDS): every estimate,
-    metric and state after three meta-steps equals the one of all copies at once."""
+    """Tasks.advance runs the copies in cache-sized groups (COPY_GROUP_COORDS), SEGMENT steps at a
+    time: every estimate, metric and state after three meta-steps equals the one of all copies
+    at once."""
     from l2o_dynamics.mlp_lopt import MLPL2O, init_mlp_phi
 
     phi = _phi() if family == "lstm" else init_mlp_phi(torch.Generator().manual_seed(0), hidden=4, dtype=D)
@@ -261,8 +262,10 @@ def test_copies_advanced_in_groups_give_what_advancing_all_at_once_gives(monkeyp
     s = E.Settings(estimator=kind, tasks=2, unroll=K, horizon=HORIZON, offsets=kind != "full-es", pairs=3,
                    sigma=0.01, reg=reg, beta=0.5 if reg else 0.0)
     runs = {}
-    for coords in (1 << 30, 1, 2 * TINY.num_params):  # all at once; one copy per group; two per group
+    # all at once; one copy per group; two per group, 4 steps at a time (full-es: two segments)
+    for coords, segment in ((1 << 30, 20), (1, 20), (2 * TINY.num_params, 4)):
         monkeypatch.setattr(E, "COPY_GROUP_COORDS", coords)
+        monkeypatch.setattr(E, "SEGMENT", segment)
         est = E.make(s, net, TINY, _factory, torch.Generator().manual_seed(4), D)
         runs[coords] = [est.estimate(phi) for _ in range(3)], est.tasks
     (ref, tasks), others = runs[1 << 30], [runs[c] for c in (1, 2 * TINY.num_params)]

@@ -122,6 +122,7 @@ def truncation_loss(losses: torch.Tensor, loss0: torch.Tensor, meta_loss: str, l
 # Copies advanced together (`Tasks.advance`): about this many coordinates in all, so that their
 # LSTM states and gates stay in the CPU's cache (16 copies of leaky_relu at once do not).
 COPY_GROUP_COORDS = 1 << 16
+SEGMENT = 20  # steps a group advances before the next group's turn: the minibatches held at once
 
 class Tasks:
     """B optimizee runs, each advanced as C copies (the perturbed phis of one task share its
@@ -175,62 +176,62 @@ class Tasks:
         each update's deviation from that symmetry's constraint at the parameters it was
         applied to (steps, C, B; `symmetry.deviation`, the penalty of `meta.unroll`), else zeros.
 
-        The copies advance in groups of about COPY_GROUP_COORDS coordinates, each group through
-        all `steps` (every copy of a task sees the same minibatches, drawn first): a group's LSTM
-        states and gates then stay in the CPU's cache, where all 2N copies at once do not
-        (benchmarks/estimators.py). Each copy's numbers are those of advancing all at once."""
+        The copies advance in groups of about COPY_GROUP_COORDS coordinates, a group through
+        SEGMENT steps at a time (every copy of a task sees the same minibatches, drawn first for
+        the segment): a group's LSTM states and gates then stay in the CPU's cache, where all 2N
+        copies at once do not (benchmarks/estimators.py). Each copy's numbers are those of
+        advancing all copies at once, up to rounding."""
         C, B = self.C, self.B
-        batches = [self.next_batch() for _ in range(steps)]
         per = max(1, min(C, COPY_GROUP_COORDS // max(1, B * self.num_coords)))
-        groups = [self._advance_group(slice(lo, min(lo + per, C)), phis, batches, reg, reg_measure)
-                  for lo in range(0, C, per)]
-        if len(groups) == 1:
-            losses, drifts, penalties, self.params, self.grads, self.state = groups[0]
-        else:
-            losses, drifts, penalties = (torch.cat([g[i] for g in groups], dim=1) for i in range(3))
-            self.params, self.grads = ({k: torch.cat([g[i][k] for g in groups]) for k in groups[0][i]}
-                                       for i in (3, 4))
-            joined = iter([torch.cat(ts) for ts in zip(*(tree_tensors(g[5]) for g in groups))])
-            self.state = tree_map(lambda _: next(joined), groups[0][5])
+        flat = lambda t, sl: t[sl].reshape(-1, *t.shape[2:])  # noqa: E731  (c, B, ...) -> (c B, ...)
+        groups = []
+        for lo in range(0, C, per):
+            sl = slice(lo, min(lo + per, C))
+            groups.append({"phis": {k: flat(v.expand(C, B, *v.shape[2:]), sl) for k, v in phis.items()},
+                           "params": {k: flat(v, sl) for k, v in self.params.items()},
+                           "grads": {k: flat(v, sl) for k, v in self.grads.items()},
+                           "state": tree_map(lambda t: flat(t, sl), self.state), "c": sl.stop - sl.start,
+                           "losses": [], "drifts": [], "penalties": []})
+        with torch.no_grad():
+            for start in range(0, steps, SEGMENT):
+                batches = [self.next_batch() for _ in range(min(SEGMENT, steps - start))]
+                for group in groups:
+                    self._advance_group(group, batches, reg, reg_measure)
+        unflat = lambda t: t.reshape(-1, B, *t.shape[1:])  # noqa: E731
+        cat = lambda ts: unflat(ts[0]) if len(ts) == 1 else torch.cat([unflat(t) for t in ts])  # noqa: E731
+        self.params, self.grads = ({k: cat([g[part][k] for g in groups]) for k in self.shapes}
+                                   for part in ("params", "grads"))
+        joined = iter([cat(ts) for ts in zip(*(tree_tensors(g["state"]) for g in groups))])
+        self.state = tree_map(lambda _: next(joined), groups[0]["state"])
+        losses, drifts, penalties = (torch.cat([torch.stack(g[key]) for g in groups], dim=1) if groups[0][key]
+                                     else None for key in ("losses", "drifts", "penalties"))
         self.loss0 = losses[-1]
         for b in range(B):
             self.step[b] += steps
-        return losses, drifts, penalties
+        return losses, drifts, penalties if penalties is not None else torch.zeros_like(losses)
 
     @property
     def num_coords(self) -> int:
         return sum(math.prod(s) for s in self.shapes.values())
 
-    def _advance_group(self, copies: slice, phis: Params, batches, reg: str | None, reg_measure: str):
-        """`advance` of copies `copies` (all B tasks) through the given minibatches: (losses,
-        drifts, penalties (steps, c, B), params, grads (c, B, ...), L2O state (c, B, ...))."""
-        C, B = self.C, self.B
-        c = len(range(*copies.indices(C)))
-        flat = lambda t: t[copies].reshape(c * B, *t.shape[2:])  # noqa: E731
-        phis = {k: flat(v.expand(C, B, *v.shape[2:])) for k, v in phis.items()}
-        state = tree_map(flat, self.state)
-        params = {k: flat(v) for k, v in self.params.items()}
-        grads = {k: flat(v) for k, v in self.grads.items()}
-        losses, drifts, penalties = [], [], []
+    def _advance_group(self, group: dict, batches, reg: str | None, reg_measure: str) -> None:
+        """One group of copies (all B tasks; tensors (c B, ...)) through the given minibatches:
+        its params, grads and state replaced, its losses, drifts, penalties (c, B) appended."""
+        B, c, phis = self.B, group["c"], group["phis"]
+        params, grads, state = group["params"], group["grads"], group["state"]
         tiny = torch.finfo(self.dtype).tiny
-        with torch.no_grad():
-            for x, y in batches:
-                updates, state = population_step(self.net, phis, grads, state, params, self.shapes)
-                u = torch.cat([v.reshape(c * B, -1) for v in updates.values()], dim=-1)
-                drifts.append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(c, B))
-                if reg is not None:
-                    dev = symmetry.deviation(reg, updates, params, self.model.structure, reg_measure)
-                    penalties.append(dev.reshape(c, B))
-                params = {k: params[k] + updates[k] for k in params}
-                unflat = {k: v.reshape(c, B, *v.shape[1:]) for k, v in params.items()}
-                loss, g, _ = self.model.loss_and_grad(unflat, x, y)
-                grads = {k: v.reshape(c * B, *v.shape[2:]) for k, v in g.items()}
-                losses.append(loss)
-        losses = torch.stack(losses)
-        return (losses, torch.stack(drifts), torch.stack(penalties) if penalties else torch.zeros_like(losses),
-                {k: v.reshape(c, B, *v.shape[1:]) for k, v in params.items()},
-                {k: v.reshape(c, B, *v.shape[1:]) for k, v in grads.items()},
-                tree_map(lambda t: t.reshape(c, B, *t.shape[1:]), state))
+        for x, y in batches:
+            updates, state = population_step(self.net, phis, grads, state, params, self.shapes)
+            u = torch.cat([v.reshape(c * B, -1) for v in updates.values()], dim=-1)
+            group["drifts"].append((u.mean(-1).abs() / u.abs().mean(-1).clamp_min(tiny)).reshape(c, B))
+            if reg is not None:
+                dev = symmetry.deviation(reg, updates, params, self.model.structure, reg_measure)
+                group["penalties"].append(dev.reshape(c, B))
+            params = {k: params[k] + updates[k] for k in params}
+            loss, g, _ = self.model.loss_and_grad({k: v.reshape(c, B, *v.shape[1:]) for k, v in params.items()}, x, y)
+            grads = {k: v.reshape(c * B, *v.shape[2:]) for k, v in g.items()}
+            group["losses"].append(loss)
+        group.update(params=params, grads=grads, state=state)
 
     def copy_from(self, source: int) -> None:
         """Every copy of every task continues from copy `source`'s state."""
