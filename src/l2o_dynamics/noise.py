@@ -163,7 +163,7 @@ def noise_alphas(G: torch.Tensor, U: torch.Tensor, estimators: Sequence[str] = D
 
 
 # ---- the same, streamed over coordinates ----------------------------------------------------------
-STREAM_PIECE = 1 << 22  # samples per piece the streamed estimators read at a time
+STREAM_PIECE = 1 << 20  # samples per piece the streamed estimators read at a time
 
 
 def streamed_noise(G_rows: Sequence[torch.Tensor], U_rows: Sequence[torch.Tensor],
@@ -204,26 +204,26 @@ def _streamed_alphas(rows: Sequence[torch.Tensor], estimators: Sequence[str], pr
     std_n = 0
     for j in range(0, P, step):  # pass 1: blocks of columns, every row
         A = torch.stack([r[j:j + step] for r in rows])
-        if not bool(torch.isfinite(A).all()):
+        hi, lo = A.amax(0), A.amin(0)  # a nan or inf in a column is in its max or min (40x max(0).values)
+        if not bool(torch.isfinite(hi).all()) or not bool(torch.isfinite(lo).all()):
             raise L2OError(f"{prefix.replace('alpha_', '')} noise contains nan or inf; valid: finite values only")
         if gram is not None:
             A64 = A.to(torch.float64)
             A64 -= A64.mean(0)
             gram.addmm_(A64, A64.T)
-        hi, lo = A.max(0).values, A.min(0).values
         f = flat[j:j + step]
         f.copy_((hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs()))  # `centred`'s rule
         A -= A.mean(0)  # `centred_as_published`, kept in the rows for pass 2
         for r, a in zip(rows, A):
             r[j:j + step] = a
-        C = A.masked_fill(f, 0.0)  # `centred`
-        nonzero += int(C.count_nonzero())
         plain_nonzero = plain_nonzero or bool(A.any())
+        cols = f.nonzero().view(-1)
+        C = A.index_fill_(1, cols, 0.0) if cols.numel() else A  # `centred` (A is in the rows already)
+        nonzero += int(C.count_nonzero())
         if std is not None:
             Z = tail._standardized(C.to(work))
             kept += Z.shape[1]
-            z = Z.T.reshape(-1)
-            z = z[z != 0]
+            z = tail._nonzero(Z.T.reshape(-1))
             std_n += z.numel()
             std.feed(z)
     alphas: dict[str, float] = {}
@@ -253,14 +253,15 @@ def _streamed_alphas(rows: Sequence[torch.Tensor], estimators: Sequence[str], pr
         for r in rows:  # pass 2: row-major, as the pooled estimators flatten
             for j in range(0, P, STREAM_PIECE):
                 x = r[j:j + STREAM_PIECE]
-                e = x.masked_fill(flat[j:j + STREAM_PIECE], 0.0)
+                f = flat[j:j + STREAM_PIECE]
+                e = x.masked_fill(f, 0.0) if tail._any(f) else x
+                x64 = x.to(torch.float64) if pub is not None or pub_plain is not None else None
                 if pub is not None:
-                    pub.feed(e.to(torch.float64))
+                    pub.feed(x64 if e is x else e.to(torch.float64))
                 if pub_plain is not None:
-                    pub_plain.feed(x.to(torch.float64))
+                    pub_plain.feed(x64)
                 if pooled is not None or multi or top is not None:
-                    nz = e.to(work)
-                    nz = nz[nz != 0]
+                    nz = tail._nonzero(e.to(work))
                     for b in ([pooled] if pooled is not None else []) + multi:
                         b.feed(nz)
                     if top is not None:

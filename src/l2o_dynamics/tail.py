@@ -52,6 +52,25 @@ def _as_matrix(X, name: str = "X") -> torch.Tensor:
     return X
 
 
+def _any(mask: torch.Tensor) -> bool:
+    """bool(mask.any()) of a contiguous bool tensor, read as bytes (torch's any and all on
+    bool tensors are 30x slower than a max over the same bytes)."""
+    return mask.numel() > 0 and bool(mask.view(torch.uint8).amax())
+
+
+def _all(mask: torch.Tensor) -> bool:
+    """bool(mask.all()) of a contiguous bool tensor (see `_any`)."""
+    return mask.numel() == 0 or bool(mask.view(torch.uint8).amin())
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    """The nonzero entries of a 1-D x, in order: x itself when it has no zero, else by
+    masked_select (2-3x faster than x[mask])."""
+    if int(x.count_nonzero()) == x.numel():
+        return x
+    return torch.masked_select(x, x != 0)
+
+
 def _norms(x: torch.Tensor) -> torch.Tensor:
     """(n,) -> |x_i|; (n, d) -> ||x_i|| over rows."""
     return x.abs() if x.ndim == 1 else torch.linalg.vector_norm(x, dim=1)
@@ -201,9 +220,10 @@ def _standardized(X: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     dev = (X - _lower_median(X)).abs()
     scale = 1.4826 * _lower_median(dev)
     low = scale <= eps
-    scale[low] = math.sqrt(math.pi / 2) * dev[:, low].mean(0)
+    if _any(low):
+        scale[low] = math.sqrt(math.pi / 2) * dev[:, low].mean(0)
     keep = scale > eps
-    return X[:, keep] / scale[keep]
+    return X / scale if _all(keep) else X[:, keep] / scale[keep]
 
 
 def mohammadi_std(X, m: int | None = None) -> float:
@@ -295,21 +315,29 @@ class BlockLogs:
         self.n_x = self.n_y = 0
 
     def feed(self, x: torch.Tensor) -> None:
-        if self.carry is not None and self.carry.numel():
-            x = torch.cat([self.carry, x])
+        if self.carry is not None and self.carry.numel():  # complete the carried block first (no copy of x)
+            need = self.m - self.carry.numel()
+            if x.numel() < need:
+                self.carry = torch.cat([self.carry, x])
+                return
+            self._blocks(torch.cat([self.carry, x[:need]]))
+            x = x[need:]
         k = x.numel() // self.m
-        body = x[:k * self.m]
         self.carry = x[k * self.m:].clone()
-        if not k:
-            return
-        y = body.reshape(k, self.m).sum(1).abs()
+        if k:
+            self._blocks(x[:k * self.m])
+
+    def _blocks(self, body: torch.Tensor) -> None:
+        """Add complete blocks (one temporary the size of `body`, reduced in place)."""
+        y = body.reshape(-1, self.m).sum(1).abs_()
+        t = body.abs()
         if self.eps:
-            self.log_x += float((body.abs() + self.eps).log().sum(dtype=torch.float64))
-            self.log_y += float((y + self.eps).log().sum(dtype=torch.float64))
+            self.log_x += float(t.add_(self.eps).log_().sum(dtype=torch.float64))
+            self.log_y += float(y.add_(self.eps).log_().sum(dtype=torch.float64))
         else:
             y = y[y > 0]
-            self.log_x += float(body.abs().log().sum(dtype=torch.float64))
-            self.log_y += float(y.log().sum(dtype=torch.float64))
+            self.log_x += float(t.log_().sum(dtype=torch.float64))
+            self.log_y += float(y.log_().sum(dtype=torch.float64))
         self.n_x += body.numel()
         self.n_y += y.numel()
 
