@@ -29,6 +29,7 @@ variants read the rounding itself and do not reproduce across processes.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -217,8 +218,8 @@ def _streamed_alphas(rows: Sequence[torch.Tensor], estimators: Sequence[str], pr
         for r, a in zip(rows, A):
             r[j:j + step] = a
         plain_nonzero = plain_nonzero or bool(A.any())
-        cols = f.nonzero().view(-1)
-        C = A.index_fill_(1, cols, 0.0) if cols.numel() else A  # `centred` (A is in the rows already)
+        # `centred` without its flat columns (all 0: no nonzero sample, and standardising drops them)
+        C = A.index_select(1, (~f).nonzero().view(-1)) if tail._any(f) else A
         nonzero += int(C.count_nonzero())
         if std is not None:
             Z = tail._standardized(C.to(work))
@@ -254,12 +255,22 @@ def _streamed_alphas(rows: Sequence[torch.Tensor], estimators: Sequence[str], pr
             for j in range(0, P, STREAM_PIECE):
                 x = r[j:j + STREAM_PIECE]
                 f = flat[j:j + STREAM_PIECE]
-                e = x.masked_fill(f, 0.0) if tail._any(f) else x
-                x64 = x.to(torch.float64) if pub is not None or pub_plain is not None else None
-                if pub is not None:
-                    pub.feed(x64 if e is x else e.to(torch.float64))
+                has_flat = tail._any(f)
+                e = x.masked_fill(f, 0.0) if has_flat else x  # `centred`
                 if pub_plain is not None:
-                    pub_plain.feed(x64)
+                    # the two streams differ at the flat columns only, where `centred` has log(0 + eps):
+                    # one pass of logs for both
+                    x64 = x.to(torch.float64)
+                    t = pub_plain.log_terms(x64)
+                    logs = float(t.sum(dtype=torch.float64))
+                    pub_plain.feed(x64, logs)
+                    if pub is not None and has_flat:
+                        logs += int(f.count_nonzero()) * math.log(pub.eps) - float((t * f).sum(dtype=torch.float64))
+                        pub.feed(e.to(torch.float64), logs)
+                    elif pub is not None:
+                        pub.feed(x64, logs)
+                elif pub is not None:
+                    pub.feed(e.to(torch.float64))
                 if pooled is not None or multi or top is not None:
                     nz = tail._nonzero(e.to(work))
                     for b in ([pooled] if pooled is not None else []) + multi:

@@ -305,16 +305,32 @@ class BlockLogs:
     flattening: sums Y_k of m consecutive samples (an incomplete block is carried to the
     next piece; the one left at the end is dropped, as the estimators drop the samples
     after the first K*m), and the sums of log(|x| + eps) over the samples of complete
-    blocks and of log(|Y_k| + eps) over the blocks. With eps = 0, blocks that sum to
-    exactly 0 are left out (`_inv_alpha`); feed nonzero samples then."""
+    blocks (summed over every sample fed, less the final carry's) and of log(|Y_k| + eps)
+    over the blocks. With eps = 0, blocks that sum to exactly 0 are left out
+    (`_inv_alpha`); feed nonzero samples then."""
 
     def __init__(self, m: int, eps: float = 0.0) -> None:
         self.m, self.eps = m, eps
         self.carry: torch.Tensor | None = None
-        self.log_x = self.log_y = 0.0
+        self.log_x = self.log_y = 0.0  # log_x: over every sample fed (the carry's are taken off at the end)
         self.n_x = self.n_y = 0
 
-    def feed(self, x: torch.Tensor) -> None:
+    def log_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """log(|x| + eps), entry by entry (a new tensor)."""
+        t = x.abs()
+        if self.eps:
+            t.add_(self.eps)
+        return t.log_()
+
+    def logs(self, x: torch.Tensor) -> float:
+        """The sum of log(|x| + eps) over x, as `feed` adds it (float64 sum)."""
+        return float(self.log_terms(x).sum(dtype=torch.float64))
+
+    def feed(self, x: torch.Tensor, logs: float | None = None) -> None:
+        """Add the samples x; `logs`: their `logs(x)` if already known (two streams that share
+        most samples compute it once)."""
+        self.log_x += self.logs(x) if logs is None else logs
+        self.n_x += x.numel()
         if self.carry is not None and self.carry.numel():  # complete the carried block first (no copy of x)
             need = self.m - self.carry.numel()
             if x.numel() < need:
@@ -328,24 +344,23 @@ class BlockLogs:
             self._blocks(x[:k * self.m])
 
     def _blocks(self, body: torch.Tensor) -> None:
-        """Add complete blocks (one temporary the size of `body`, reduced in place)."""
+        """Add the sums of complete blocks."""
         y = body.reshape(-1, self.m).sum(1).abs_()
-        t = body.abs()
         if self.eps:
-            self.log_x += float(t.add_(self.eps).log_().sum(dtype=torch.float64))
-            self.log_y += float(y.add_(self.eps).log_().sum(dtype=torch.float64))
+            y.add_(self.eps)
         else:
             y = y[y > 0]
-            self.log_x += float(t.log_().sum(dtype=torch.float64))
-            self.log_y += float(y.log_().sum(dtype=torch.float64))
-        self.n_x += body.numel()
+        self.log_y += float(y.log_().sum(dtype=torch.float64))
         self.n_y += y.numel()
 
     def inv_alpha(self) -> float:
         """1/alpha of the samples fed so far (-inf when every block sum was 0)."""
         if self.n_y == 0:
             return -math.inf
-        return (self.log_y / self.n_y - self.log_x / self.n_x) / math.log(self.m)
+        log_x, n_x = self.log_x, self.n_x
+        if self.carry is not None and self.carry.numel():  # samples after the last complete block
+            log_x, n_x = log_x - self.logs(self.carry), n_x - self.carry.numel()
+        return (self.log_y / self.n_y - log_x / n_x) / math.log(self.m)
 
 
 class TopAbs:
