@@ -16,7 +16,10 @@ subset    the error of `noise(coordinates=K)` against the full-coordinate result
 
 torchvision's resnet18 and vgg11_bn are used where `import torchvision` works against the
 installed torch; otherwise the same architectures are built here. Prints a table and
-writes benchmarks/results/probe_overhead.json.
+writes benchmarks/results/probe_overhead.json (--out); the parts not run this time are kept
+from that file when it holds a run at the same batch size (listed under "kept_from_previous_run").
+Batch 128 goes to its own file: --parts overhead --batch 128 --out
+benchmarks/results/probe_overhead_batch128.json.
 """
 from __future__ import annotations
 
@@ -154,7 +157,8 @@ def overhead(args, tmp):
         a, b = statistics.median(t_plain), statistics.median(t_probe)
         kinds = [s.kind for s in probe.symmetries]
         rows[name] = {"params": sum(p.numel() for p in plain.parameters()), "step_s": a, "probed_step_s": b,
-                      "overhead": b / a - 1, "symmetries": {k: kinds.count(k) for k in sorted(set(kinds))}}
+                      "probe_s": b - a, "overhead": b / a - 1,
+                      "symmetries": {k: kinds.count(k) for k in sorted(set(kinds))}}
         print(f"{name}: done", flush=True)
     return rows
 
@@ -222,6 +226,22 @@ def subset(args, tmp) -> dict:
     return {"params": P, "batches": args.noise_batches, "full": full, "max_error_over_3_seeds": rows}
 
 
+def _keep_previous(out: Path, result: dict, parts: list[str]) -> list[str]:
+    """Copy into `result` the parts not run now from `out`'s previous run at the same batch size."""
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(previous, dict) or previous.get("batch") != result["batch"]:
+        return []
+    kept = [p for p in ("overhead", "noise", "subset") if p not in parts and p in previous]
+    for p in kept:
+        result[p] = previous[p]
+    if kept:
+        result["kept_from_previous_run"] = kept
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -248,8 +268,11 @@ def main() -> None:
             result["noise"] = {"all": noise_part(args), "coordinates=2^20": noise_part(args, 2**20)}
         if "subset" in parts:
             result["subset"] = subset(args, tmp)
+    kept = _keep_previous(Path(args.out), result, parts)
     print(f"\nprobe cost, {args.source} architectures, batch {args.batch} of 3x32x32, "
           f"{torch.get_num_threads()} thread(s)\n")
+    if kept:
+        print(f"(kept from the previous {args.out}: {', '.join(kept)})")
     for name, r in result.get("overhead", {}).items():
         print(f"{name:<14} {r['params'] / 1e6:6.1f}M params  step {r['step_s']:.3f} s  probed {r['probed_step_s']:.3f} s"
               f"  overhead {100 * r['overhead']:+.1f}%  {r['symmetries']}")
