@@ -407,14 +407,14 @@ class _StepSums:
                         span, add = (start, start + units), b > 0  # columns: partial sums over F
                     dsts.append((span, add))
                     cross(P, self._span(0, part, *span), add)
+                squared = any(t[5] is None for t in terms)  # the columns need x * x: the rows read it too
                 for pair, x in ((1, v), (2, theta)) if xi else ((1, v),):
-                    P = None
+                    P = {n: torch.square(x[n], out=out[n]) for n in names} if squared else None
                     for (part, _, _, _, cross, squares), (span, add) in zip(terms, dsts):
-                        if squares is not None:
-                            squares(x, self._span(pair, part, *span), add)
-                        else:
-                            P = {n: torch.square(x[n], out=out[n]) for n in names} if P is None else P
+                        if squared:
                             cross(P, self._span(pair, part, *span), add)
+                        else:
+                            squares(x, self._span(pair, part, *span), add)
         return table
 
 
