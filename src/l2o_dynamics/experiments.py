@@ -170,8 +170,8 @@ def meta_train_job(profile: Profile, optimizee: str, beta: float, device: str, m
 
 
 # One perturbed copy of the ES family, advanced over a truncation, costs about this share of a
-# TBPTT meta-step (benchmarks/estimators.py: PES with 8 pairs, 16 copies, 7.2 TBPTT meta-steps).
-ES_COPY = 0.45
+# TBPTT meta-step (benchmarks/estimators.py: PES with 8 pairs, 16 copies, 4.6-5.5 TBPTT meta-steps).
+ES_COPY = 0.35
 
 
 def _unroll_cost(cfg: Mapping[str, Any]) -> float:
