@@ -344,7 +344,10 @@ class _StepSums:
         self.names = list(group_of)
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._table: torch.Tensor | None = None
-        self._spans: dict[tuple, torch.Tensor] = {}  # views of the table (indexing one costs 5 us)
+        # kept views: blocks and the table's slices per group, scratch per request (indexing costs 5 us)
+        self._layouts: dict[int, tuple] = {}
+        self._carved: dict[tuple, tuple] = {}
+        self._epoch = 0
 
     def _blocks(self, names: Sequence[str], like: Mapping[str, torch.Tensor], chunked: bool) -> list[slice]:
         t = like[names[0]]
@@ -357,6 +360,10 @@ class _StepSums:
         """Contiguous tensors shaped like like[n], one per name, carved from a kept flat buffer
         per slot, dtype and device (grown to the largest request; a view carved before it
         grew keeps the old one alive)."""
+        request = (slot, *((n, like[n].shape, like[n].dtype, like[n].device) for n in names))
+        carved = self._carved.get(request)
+        if carved is not None and carved[0] == self._epoch:
+            return carved[1]
         out, used = {}, {}
         for n in names:
             t = like[n]
@@ -366,18 +373,37 @@ class _StepSums:
             buf = self._buffers.get(key)
             if buf is None or buf.numel() < end:
                 buf = self._buffers[key] = torch.empty(end, dtype=t.dtype, device=t.device)
+                self._epoch += 1  # views carved from the old buffer are carved again
             out[n] = buf[start:end].view(t.shape)
+        self._carved[request] = (self._epoch, out)
         return out
 
     def release(self) -> None:
         self._buffers.clear()
-        self._table, self._spans = None, {}
+        self._table, self._layouts, self._carved = None, {}, {}
 
-    def _span(self, pair: int, part: int, start: int, stop: int) -> torch.Tensor:
-        view = self._spans.get((pair, part, start, stop))
-        if view is None:
-            view = self._spans[pair, part, start, stop] = self._table[pair, part, start:stop]
-        return view
+    def _layout(self, g: int, whole: Mapping[str, torch.Tensor]) -> list:
+        """Group g's blocks of rows, and per block and term the table's slices (one per pair)
+        its sums go to, with whether they add to them (partial sums over F) or set them."""
+        names, terms, chunked = self.groups[g]
+        t = whole[names[0]]
+        key = (t.shape, t.dtype)
+        kept = self._layouts.get(g)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        blocks = self._blocks(names, whole, chunked)
+        layout = []
+        for b, rows in enumerate(blocks):
+            dsts = []
+            for part, start, units, mode, _, _ in terms:
+                if mode == "rows" and len(blocks) > 1:
+                    span, add = slice(start + rows.start, start + min(rows.stop, units)), False
+                else:
+                    span, add = slice(start, start + units), b > 0  # columns: partial sums over F
+                dsts.append(([self._table[pair, part, span] for pair in range(3)], add))
+            layout.append((rows, dsts))
+        self._layouts[g] = (key, layout)
+        return layout
 
     def run(self, whole: Mapping[str, torch.Tensor], theta_of: Callable, v_of: Callable, xi: bool) -> torch.Tensor:
         """The table (pair, part, unit) of per-unit sums (kept: overwritten by the next run): pairs 'vt' (v * theta), 'vv' and, with
@@ -388,34 +414,26 @@ class _StepSums:
             if self.names else torch.float32
         device = whole[self.names[0]].device if self.names else None
         if self._table is None or self._table.dtype != dtype or self._table.device != device:
-            self._table, self._spans = torch.zeros(3, 3, self.size, dtype=dtype, device=device), {}
+            self._table, self._layouts = torch.zeros(3, 3, self.size, dtype=dtype, device=device), {}
         else:
             self._table.zero_()
-        table = self._table
-        for names, terms, chunked in self.groups:
-            blocks = self._blocks(names, whole, chunked)
-            for b, rows in enumerate(blocks):
+        for g, (names, terms, _) in enumerate(self.groups):
+            squared = any(t[5] is None for t in terms)  # the columns need x * x: the rows read it too
+            for rows, dsts in self._layout(g, whole):
                 theta = theta_of(names, rows)
                 v = v_of(names, rows)
                 out = self.scratch("product", theta, names)  # one product at a time: each is reduced at once
                 P = {n: torch.mul(v[n], theta[n], out=out[n]) for n in names}
-                dsts = []
-                for part, start, units, mode, cross, _ in terms:
-                    if mode == "rows" and len(blocks) > 1:
-                        span, add = (start + rows.start, start + min(rows.stop, units)), False
-                    else:
-                        span, add = (start, start + units), b > 0  # columns: partial sums over F
-                    dsts.append((span, add))
-                    cross(P, self._span(0, part, *span), add)
-                squared = any(t[5] is None for t in terms)  # the columns need x * x: the rows read it too
+                for term, (spans, add) in zip(terms, dsts):
+                    term[4](P, spans[0], add)
                 for pair, x in ((1, v), (2, theta)) if xi else ((1, v),):
                     P = {n: torch.square(x[n], out=out[n]) for n in names} if squared else None
-                    for (part, _, _, _, cross, squares), (span, add) in zip(terms, dsts):
+                    for term, (spans, add) in zip(terms, dsts):
                         if squared:
-                            cross(P, self._span(pair, part, *span), add)
+                            term[4](P, spans[pair], add)
                         else:
-                            squares(x, self._span(pair, part, *span), add)
-        return table
+                            term[5](x, spans[pair], add)
+        return self._table
 
 
 def _record_terms(by_kind: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]], prefix: str
@@ -1196,6 +1214,7 @@ class ModelProbe:
         self._by_mode = {self._modes: self.symmetries}
         self._use(self.symmetries)
         self._before: dict[str, torch.Tensor] | None = None  # theta at the recorded step, until its update
+        self._params: dict[str, nn.Parameter] = {}  # the model's, from the recorded step's pre-hook to its post-hook
         self._kept: dict[str, torch.Tensor] = {}  # the buffers of `_before`, kept between steps when every == 1
         self._xi: dict = {}  # the generators' norms at the recorded step: "table" (`_StepSums`), or by symmetry
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -1286,7 +1305,7 @@ class ModelProbe:
         self._check_modes()
         if not self._watched:
             return
-        params = dict(self.model.named_parameters())
+        params = self._params = dict(self.model.named_parameters())  # the step keeps them (post reads it)
         before = self._before = self._copies(params)
         grads = {}
         for n in self._watched:
@@ -1306,7 +1325,7 @@ class ModelProbe:
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self._before is not None:
-            params, before = dict(self.model.named_parameters()), self._before
+            params, before = self._params, self._before
 
             def updates(names, rows):  # u = theta_after - theta_before, into a kept buffer
                 theta = {n: before[n][rows] for n in names}
@@ -1320,7 +1339,7 @@ class ModelProbe:
                                     xi=False)
             for name, value in _record_terms(terms, "").items():
                 self.log.add(name, self.step, value)
-            self._before, self._xi = None, {}
+            self._before, self._xi, self._params = None, {}, {}
             if self.every > 1:  # nothing held between records
                 self._kept = {}
                 self._sums.release()
