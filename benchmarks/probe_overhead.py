@@ -6,7 +6,10 @@
 overhead  one SGD-with-momentum training step of resnet18 and of a VGG-like net (vgg11's
           convolutions with BatchNorm, a 10-way head) on 3x32x32 inputs, with and without
           the probe at every=1, timed alternately on two identical copies (median of
-          --steps steps each); the ratio is the probe's share of a step.
+          --steps steps each); the ratio is the probe's share of a step. On a shared
+          machine that difference of two medians is noisy (a few % of a step either way),
+          so the time spent inside the probe's two step hooks is also timed directly
+          (hooks_s, median over the steps; hooks_share = hooks_s / step_s).
 noise     `probe.noise()` on resnet18 with --noise-batches minibatches and Adam's state,
           in a fresh process: wall time (and the estimators' share) and the rise of the
           peak resident memory above what the model and its training step already held.
@@ -139,11 +142,19 @@ def overhead(args, tmp):
         o1 = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
         o2 = torch.optim.SGD(probed.parameters(), lr=0.01, momentum=0.9)
         batches = data(2, args.batch)
+        clock = {}
+        # optimizer hooks run in the order registered: these time the probe's own two hooks
+        o2.register_step_pre_hook(lambda *a: clock.__setitem__("pre", time.perf_counter()))
+        o2.register_step_post_hook(lambda *a: clock.__setitem__("post", time.perf_counter()))
         probe = probes.attach(o2, probed, batches[0][0], Path(tmp) / name, every=1, loss="cross_entropy")
+        hooks = []
+        o2.register_step_pre_hook(lambda *a: clock.__setitem__("in_pre", time.perf_counter() - clock["pre"]))
+        o2.register_step_post_hook(lambda *a: hooks.append(clock["in_pre"] + time.perf_counter() - clock["post"]))
         for _ in range(2):  # warm-up
             step(plain, o1, *batches[0])
             step(probed, o2, *batches[0])
         t_plain, t_probe = [], []
+        hooks.clear()
         for i in range(args.steps):
             x, y = batches[i % 2]
             t0 = time.perf_counter()
@@ -154,10 +165,10 @@ def overhead(args, tmp):
             t_plain.append(t1 - t0)
             t_probe.append(t2 - t1)
         probe.close()
-        a, b = statistics.median(t_plain), statistics.median(t_probe)
+        a, b, h = statistics.median(t_plain), statistics.median(t_probe), statistics.median(hooks)
         kinds = [s.kind for s in probe.symmetries]
         rows[name] = {"params": sum(p.numel() for p in plain.parameters()), "step_s": a, "probed_step_s": b,
-                      "probe_s": b - a, "overhead": b / a - 1,
+                      "probe_s": b - a, "overhead": b / a - 1, "hooks_s": h, "hooks_share": h / a,
                       "symmetries": {k: kinds.count(k) for k in sorted(set(kinds))}}
         print(f"{name}: done", flush=True)
     return rows
@@ -274,8 +285,10 @@ def main() -> None:
     if kept:
         print(f"(kept from the previous {args.out}: {', '.join(kept)})")
     for name, r in result.get("overhead", {}).items():
+        hooks = (f"  (in its hooks {1e3 * r['hooks_s']:.0f} ms, {100 * r['hooks_share']:.1f}%)" if "hooks_s" in r
+                 else "")
         print(f"{name:<14} {r['params'] / 1e6:6.1f}M params  step {r['step_s']:.3f} s  probed {r['probed_step_s']:.3f} s"
-              f"  overhead {100 * r['overhead']:+.1f}%  {r['symmetries']}")
+              f"  overhead {100 * r['overhead']:+.1f}%{hooks}  {r['symmetries']}")
     for name, r in result.get("noise", {}).items():
         print(f"noise() resnet18, {r['batches']} batches, {name:<16}: {r['total_s']:.1f} s ({r['cpu_s']:.1f} s CPU) "
               f"(estimators {r['estimators_s']:.1f} s), peak memory +{r['peak_rise_mb']:.0f} MB "
