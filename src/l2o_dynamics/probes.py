@@ -282,22 +282,24 @@ def _chunk_mode(view: Callable, name: str) -> str | None:
     return "columns" if getattr(view, "columns_of", None) == name else None
 
 
-_PAIRS, _PARTS = ("vt", "vv", "tt"), ("w", "b", "a")
+_PARTS = ("w", "b", "a")  # the table's second axis; its first: pairs v * theta, v * v, theta * theta
 
 
 class _StepSums:
     """The per-step sums of the symmetries with copy-free part views (`_fast_parts`).
 
     Every parameter they read is visited once per record: its elementwise products
-    (v * theta, and for the column sums v * v and theta * theta; the rows' sums of squares
-    are norms) are formed one at a time in a reused buffer and reduced, while still in cache,
-    by every part of every symmetry that reads it (a consumer conv is read as the scale
-    symmetry's rows and the rescale's columns), straight into one table of per-unit sums
-    (pair, part, unit) over all these symmetries' units, laid out kind by kind. A large
-    weight is read in blocks of rows of about CHUNK bytes, so that theta, v, the copy and the
-    product of one block stay in cache together (30% faster on resnet18's 512x512x3x3 convs
-    than whole). Parameters read together by one part (a whole-layer norm's weight and bias)
-    form a group, read whole. Nothing is allocated per step but the table: the buffers are kept."""
+    (v * theta, and v * v and theta * theta where consumer columns read it; a weight read
+    only as rows takes its sums of squares as norms) are formed one at a time in a reused
+    buffer and reduced, while still in cache, by every part of every symmetry that reads it
+    (a consumer conv is read as the scale symmetry's rows and the rescale's columns),
+    straight into one table of per-unit sums (pair, part, unit) over all these symmetries'
+    units, laid out kind by kind. A large weight is read in blocks of rows of about CHUNK
+    bytes, so that theta, v, the copy and the product of one block stay in cache together
+    (30% faster on resnet18's 512x512x3x3 convs than whole). Parameters read together by
+    one part (a whole-layer norm's weight and bias) form a group, read whole. Nothing the
+    size of a parameter is allocated per record: the scratch buffers and the table are kept
+    (`release` frees them)."""
 
     CHUNK = 2 ** 21
 
@@ -406,10 +408,11 @@ class _StepSums:
         return layout
 
     def run(self, whole: Mapping[str, torch.Tensor], theta_of: Callable, v_of: Callable, xi: bool) -> torch.Tensor:
-        """The table (pair, part, unit) of per-unit sums (kept: overwritten by the next run): pairs 'vt' (v * theta), 'vv' and, with
-        `xi`, 'tt' (else 0); parts 'w', 'b', 'a' (0 where a symmetry has none). theta_of(names,
-        rows) and v_of(names, rows) give rows `rows` (a slice) of a group's tensors (in that
-        order); `whole` holds tensors of the parameters' shapes."""
+        """The table (pair, part, unit) of per-unit sums, kept (the next run overwrites it):
+        pairs v * theta, v * v and, with `xi`, theta * theta (else 0); parts 'w', 'b', 'a'
+        (0 where a symmetry has none). theta_of(names, rows) and v_of(names, rows) give rows
+        `rows` (a slice) of a group's tensors (in that order); `whole` holds tensors of the
+        parameters' shapes."""
         dtype = functools.reduce(torch.promote_types, (whole[n].dtype for n in self.names), torch.float32) \
             if self.names else torch.float32
         device = whole[self.names[0]].device if self.names else None
