@@ -242,14 +242,14 @@ def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable
 
     def w_cross(P, dst, add):
         x = w(P)
-        if add or x.dtype != dst.dtype:
+        if add or x.dtype != dst.dtype or x.device != dst.device:
             _into(dst, x.sum(-1), add)
         else:
             torch.sum(x, -1, out=dst)
 
     def w_squares(t, dst, add):
         x = w(t)
-        if add or x.dtype != dst.dtype:
+        if add or x.dtype != dst.dtype or x.device != dst.device:
             _into(dst, torch.linalg.vector_norm(x, dim=-1).square(), add)
         else:
             torch.linalg.vector_norm(x, dim=-1, out=dst).square_()
@@ -264,7 +264,7 @@ def _part_sums(parts: dict[str, Callable]) -> dict[str, tuple[Callable, Callable
 
         def a_cross(P, dst, add):
             x = cube(P).sum(0)
-            if add or x.dtype != dst.dtype:
+            if add or x.dtype != dst.dtype or x.device != dst.device:
                 _into(dst, x.sum(-1), add)
             else:
                 torch.sum(x, -1, out=dst)
