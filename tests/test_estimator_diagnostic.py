@@ -148,7 +148,7 @@ def test_a_diagnostic_killed_after_any_save_resumes_to_the_same_numbers_without_
     with pytest.raises(KeyboardInterrupt):
         D.diagnose(l2os, TINY, train, cfg, dtype=F64, save=save_then_die)
     done = D.Checkpoint(tmp_path, fp).load()
-    assert sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values()) == stop_after
+    assert D.done_count(done) == stop_after
     estimates_done = stop_after - sum(len(recs) for recs in done.values())
     calls = []
     real = D.run_estimate
@@ -181,8 +181,10 @@ def test_a_checkpoint_of_other_settings_is_refused_unless_discarded_and_a_foreig
         else:
             path.write_bytes(foreign)
         for discard in (False, True):
+            ckpt = D.Checkpoint(tmp_path, fp)
             with pytest.raises(D.L2OError, match="move it away"):
-                D.Checkpoint(tmp_path, fp).load(discard=discard)
+                ckpt.load(discard=discard)
+            ckpt.remove()  # neither loaded nor written by it: left alone
         assert path.read_bytes() == (foreign or b"x")
 
 

@@ -584,7 +584,8 @@ def cmd_estimators(args) -> int:
     from . import data as data_mod
     from . import learned
     from .env import resolve_device
-    from .estimator_diagnostic import Checkpoint, DiagnosticConfig, check_memory, diagnose, fingerprint, table
+    from .estimator_diagnostic import (Checkpoint, DiagnosticConfig, check_memory, diagnose, done_count,
+                                       fingerprint, table)
     from .files import atomic_write_json, atomic_write_text, make_dir
     from .optimizees import get_optimizee
     from .plotting import estimator_figure
@@ -607,8 +608,7 @@ def cmd_estimators(args) -> int:
     ckpt = Checkpoint(out, fingerprint(l2os, model, cfg, torch.float32, device, learned.fusion_in_use(device)))
     done = ckpt.load(discard=args.overwrite)  # a killed run of the same command resumes
     if done:
-        n = sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values())
-        print(f"resuming from {ckpt.path}: {n} references and estimates already done")
+        print(f"resuming from {ckpt.path}: {done_count(done)} references and estimates already done")
     ds = data_mod.load_mnist()
     make_dir(out)
     result = diagnose(l2os, model, ds.split("train"), cfg, device=device, progress=args.progress,

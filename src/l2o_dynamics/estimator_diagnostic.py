@@ -256,7 +256,7 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
     done = {} if done is None else done
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     bar = tqdm(total=len(l2os) * cfg.draws * (len(cells) + 1), disable=not progress, desc="estimators",
-               initial=sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values()))
+               initial=done_count(done))
     out = {"config": {**asdict(cfg), "optimizee": model.name, "seeds": seeds, "dtype": str(dtype),
                       "device": str(device), "threads": torch.get_num_threads(),
                       "objective": "J = sum_{t=1..T} L(theta_t; batch_t), T = horizon",
@@ -294,6 +294,11 @@ def diagnose(l2os: dict[str, L2O], model: Optimizee, train, cfg: DiagnosticConfi
         out["phis"][label] = _phi_result(l2o, phi, [records[r] for r in range(len(seeds))], cells, cfg)
     bar.close()
     return out
+
+
+def done_count(done: dict) -> int:
+    """The references and estimates a `diagnose` record `done` holds."""
+    return sum(1 + len(rec["cells"]) for recs in done.values() for rec in recs.values())
 
 
 def _reference_record(net: L2O, phi: Params, model: Optimizee, params: Params, batches, dtype, sync) -> dict:
@@ -365,6 +370,7 @@ class Checkpoint:
 
     def __init__(self, out: Path, fp: dict):
         self.path, self.fp = Path(out) / CHECKPOINT, fp
+        self.ours = False  # the file at path is one this run verified (`load`) or wrote (`save`)
 
     def load(self, discard: bool = False) -> dict:
         if not os.path.lexists(self.path):
@@ -379,8 +385,10 @@ class Checkpoint:
         if not ours:
             raise L2OError(f"{self.path} is not a checkpoint of this diagnostic; move it away or choose another --out")
         if state["fingerprint"] == self.fp:
+            self.ours = True
             return state["done"]
         if discard:
+            self.ours = True
             return {}
         changed = sorted(k for k in self.fp if state["fingerprint"].get(k) != self.fp.get(k))
         raise L2OError(f"{self.path} is the checkpoint of a diagnostic with other settings ({', '.join(changed)} "
@@ -388,11 +396,13 @@ class Checkpoint:
 
     def save(self, done: dict) -> None:
         atomic_torch_save({"kind": CHECKPOINT_KIND, "fingerprint": self.fp, "done": done}, self.path)
+        self.ours = True
 
     def remove(self) -> None:
-        """Once the results are written: the checkpoint (ours, by its kind) is not needed."""
-        if self.path.is_file() and not self.path.is_symlink():
-            self.path.unlink()
+        """Once the results are written: the checkpoint this run loaded or wrote is not needed."""
+        if self.ours:
+            self.path.unlink(missing_ok=True)
+            self.ours = False
 
 
 @contextlib.contextmanager

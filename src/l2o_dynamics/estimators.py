@@ -182,7 +182,7 @@ class Tasks:
         copies at once do not (benchmarks/estimators.py). Each copy's numbers are those of
         advancing all copies at once, up to rounding."""
         C, B = self.C, self.B
-        per = max(1, min(C, COPY_GROUP_COORDS // max(1, B * self.num_coords)))
+        per = max(1, min(C, COPY_GROUP_COORDS // max(1, B * self.model.num_params)))
         flat = lambda t, sl: t[sl].reshape(-1, *t.shape[2:])  # noqa: E731  (c, B, ...) -> (c B, ...)
         groups = []
         for lo in range(0, C, per):
@@ -203,16 +203,12 @@ class Tasks:
                                    for part in ("params", "grads"))
         joined = iter([cat(ts) for ts in zip(*(tree_tensors(g["state"]) for g in groups))])
         self.state = tree_map(lambda _: next(joined), groups[0]["state"])
-        losses, drifts, penalties = (torch.cat([torch.stack(g[key]) for g in groups], dim=1) if groups[0][key]
-                                     else None for key in ("losses", "drifts", "penalties"))
+        joined_steps = lambda key: torch.cat([torch.stack(g[key]) for g in groups], dim=1)  # noqa: E731
+        losses = joined_steps("losses")
         self.loss0 = losses[-1]
         for b in range(B):
             self.step[b] += steps
-        return losses, drifts, penalties if penalties is not None else torch.zeros_like(losses)
-
-    @property
-    def num_coords(self) -> int:
-        return sum(math.prod(s) for s in self.shapes.values())
+        return losses, joined_steps("drifts"), torch.zeros_like(losses) if reg is None else joined_steps("penalties")
 
     def _advance_group(self, group: dict, batches, reg: str | None, reg_measure: str) -> None:
         """One group of copies (all B tasks; tensors (c B, ...)) through the given minibatches:

@@ -91,6 +91,7 @@ class Profile:
                 "learning rates are not the study's"}
 
 
+_QUICK_META = dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3)
 PROFILES = {
     "smoke": Profile(
         "smoke", seeds=report_seeds(2),
@@ -99,16 +100,14 @@ PROFILES = {
         symmetry_steps=20, regularization_steps=20, betas=(0.0, 0.5), unseen=2, noise_steps=20,
         noise_every=10, noise_minibatches=40, lr_horizon=20, lr_runs=1, eval_every=5, recipe="plain"),
     "quick": Profile(
-        "quick", seeds=report_seeds(3),
-        meta=dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3),
+        "quick", seeds=report_seeds(3), meta=_QUICK_META,
         noise_steps=1000, noise_every=250, unseen_seeds=3, l2os="pretrained",
         # the study's recipe and the MLP family beside the default LSTM L2Os (the shipped
         # pretrained/authors/ and pretrained/mlp/ sets; --l2o-family lstm leaves the MLP out); their
         # L2Os meet 3 of the 5 unseen optimizees in the generalisation table, which keeps `make demo`
         # within 10 minutes on 2 cores. Under --l2os train each is meta-trained with the main budget.
         extra_recipes=("authors", "mlp"), extra_unseen=3,
-        extra_meta={"authors": dict(epochs=6, runs=2),
-                    "mlp": dict(epochs=6, runs=2, horizon=200, unroll=20, val_runs=2, meta_lr=1e-3)}),
+        extra_meta={"authors": dict(epochs=6, runs=2), "mlp": _QUICK_META}),
     # paper: the default recipe at the published number of meta-steps (50 epochs of 100 runs,
     # 90 of them one unroll: 9,500 meta-steps per L2O; the published schedule is 10,000), and the
     # authors' recipe at its own, the study's, budget (10,000 meta-steps)
