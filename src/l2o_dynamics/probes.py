@@ -541,7 +541,7 @@ def _make(kind: str, key: str, parts: dict[str, Callable], layer: HiddenLayer | 
     else:
         structure = Structure((layer,), "", "")
     views = lambda d: {f"{key}.{k}": f(d) for k, f in parts.items()}  # noqa: E731
-    views.parts = parts  # the probe's per-step fast path reads them (`_fast_terms`)
+    views.parts = parts  # the probe's per-step fast path reads them (`_StepSums`)
     return Symmetry(kind, tuple(dict.fromkeys(params)), tuple(layers), exact, views, structure, model)
 
 
